@@ -1,0 +1,162 @@
+"""Artifact storage: atomic writes, checkpoints, manifests, content hashes and locks.
+
+Every stage writes into ``<paths.artifacts>/<stage>/<key>/`` where ``key`` is a hash of the
+config that matters to the stage and of its inputs' keys. The folder is first built under a
+temporary name and renamed into place, so a reader never sees a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+
+# Checkpoint keys (named once, used by every stage).
+CKPT_MODEL_CFG = "model_cfg"  # dict that rebuilds the architecture (pipeline.models.build_model)
+CKPT_SHAPES = "shapes"  # per-module shapes after structured pruning ({} when unpruned)
+CKPT_STATE = "state_dict"
+CKPT_EXTRA = "extra"  # stage-specific plain data (e.g. quantization settings)
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_checkpoint(path: Path, state_dict: dict, model_cfg: dict, shapes: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Save a plain-data checkpoint that ``torch.load(weights_only=True)`` accepts."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(
+        {
+            CKPT_MODEL_CFG: model_cfg,
+            CKPT_SHAPES: shapes or {},
+            CKPT_STATE: {k: v.detach().cpu() for k, v in state_dict.items()},
+            CKPT_EXTRA: extra or {},
+        },
+        buf,
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint safely; a missing, truncated or foreign file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist; run the stage that makes it first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of code, random bytes ...
+        raise PipelineError(
+            f"checkpoint {path} is corrupt or not a pipeline checkpoint "
+            f"({type(e).__name__}); delete it and re-run the stage that made it"
+        ) from None
+    if not isinstance(ckpt, dict) or CKPT_STATE not in ckpt or CKPT_MODEL_CFG not in ckpt:
+        raise PipelineError(
+            f"checkpoint {path} lacks '{CKPT_STATE}'/'{CKPT_MODEL_CFG}'; "
+            "it was not written by this pipeline"
+        )
+    return ckpt
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Hash of a JSON-able object, independent of dict order."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: Path, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (``fcntl.flock``) so two jobs never build one artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it is renamed to ``final`` atomically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, in one line, when outputs cannot be written to ``folder``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test", delete=True)
+        probe.close()
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            reason = "permission denied"
+        raise PipelineError(
+            f"output folder {folder} is not writable ({reason}); "
+            "choose another with paths.outputs=/some/writable/dir"
+        ) from None

@@ -1,0 +1,123 @@
+"""Early config validation: bind each config section to the dataclass its component takes.
+
+Like torchtune's config validation, every section is checked against the signature of the
+thing that uses it *before anything is built*, and all problems are reported at once, one per
+line, each naming the key to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pipeline.errors import PipelineError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ``TypeError``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise TypeError
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            raise TypeError
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, (dict, DictConfig)):
+            raise TypeError
+        return OmegaConf.to_container(value) if isinstance(value, DictConfig) else dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
+    """Build ``cls`` from a config section; append one message per problem to ``errors``."""
+    if section is None:
+        errors.append(f"{key}: missing section; restore conf/ or pass +{key}=...")
+        return None
+    data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    n_before = len(errors)
+    for name in data:
+        if name not in fields:
+            errors.append(
+                f"{key}.{name}: unknown key; known keys are {', '.join(sorted(fields))}"
+            )
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{key}.{name}: missing; set {key}.{name}=<{_type_name(hints[name])}>")
+            continue
+        try:
+            kwargs[name] = _coerce(data[name], hints[name])
+        except TypeError:
+            errors.append(
+                f"{key}.{name}: got {data[name]!r}, expected {_type_name(hints[name])}; "
+                f"fix it with {key}.{name}=<value>"
+            )
+    if len(errors) > n_before:
+        return None
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        errors.extend(f"{key}.{msg}" for msg in check())
+    return obj
+
+
+def raise_if_errors(errors: list[str]) -> None:
+    """Raise one ``PipelineError`` listing every problem (one line each)."""
+    if errors:
+        if len(errors) == 1:
+            raise PipelineError(f"config error: {errors[0]}")
+        raise PipelineError("config errors:\n  " + "\n  ".join(errors))

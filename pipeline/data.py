@@ -1,0 +1,321 @@
+"""Datasets decoded once into uint8 tensors, and a batch iterator that augments on tensors.
+
+Three sources (``data.source``):
+- ``embedded``: the class-balanced CIFAR-10 subset shipped in ``pipeline/assets``;
+- ``cifar10``: torchvision's CIFAR-10 binary format at ``data.root``;
+- ``imagefolder``: any ``train/`` + ``test/`` tree of class folders (RGB or grayscale, any size),
+  resized to ``data.image_size`` and cached as a tensor file in ``paths.cache``.
+A stratified validation split is held out from train for model selection; the test split is only
+used for the final report.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.artifacts import atomic_write_bytes, stable_hash
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = Path(__file__).resolve().parent / "assets" / "cifar10_subset.npz"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+@dataclass
+class DataConfig:
+    """``conf/data/*.yaml``."""
+
+    source: Literal["embedded", "cifar10", "imagefolder"]
+    root: str | None  # folder for cifar10 / imagefolder; ignored for embedded
+    download: bool  # cifar10 only: let torchvision download when root is empty
+    image_size: int  # images are resized to this square size (imagefolder)
+    num_classes: int  # must match the data; checked after loading
+    val_fraction: float  # held out from train for model selection
+    mean: list[float]  # per-channel normalisation
+    std: list[float]
+    augment: bool  # random crop (pad 4) + horizontal flip on training batches
+    crop_padding: int
+    train_subset: int | None = None  # keep only the first N training images (quick runs)
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.source != "embedded" and not self.root:
+            errs.append(f"root: data.source={self.source} needs data.root=/path/to/data")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errs.append(f"val_fraction: {self.val_fraction} must be in [0, 1)")
+        if self.image_size < 8:
+            errs.append(f"image_size: {self.image_size} is too small; use at least 8")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            errs.append("mean/std: give three values (images are RGB)")
+        return errs
+
+
+@dataclass
+class Splits:
+    """uint8 images (N, 3, H, W) and int64 labels for each split."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    from torchvision.io import decode_jpeg
+
+    data = torch.from_numpy(blob)
+    chunks = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    images = decode_jpeg(chunks, mode=torchvision_rgb())
+    return torch.stack(images)
+
+
+def torchvision_rgb():
+    from torchvision.io import ImageReadMode
+
+    return ImageReadMode.RGB
+
+
+def _load_embedded() -> tuple[torch.Tensor, ...]:
+    with np.load(EMBEDDED) as z:
+        out = []
+        for split in ("train", "test"):
+            out.append(_decode_jpegs(z[f"{split}_jpeg"], z[f"{split}_offsets"]))
+            out.append(torch.from_numpy(z[f"{split}_labels"]))
+        classes = [str(c) for c in z["classes"]]
+    return (*out, classes)
+
+
+def _load_cifar10(cfg: DataConfig) -> tuple[torch.Tensor, ...]:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root)
+    out = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(str(root), train=train, download=cfg.download)
+        except RuntimeError as e:
+            raise PipelineError(
+                f"no CIFAR-10 data at {root} ({e}); put cifar-10-batches-py there or set "
+                "data.download=true (needs network)"
+            ) from None
+        out.append(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous())
+        out.append(torch.tensor(ds.targets, dtype=torch.int64))
+    return (*out, list(ds.classes))
+
+
+def _list_imagefolder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    if not split_dir.is_dir():
+        raise PipelineError(
+            f"{split_dir} does not exist; data.root must hold train/ and test/ class folders"
+        )
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not found:
+        raise PipelineError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    classes = classes or found
+    if found != classes:
+        raise PipelineError(
+            f"{split_dir} has classes {found} but train/ has {classes}; make both splits match"
+        )
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        imgs = sorted(p for p in (split_dir / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not imgs:
+            raise PipelineError(
+                f"class folder {split_dir / cls} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                "add images or remove the folder"
+            )
+        files += imgs
+        labels += [label] * len(imgs)
+    return files, labels, classes
+
+
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise PipelineError(
+            f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file"
+        ) from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None) -> tuple[torch.Tensor, ...]:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
+    train_files, train_labels, classes = _list_imagefolder(root / "train", None)
+    test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
+    files = train_files + test_files
+    fingerprint = stable_hash(
+        [str(root.resolve()), cfg.image_size, len(files),
+         sum(os.stat(f).st_size for f in files), max(os.stat(f).st_mtime_ns for f in files)]
+    )
+    cache = cache_dir / f"imagefolder-{fingerprint}.pt" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            log.info("data: loaded decoded images from cache %s", cache)
+            return (blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes)
+        except Exception:
+            log.warning("data: cache %s unreadable; decoding again", cache)
+    from tqdm import tqdm
+
+    images = [_read_image(f, cfg.image_size) for f in tqdm(files, desc="decode images", unit="img",
+                                                            mininterval=1.0)]
+    n = len(train_files)
+    blob = {
+        "train_x": torch.stack(images[:n]), "train_y": torch.tensor(train_labels),
+        "test_x": torch.stack(images[n:]), "test_y": torch.tensor(test_labels),
+    }
+    if cache is not None:
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write_bytes(cache, buf.getvalue())
+    return (blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes)
+
+
+def _stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(len(idx) * fraction))
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+_CACHE: dict[str, Splits] = {}
+
+
+def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Splits:
+    """Decode the data once per process and split off validation images (stratified, seeded)."""
+    key = stable_hash([vars(cfg), seed])
+    if key in _CACHE:
+        return _CACHE[key]
+    if cfg.source == "embedded":
+        train_x, train_y, test_x, test_y, classes = _load_embedded()
+    elif cfg.source == "cifar10":
+        train_x, train_y, test_x, test_y, classes = _load_cifar10(cfg)
+    else:
+        train_x, train_y, test_x, test_y, classes = _load_imagefolder(cfg, cache_dir)
+    if train_x.shape[-1] != cfg.image_size or train_x.shape[-2] != cfg.image_size:
+        train_x = F.interpolate(train_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
+        test_x = F.interpolate(test_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
+    if len(classes) != cfg.num_classes:
+        raise PipelineError(
+            f"data has {len(classes)} classes but data.num_classes={cfg.num_classes}; "
+            f"set data.num_classes={len(classes)}"
+        )
+    if cfg.train_subset:  # class-balanced: the first N/num_classes images of every class
+        per_class = max(1, cfg.train_subset // len(classes))
+        keep = torch.cat([torch.nonzero(train_y == c).flatten()[:per_class] for c in range(len(classes))])
+        train_x, train_y = train_x[keep], train_y[keep]
+    tr, va = _stratified_split(train_y, cfg.val_fraction, seed)
+    splits = Splits(train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y, classes)
+    log.info("data: %s train / %s val / %s test images, %s classes, %sx%s",
+             len(tr), len(va), len(test_y), len(classes), cfg.image_size, cfg.image_size)
+    _CACHE[key] = splits
+    return splits
+
+
+# ---------------------------------------------------------------- batches
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random crop (zero padding) and horizontal flip of a uint8 batch, as one gather."""
+    b, c, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (padding, padding, padding, padding)).view(b, c, -1)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+    rows = dy[:, None] + torch.arange(h, device=dev)
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(b, 1, h * w)
+    return padded.gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
+
+
+class Batches:
+    """Iterate normalised float batches from uint8 tensors; augmentation happens on tensors.
+
+    With ``world_size > 1`` each rank sees its own shard of every epoch's permutation.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean: list[float],
+                 std: list[float], *, shuffle: bool = False, augment: bool = False,
+                 padding: int = 4, drop_last: bool = False, device: torch.device | str = "cpu",
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
+        self.drop_last, self.device, self.channels_last = drop_last, torch.device(device), channels_last
+        self.rank, self.world_size = rank, world_size
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        if self.device.type == "cuda":
+            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.y)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(self.generator.initial_seed()) + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
+            idx = torch.cat([idx, idx[: per_rank * self.world_size - n]]) if per_rank * self.world_size > n else idx
+            idx = idx[self.rank : per_rank * self.world_size : self.world_size]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        self.epoch += 1
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            b = idx[start : start + self.batch_size]
+            xb = self.x[b].to(self.device, non_blocking=True)
+            yb = self.y[b].to(self.device, non_blocking=True)
+            if self.augment:
+                xb = random_crop_flip(xb, self.padding, self.generator)
+            xb = (xb.float() - self.mean) * self.inv_std
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb
+
+
+def batches(splits_x: torch.Tensor, splits_y: torch.Tensor, cfg: DataConfig, batch_size: int,
+            **kw) -> Batches:
+    """Shorthand that takes normalisation from the data config."""
+    return Batches(splits_x, splits_y, batch_size, cfg.mean, cfg.std, padding=cfg.crop_padding, **kw)

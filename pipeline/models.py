@@ -1,0 +1,244 @@
+"""Model registry: CIFAR ResNets, torchvision classifiers with a small-input stem, user models.
+
+``build_model(cfg)`` takes a plain dict (the ``model`` config section) so that a checkpoint can
+store it and rebuild the same architecture later. Structurally pruned models are rebuilt by
+``apply_shapes``: the recorded per-layer shapes are applied to a fresh model before the state
+dict is loaded, so no module is ever pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
+                       "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
+@dataclass
+class ModelConfig:
+    """``conf/model/*.yaml``. Either ``name`` from the registry, or ``target`` (+ ``kwargs``)."""
+
+    name: str | None  # registry name (resnet20, resnet18, mobilenet_v2, ...)
+    num_classes: int
+    width: float = 1.0  # CIFAR ResNets: channel multiplier (1.0 = 16/32/64 channels)
+    small_input: bool = True  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
+    target: str | None = None  # dotted path of a user nn.Module class (alternative to name)
+    kwargs: dict = field(default_factory=dict)  # extra constructor arguments for target
+
+    def check(self) -> list[str]:
+        if (self.name is None) == (self.target is None):
+            return ["name: set exactly one of model.name (registry) or model.target (your class)"]
+        if self.name is not None and self.name not in available_models():
+            return [f"name: unknown model {self.name!r}; choose one of "
+                    f"{', '.join(sorted(CIFAR_RESNET_DEPTHS))} or a torchvision classifier"]
+        if self.width <= 0:
+            return [f"width: {self.width} must be > 0"]
+        return []
+
+
+# ---------------------------------------------------------------- CIFAR ResNet (He et al. 2016)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:  # option B: 1x1 projection (prunable and ONNX friendly)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs with three stages of 16/32/64 x ``width`` channels."""
+
+    def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise PipelineError(f"CIFAR ResNet depth {depth} must be 6n+2 (20, 32, 44, 56, ...)")
+        n = (depth - 2) // 6
+        chans = [max(1, round(c * width)) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(3, chans[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(chans[0])
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], chans[0]
+        for i, c in enumerate(chans):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(cin, c, 2 if (i > 0 and j == 0) else 1))
+                cin = c
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def available_models() -> list[str]:
+    return sorted(CIFAR_RESNET_DEPTHS) + _torchvision_names()
+
+
+def _small_input_stem(model: nn.Module, name: str) -> None:
+    """Adapt an ImageNet stem to 32x32 inputs: stride-1 3x3 first conv, no max-pool."""
+    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet / ResNeXt / Wide ResNet
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif hasattr(model, "features") and isinstance(model.features[0], nn.Sequential):
+        first = model.features[0][0]  # MobileNet / EfficientNet style: Conv2dNormActivation
+        if isinstance(first, nn.Conv2d):
+            first.stride = (1, 1)
+    else:
+        raise PipelineError(
+            f"no small-input stem known for torchvision model {name!r}; set model.small_input=false"
+        )
+
+
+def _import(dotted: str) -> Any:
+    import importlib
+
+    module, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise PipelineError(f"model.target={dotted!r} cannot be imported ({e}); give module.Class") from None
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """Build an untrained model from a ``model`` config dict (no weights are downloaded)."""
+    mc = ModelConfig(**cfg)
+    if mc.target:
+        return _import(mc.target)(num_classes=mc.num_classes, **mc.kwargs)
+    if mc.name in CIFAR_RESNET_DEPTHS:
+        return CifarResNet(CIFAR_RESNET_DEPTHS[mc.name], mc.num_classes, mc.width)
+    import torchvision
+
+    model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes)
+    if mc.small_input:
+        _small_input_stem(model, mc.name)
+    return model
+
+
+# ---------------------------------------------------------------- pruned shapes
+
+
+def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Channel counts of every conv / linear / norm layer (what structured pruning changes)."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            shapes[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            shapes[name] = {"in": m.in_features, "out": m.out_features}
+        elif isinstance(m, nn.BatchNorm2d):
+            shapes[name] = {"out": m.num_features}
+    return shapes
+
+
+def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
+    """Resize layers of a freshly built model to recorded shapes (weights are then loaded)."""
+    modules = dict(model.named_modules())
+    for name, s in shapes.items():
+        m = modules.get(name)
+        if m is None:
+            raise PipelineError(f"pruned shape for unknown layer {name!r}; the checkpoint is from another model")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
+            kh, kw = m.kernel_size
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], kh, kw))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = s["in"], s["out"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.num_features = s["out"]
+            for attr in ("weight", "bias"):
+                if getattr(m, attr) is not None:
+                    setattr(m, attr, nn.Parameter(torch.empty(s["out"])))
+            for attr in ("running_mean", "running_var"):
+                if getattr(m, attr) is not None:
+                    setattr(m, attr, torch.empty(s["out"]))
+    return model
+
+
+def load_model(ckpt: dict, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model stored in a checkpoint dict (see ``pipeline.artifacts``)."""
+    from pipeline.artifacts import CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE
+
+    model = build_model(ckpt[CKPT_MODEL_CFG])
+    apply_shapes(model, ckpt[CKPT_SHAPES])
+    try:
+        model.load_state_dict(ckpt[CKPT_STATE])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise PipelineError(
+            f"{source} does not fit model {ckpt[CKPT_MODEL_CFG].get('name') or ckpt[CKPT_MODEL_CFG].get('target')} "
+            f"({first}); use the model config it was trained with"
+        ) from None
+    return model
+
+
+# ---------------------------------------------------------------- size
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (convs and linears)."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return int(total)

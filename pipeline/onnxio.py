@@ -1,0 +1,159 @@
+"""ONNX export and ONNX Runtime helpers: sessions, batched inference, timing, kernel coverage."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.artifacts import atomic_write_bytes
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+INT8_KERNELS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm",
+                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "NhwcQLinearConv"}
+FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv"}
+
+
+def _mean_to_global_pool(x, dim, keepdim: bool = False, dtype=None):
+    """aten.mean over H, W -> GlobalAveragePool, which ORT can run as QLinearGlobalAveragePool."""
+    from onnxscript import opset18 as op
+
+    pooled = op.GlobalAveragePool(x)
+    return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
+
+
+def _is_spatial_mean(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) for m in model.modules())
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
+                extra_translations: dict[Callable, Callable] | None = None) -> None:
+    """``torch.onnx.export`` (dynamo) with a dynamic batch dimension, then ``onnx.checker``."""
+    import onnx
+
+    table = dict(extra_translations or {})
+    if _is_spatial_mean(model):
+        table[torch.ops.aten.mean.dim] = _mean_to_global_pool
+    model = model.eval().cpu()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                model, (example.cpu(),), dynamo=True, opset_version=opset, input_names=["input"],
+                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                custom_translation_table=table or None, optimize=True, verbose=False,
+            )
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PipelineError(f"torch.onnx.export failed: {msg[:300]}; see the log for the layer") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        program.save(str(tmp_path))
+        proto = onnx.load(str(tmp_path))
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write_bytes(path, proto.SerializeToString())
+
+
+def session(path: Path, threads: int = 0, opt_level: str = "all", providers: list[str] | None = None,
+            optimized_path: Path | None = None, extra: dict[str, str] | None = None):
+    """An ``onnxruntime.InferenceSession`` with explicit threads and graph optimisation level."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    for k, v in (extra or {}).items():
+        so.add_session_config_entry(k, v)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    available = ort.get_available_providers()
+    providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:
+        raise PipelineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    return ((x_uint8.float() - m) / s).numpy()
+
+
+def predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def time_runs(sess, x: np.ndarray, warmup: int, runs: int) -> np.ndarray:
+    """Seconds per ``sess.run`` on the fixed input ``x`` (a bare loop: nothing else is timed)."""
+    name = sess.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(x)}
+    out = [sess.get_outputs()[0].name]
+    for _ in range(warmup):
+        sess.run(out, feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        sess.run(out, feed)
+        times[i] = time.perf_counter() - t0
+    return times
+
+
+def op_counts(path: Path) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def kernel_coverage(path: Path, threads: int = 1) -> dict:
+    """Count convs/matmuls that ORT runs as INT8 kernels in its optimised (EXTENDED) graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        session(path, threads=threads, opt_level="extended", optimized_path=opt)
+        counts = op_counts(opt)
+    int8 = {k: v for k, v in counts.items() if k in INT8_KERNELS}
+    fp = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
+    total = sum(int8.values()) + sum(fp.values())
+    return {"int8_kernels": sum(int8.values()), "float_kernels": sum(fp.values()),
+            "coverage": (sum(int8.values()) / total) if total else 0.0,
+            "int8_ops": int8, "float_ops": fp,
+            "qdq_left": counts.get("QuantizeLinear", 0) + counts.get("DequantizeLinear", 0)}
+
+
+def cpu_info() -> dict:
+    info = {"cpu": "unknown", "cores": os.cpu_count(), "flags": []}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and info["cpu"] == "unknown":
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+                                       if f in flags)
+                break
+    return info

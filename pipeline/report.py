@@ -1,0 +1,147 @@
+"""Reports: interleaved ORT timing, report.{json,md,png} for a run, summary.* for a sweep."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import onnxio
+from pipeline.artifacts import atomic_write_bytes, atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [  # (key, header, format)
+    ("name", "model", "{}"), ("precision", "precision", "{}"), ("accuracy", "top-1 %", "{:.2f}"),
+    ("accuracy_delta_vs_baseline", "Δ top-1", "{:+.2f}"), ("params", "params", "{:,}"),
+    ("macs", "MACs", "{:,}"), ("size_mb", "size MB", "{:.2f}"),
+    ("latency_ms_p50", "p50 ms (b=1)", "{:.2f}"), ("latency_ms_p99", "p99 ms (b=1)", "{:.2f}"),
+    ("throughput_ips", "img/s", "{:.0f}"), ("speedup_vs_baseline", "speedup", "{:.2f}x"),
+    ("int8_coverage", "INT8 kernels", "{:.0%}"),
+]
+
+
+def measure(sessions: dict, x: np.ndarray, cfg: Any, progress: bool = False) -> dict[str, dict]:
+    """Batch-1 latency and batch-N throughput per session, in interleaved rounds (medians)."""
+    from tqdm import tqdm
+
+    from stages.validate import timing_summary
+
+    b1 = np.ascontiguousarray(x[:1])
+    bn = np.ascontiguousarray(np.resize(x, (cfg.batch_size, *x.shape[1:])))
+    lat = {n: [] for n in sessions}
+    thr = {n: [] for n in sessions}
+    steps = [(r, n) for r in range(cfg.rounds) for n in sessions]
+    for _, name in tqdm(steps, desc="validate timing", unit="run", disable=not progress, leave=False):
+        sess = sessions[name]
+        lat[name].append(onnxio.time_runs(sess, b1, cfg.warmup, cfg.latency_runs))
+        thr[name].append(onnxio.time_runs(sess, bn, cfg.warmup, cfg.throughput_runs))
+    return {n: timing_summary(np.concatenate(lat[n]), np.concatenate(thr[n]), cfg.batch_size)
+            for n in sessions}
+
+
+def _gates(rows: list[dict], base: dict, cfg: Any) -> tuple[list[str], dict[str, bool]]:
+    failures, ok = [], {}
+    for r in rows:
+        reasons = []
+        if cfg.max_accuracy_drop is not None and -r["accuracy_delta_vs_baseline"] > cfg.max_accuracy_drop:
+            reasons.append(f"{r['name']} loses {-r['accuracy_delta_vs_baseline']:.2f} points "
+                           f"(validate.max_accuracy_drop={cfg.max_accuracy_drop})")
+        if (cfg.min_speedup is not None and r is not base and r["speedup_vs_baseline"] < cfg.min_speedup):
+            reasons.append(f"{r['name']} is {r['speedup_vs_baseline']:.2f}x the baseline "
+                           f"(validate.min_speedup={cfg.min_speedup})")
+        ok[r["name"]] = not reasons
+        failures += reasons
+    return failures, ok
+
+
+def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:
+    """Add gates and the recommended artifact to the measured rows."""
+    base = next(r for r in rows if r["name"] == baseline)
+    failures, ok = _gates(rows, base, cfg)
+    passing = [r for r in rows if ok[r["name"]]]
+    best = max(passing, key=lambda r: r["throughput_ips"]) if passing else None
+    if best is None:
+        why = "no artifact passes the gates"
+    elif best is base:
+        why = "no compressed model is faster than the FP32 baseline within the gates on this machine"
+    else:
+        why = (f"fastest artifact within the gates: {best['speedup_vs_baseline']:.2f}x the baseline's "
+               f"throughput at {best['accuracy_delta_vs_baseline']:+.2f} points of top-1")
+    return {
+        "baseline": baseline, "rows": rows, "environment": env,
+        "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_speedup": cfg.min_speedup,
+                  "passed": {n: v for n, v in ok.items()}, "failures": failures},
+        "best": best["name"] if best else None, "best_reason": why,
+    }
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("–" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(points: list[tuple[str, float, float]], title: str, path: Path, pareto: bool = False) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for label, thr, acc in points:
+        ax.scatter(thr, acc, s=40)
+        ax.annotate(label, (thr, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if pareto and points:
+        front, best = [], -np.inf
+        for label, thr, acc in sorted(points, key=lambda p: -p[1]):
+            if acc > best:
+                front.append((thr, acc))
+                best = acc
+        ax.plot(*zip(*sorted(front), strict=True), "--", color="gray", label="Pareto front")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("ONNX Runtime throughput (images/s)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(run_dir: Path, rep: dict) -> None:
+    run_dir = Path(run_dir)
+    env = rep["environment"]
+    write_json(run_dir / "report.json", rep)
+    _plot([(r["name"], r["throughput_ips"], r["accuracy"]) for r in rep["rows"]],
+          f"accuracy vs throughput (batch {rep['rows'][0]['batch_size']}, {env['threads'] or 'default'} threads)",
+          run_dir / "report.png")
+    gate = "all gates passed" if not rep["gates"]["failures"] else "; ".join(rep["gates"]["failures"])
+    md = [
+        "# Pipeline report", "",
+        f"Baseline: **{rep['baseline']}**. Best deployable choice: **{rep['best']}** — {rep['best_reason']}.",
+        f"Gates: {gate}.", "",
+        markdown_table(rep["rows"]), "",
+        "Throughput at batch {b}, latency at batch 1; medians over interleaved rounds. "
+        "Dense ONNX Runtime does not run zeroed (unstructured-pruned) weights faster; only removed "
+        "channels and INT8 kernels change speed.".format(b=rep["rows"][0]["batch_size"]), "",
+        f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['flags']) or 'no SIMD flags read'}), "
+        f"ORT {env['versions'].get('onnxruntime')}, providers {', '.join(env['providers'])}, "
+        f"graph optimisation `{env['graph_optimization']}`.", "",
+        "![accuracy vs throughput](report.png)", "",
+    ]
+    if env.get("note"):
+        md.insert(4, f"Note: {env['note']}.")
+    atomic_write_text(run_dir / "report.md", "\n".join(md))

@@ -1,0 +1,95 @@
+"""Where and how code runs: device, seeds, AMP, and torchrun/DDP (one object, passed around)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    seed: int
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    progress: bool = True
+    rank: int = 0
+    world_size: int = 1
+    _dist: bool = field(default=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self._dist:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._dist:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self._dist:
+            torch.distributed.barrier()
+
+
+def make_runtime(device: str, seed: int, amp: str, channels_last: bool, progress: bool,
+                 deterministic: bool) -> Runtime:
+    """Resolve ``device=auto|cpu|cuda``, seed everything and join torchrun's process group."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+    if device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"device={device!r} is not one of auto, cpu, cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dist = world_size > 1
+    if dist and not torch.distributed.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        torch.distributed.init_process_group(backend)
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    amp_mode = "off"
+    if dev.type == "cuda" and amp != "off":
+        amp_mode = "bf16" if (amp == "auto" and torch.cuda.is_bf16_supported()) or amp == "bf16" else "fp16"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Runtime(dev, seed, amp_mode, channels_last, progress and rank == 0, rank, world_size, dist)

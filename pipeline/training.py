@@ -1,0 +1,243 @@
+"""The one training loop shared by train, prune (fine-tune), distill and qat.
+
+Runs on CPU (channels_last), on CUDA (AMP, pinned memory, non-blocking copies) and under
+``torchrun`` with DistributedDataParallel (only rank 0 writes). It checkpoints every epoch to
+``<work_dir>/last.pt`` so that an interrupted run resumes where it stopped, keeps the weights with
+the best validation accuracy, and stops on a non-finite loss keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.artifacts import atomic_write_bytes
+from pipeline.data import DataConfig, Splits, batches
+from pipeline.errors import PipelineError
+from pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class FitConfig:
+    """Optimisation knobs shared by every training stage (``train.*``, ``distill.*``, ...)."""
+
+    epochs: int
+    batch_size: int  # global batch (split across ranks under torchrun)
+    optimizer: Literal["sgd", "adamw"]
+    lr: float  # peak learning rate
+    momentum: float  # SGD only
+    weight_decay: float
+    schedule: Literal["cosine", "onecycle", "constant"]
+    warmup_epochs: float  # linear warm-up (cosine/constant); onecycle has its own ramp
+    label_smoothing: float
+    select: Literal["best", "last"]  # which weights to keep: best validation accuracy or last epoch
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.epochs < 0:
+            errs.append(f"epochs: {self.epochs} must be >= 0")
+        if self.batch_size < 1:
+            errs.append(f"batch_size: {self.batch_size} must be >= 1")
+        if self.lr <= 0:
+            errs.append(f"lr: {self.lr} must be > 0")
+        if not 0 <= self.label_smoothing < 1:
+            errs.append(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        return errs
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def _optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_lambda(cfg: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if cfg.schedule == "onecycle":
+            peak = max(1, int(0.3 * total))
+            if step < peak:
+                return 0.04 + 0.96 * step / peak
+            return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak))))
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data_cfg: DataConfig,
+             rt: Runtime, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; reduced across ranks."""
+    if len(y) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    it = batches(x, y, data_cfg, batch_size, device=rt.device, channels_last=rt.channels_last,
+                 rank=rt.rank, world_size=rt.world_size)
+    for xb, yb in it:
+        with rt.autocast():
+            logits = model(xb)
+        correct += (logits.argmax(1) == yb).sum()
+        count += len(yb)
+    model.train(was_training)
+    correct, count = rt.all_reduce(correct), rt.all_reduce(count)
+    return 100.0 * correct.item() / max(1, count.item())
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_val_acc: float
+    epochs_run: int
+    images_per_s: float
+
+
+def _save_state(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, rt: Runtime,
+        work_dir: Path, *, loss_fn: LossFn | None = None, desc: str = "train",
+        on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+        extra_params: list[nn.Parameter] | None = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the selected (best or last) weights."""
+    loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.batch_size % rt.world_size:
+        raise PipelineError(
+            f"batch size {cfg.batch_size} is not divisible by the world size {rt.world_size}; "
+            f"use a multiple of {rt.world_size}"
+        )
+    train_it = batches(splits.train_x, splits.train_y, data_cfg, cfg.batch_size // rt.world_size,
+                       shuffle=True, augment=data_cfg.augment, drop_last=True, device=rt.device,
+                       channels_last=rt.channels_last, seed=rt.seed, rank=rt.rank,
+                       world_size=rt.world_size)
+    if len(train_it) == 0:
+        raise PipelineError(
+            f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
+            f"lower {desc}.batch_size"
+        )
+    params = [p for p in model.parameters() if p.requires_grad] + (extra_params or [])
+    opt = _optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train_it)))
+    scaler = rt.grad_scaler()
+    ddp_model = rt.wrap(model)
+
+    work_dir = Path(work_dir)
+    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
+    start_epoch, history, best_acc = 0, [], -1.0
+    if last_path.is_file():
+        try:
+            state = torch.load(last_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, history, best_acc = state["epoch"], state["history"], state["best_acc"]
+            train_it.epoch = start_epoch
+            log.info("%s: resuming from %s at epoch %d/%d", desc, last_path, start_epoch, cfg.epochs)
+        except Exception as e:  # a checkpoint from another config or a broken file: start over
+            log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
+            start_epoch, history, best_acc = 0, [], -1.0
+
+    from tqdm import tqdm
+
+    seen, busy = 0, 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, model)
+        model.train()
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+        n = 0
+        bar = tqdm(train_it, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not rt.progress, leave=False, mininterval=1.0)
+        t0 = time.perf_counter()
+        for step, (xb, yb) in enumerate(bar):
+            with rt.autocast():
+                loss, logits = loss_fn(ddp_model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            n += len(yb)
+            if step % 20 == 19 or step == len(train_it) - 1:
+                avg = loss_sum.item() / (step + 1)
+                if not math.isfinite(avg):
+                    raise PipelineError(
+                        f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped, the last good "
+                        f"checkpoint is kept in {work_dir}; lower {desc}.lr or check the data"
+                    )
+                bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        busy += time.perf_counter() - t0
+        seen += n
+        train_acc = 100.0 * rt.all_reduce(correct).item() / max(1, n * rt.world_size)
+        val_acc = evaluate(model, splits.val_x, splits.val_y, data_cfg, rt)
+        row = {"epoch": epoch + 1, "loss": loss_sum.item() / len(train_it), "train_acc": train_acc,
+               "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
+        history.append(row)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1,
+                 cfg.epochs, row["loss"], train_acc, val_acc)
+        improved = math.isnan(val_acc) or val_acc > best_acc
+        if improved:
+            best_acc = val_acc if not math.isnan(val_acc) else best_acc
+        if rt.is_main:
+            if improved:
+                _save_state(best_path, {"model": model.state_dict()})
+            _save_state(last_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                                    "history": history, "best_acc": best_acc})
+        rt.barrier()
+    if cfg.select == "best" and best_path.is_file() and cfg.epochs > 0:
+        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    return FitResult(history, best_acc, cfg.epochs - start_epoch,
+                     seen * rt.world_size / busy if busy else float("nan"))
+
+
+@contextlib.contextmanager
+def interrupt_message(desc: str) -> None:
+    """Turn Ctrl-C into a one-line note that the same command resumes the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise PipelineError(f"{desc} interrupted; run the same command again to resume from the last epoch") from None

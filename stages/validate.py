@@ -1,0 +1,137 @@
+"""validate: ONNX Runtime accuracy, latency and throughput of every exported model vs the baseline.
+
+Reads every ``export/*`` artifact of the pipeline. Writes ``report.json``, ``report.md`` and
+``report.png`` into the run folder (not cached: measurements belong to the machine and moment).
+Timing is interleaved: each round measures every model once, and medians over rounds are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from pipeline import onnxio, report
+from pipeline.errors import PipelineError
+from pipeline.stage import StageContext
+
+log = logging.getLogger(__name__)
+
+NAME = "validate"
+OUTPUTS = ("report.json", "report.md", "report.png")
+CACHED = False
+
+
+@dataclass
+class Config:
+    """``conf/stages/validate.yaml``."""
+
+    batch_size: int  # throughput batch
+    threads: int  # ORT intra-op threads; 0 = ORT's default (one per core)
+    graph_optimization: Literal["disable", "basic", "extended", "all"]
+    provider: Literal["auto", "cpu", "cuda"]  # auto: CUDA EP when installed and a GPU is present
+    warmup: int  # untimed runs before each measurement
+    latency_runs: int  # batch-1 runs per round
+    throughput_runs: int  # batch runs per round
+    rounds: int  # interleaved rounds over all models; medians are reported
+    max_accuracy_drop: float | None = None  # gate: points of top-1 below the baseline
+    min_speedup: float | None = None  # gate: throughput / baseline throughput
+    models: list[str] = field(default_factory=list)  # restrict to these rows (empty = all)
+
+    def check(self) -> list[str]:
+        errs = []
+        for k in ("batch_size", "latency_runs", "throughput_runs", "rounds"):
+            if getattr(self, k) < 1:
+                errs.append(f"{k}: must be >= 1")
+        if self.threads < 0:
+            errs.append("threads: must be >= 0 (0 = ORT default)")
+        return errs
+
+
+ROW_NAMES = {"train": "baseline"}
+
+
+def inputs(runner, node: str) -> dict[str, str]:
+    nodes = runner.expand("export")
+    if not nodes:
+        raise PipelineError("validate needs at least one model stage in `pipeline`, e.g. pipeline=[train,export,validate]")
+    return {n.split("/", 1)[1]: n for n in nodes}
+
+
+def _providers(choice: str) -> tuple[list[str], str]:
+    import onnxruntime as ort
+
+    have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if choice == "cpu" or (choice == "auto" and not have_cuda):
+        import torch
+
+        gpu = torch.cuda.is_available() and choice == "auto"
+        note = "a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on CPU" if gpu else ""
+        return ["CPUExecutionProvider"], note
+    if not have_cuda:
+        raise PipelineError("validate.provider=cuda but onnxruntime has no CUDA provider; install onnxruntime-gpu or use validate.provider=cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], ""
+
+
+def run(ctx: StageContext) -> dict:
+    cfg: Config = ctx.settings
+    splits = ctx.splits()
+    x = onnxio.normalise(splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
+    y = splits.test_y.numpy()
+    providers, note = _providers(cfg.provider)
+    rows, sessions = [], {}
+    for src, art in ctx.inputs.items():
+        name = ROW_NAMES.get(src, src) + ("-int8" if art.metrics["precision"] == "int8" else "")
+        if cfg.models and name not in cfg.models:
+            continue
+        path = art.path / "model.onnx"
+        sess = onnxio.session(path, cfg.threads, cfg.graph_optimization, providers)
+        sessions[name] = sess
+        acc = float((onnxio.predict(sess, x).argmax(1) == y).mean() * 100)
+        m = art.metrics
+        rows.append({"name": name, "stage": src, "precision": m["precision"], "accuracy": acc,
+                     "params": m["params"], "macs": m["macs"], "size_mb": m["size_mb"],
+                     "onnx": os.path.relpath(path, ctx.run_dir),
+                     "int8_coverage": (m.get("int8_coverage") or {}).get("coverage"),
+                     "parity_top1_agreement": m["parity"]["top1_agreement"]})
+        log.info("validate: %s accuracy %.2f%%", name, acc)
+
+    timing = report.measure(sessions, x, cfg, progress=ctx.rt.progress)
+    for row in rows:
+        row.update(timing[row["name"]])
+    base = next((r for r in rows if r["name"] == "baseline"), rows[0])
+    for row in rows:
+        row["speedup_vs_baseline"] = row["throughput_ips"] / base["throughput_ips"]
+        row["accuracy_delta_vs_baseline"] = row["accuracy"] - base["accuracy"]
+    env = {"platform": platform.platform(), **onnxio.cpu_info(), "threads": cfg.threads,
+           "graph_optimization": cfg.graph_optimization, "providers": providers,
+           "versions": _versions()}
+    if note:
+        env["note"] = note
+    rep = report.build_report(rows, base["name"], env, cfg)
+    report.write_report(ctx.run_dir, rep)
+    log.info("validate: report written to %s", ctx.run_dir / "report.md")
+    failures = rep["gates"]["failures"]
+    if failures:
+        raise PipelineError(f"gate failed: {failures[0]} (report: {ctx.run_dir / 'report.md'})")
+    return {"report": str(ctx.run_dir / "report.json"), "best": rep["best"]}
+
+
+def _versions() -> dict:
+    from pipeline.runner import _versions as v
+
+    return v()
+
+
+def timing_summary(times_b1: np.ndarray, times_bn: np.ndarray, batch: int) -> dict:
+    return {
+        "latency_ms_p50": float(np.percentile(times_b1, 50) * 1e3),
+        "latency_ms_p90": float(np.percentile(times_b1, 90) * 1e3),
+        "latency_ms_p99": float(np.percentile(times_b1, 99) * 1e3),
+        "throughput_ips": float(batch / np.median(times_bn)),
+        "batch_size": batch,
+    }

@@ -1,0 +1,33 @@
+"""Shared fixtures: compose the real config with Hydra's compose API, shrunk by experiment=tiny."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def make_cfg(tmp_path: Path, *overrides: str, tiny: bool = True) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides; outputs go to ``tmp_path``."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        ovr = (["experiment=tiny"] if tiny else []) + [f"paths.outputs={tmp_path}/outputs", *overrides]
+        cfg = compose(config_name="config", overrides=ovr)
+    with open_dict(cfg):
+        cfg.progress = False
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *o, **kw: make_cfg(tmp_path, *o, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    for name in ("onnx_ir", "onnxscript", "matplotlib", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)

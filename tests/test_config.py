@@ -1,0 +1,74 @@
+"""Every YAML composes and validates; bad config values fail early with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from pipeline.errors import PipelineError
+from pipeline.runner import Runner
+from tests.conftest import CONF
+
+REQUIRED = {  # options that need a value the user must give
+    ("data", "cifar10"): ["data.root=/nonexistent"],
+    ("data", "imagefolder"): ["data.root=/nonexistent"],
+    ("model", "custom"): ["model.target=torch.nn.Identity"],
+}
+
+
+def _options():
+    for path in sorted(Path(CONF).rglob("*.yaml")):
+        group = path.parent.relative_to(CONF).as_posix()
+        if group in ("data", "model", "experiment"):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group,option", list(_options()))
+def test_every_group_option_composes_and_validates(cfg_factory, tmp_path, group, option):
+    cfg = cfg_factory(f"{group}={option}", *REQUIRED.get((group, option), []), tiny=False)
+    Runner(cfg, tmp_path)  # binds every section; raises on any problem
+
+
+def test_stage_files_are_all_in_the_defaults(cfg_factory):
+    cfg = cfg_factory(tiny=False)
+    for path in Path(CONF, "stages").glob("*.yaml"):
+        assert path.stem in cfg, f"conf/stages/{path.name} is not used in conf/config.yaml"
+
+
+def test_wrong_type_is_one_line_naming_the_key(cfg_factory, tmp_path):
+    cfg = cfg_factory("train.epochs=three")
+    with pytest.raises(PipelineError, match=r"train\.epochs: got 'three', expected int") as e:
+        Runner(cfg, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_added_with_plus_is_rejected(cfg_factory, tmp_path):
+    cfg = cfg_factory("+train.lrr=0.1")
+    with pytest.raises(PipelineError, match=r"train\.lrr: unknown key"):
+        Runner(cfg, tmp_path)
+
+
+def test_unknown_key_without_plus_is_rejected_by_hydra(cfg_factory):
+    with pytest.raises(ConfigCompositionException, match="train.lrr"):
+        cfg_factory("train.lrr=0.1")
+
+
+def test_unknown_group_option(cfg_factory):
+    with pytest.raises(MissingConfigException, match="resnet999"):
+        cfg_factory("model=resnet999")
+
+
+def test_several_problems_are_reported_together(cfg_factory, tmp_path):
+    cfg = cfg_factory("train.lr=-1", "stage=nope", "model.name=resnet999")
+    with pytest.raises(PipelineError) as e:
+        Runner(cfg, tmp_path)
+    msg = str(e.value)
+    assert "train.lr" in msg and "stage" in msg and "resnet999" in msg
+
+
+def test_missing_data_root_is_a_config_error(cfg_factory, tmp_path):
+    cfg = cfg_factory("data=imagefolder", "data.root=null")
+    with pytest.raises(PipelineError, match="data.root"):
+        Runner(cfg, tmp_path)
