@@ -150,8 +150,8 @@ def check_writable(folder: Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test"):
+            pass
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

@@ -79,18 +79,14 @@ class Splits:
 
 
 def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
-    from torchvision.io import decode_jpeg
+    from PIL import Image
 
-    data = torch.from_numpy(blob)
-    chunks = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    images = decode_jpeg(chunks, mode=torchvision_rgb())
-    return torch.stack(images)
-
-
-def torchvision_rgb():
-    from torchvision.io import ImageReadMode
-
-    return ImageReadMode.RGB
+    raw = blob.tobytes()
+    images = np.stack([
+        np.asarray(Image.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])).convert("RGB"))
+        for i in range(len(offsets) - 1)
+    ])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def _load_embedded() -> tuple[torch.Tensor, ...]:

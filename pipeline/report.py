@@ -104,7 +104,7 @@ def _plot(points: list[tuple[str, float, float]], title: str, path: Path, pareto
         ax.annotate(label, (thr, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if pareto and points:
         front, best = [], -np.inf
-        for label, thr, acc in sorted(points, key=lambda p: -p[1]):
+        for _, thr, acc in sorted(points, key=lambda p: -p[1]):
             if acc > best:
                 front.append((thr, acc))
                 best = acc

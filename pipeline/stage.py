@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from omegaconf import DictConfig
-
 from torch import nn
 
 from pipeline.artifacts import CKPT_EXTRA, MANIFEST, METRICS, load_checkpoint, read_json

@@ -58,7 +58,9 @@ ROW_NAMES = {"train": "baseline"}
 def inputs(runner, node: str) -> dict[str, str]:
     nodes = runner.expand("export")
     if not nodes:
-        raise PipelineError("validate needs at least one model stage in `pipeline`, e.g. pipeline=[train,export,validate]")
+        raise PipelineError(
+            "validate needs at least one model stage in `pipeline`, e.g. pipeline=[train,export,validate]"
+        )
     return {n.split("/", 1)[1]: n for n in nodes}
 
 
@@ -70,10 +72,14 @@ def _providers(choice: str) -> tuple[list[str], str]:
         import torch
 
         gpu = torch.cuda.is_available() and choice == "auto"
-        note = "a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on CPU" if gpu else ""
+        note = "a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on CPU"
+        note = note if gpu else ""
         return ["CPUExecutionProvider"], note
     if not have_cuda:
-        raise PipelineError("validate.provider=cuda but onnxruntime has no CUDA provider; install onnxruntime-gpu or use validate.provider=cpu")
+        raise PipelineError(
+            "validate.provider=cuda but onnxruntime has no CUDA provider; "
+            "install onnxruntime-gpu or use validate.provider=cpu"
+        )
     return ["CUDAExecutionProvider", "CPUExecutionProvider"], ""
 
 

@@ -1,0 +1,86 @@
+"""Data: tensor augmentation, splits, image folders (RGB/grayscale/any size) and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import Batches, DataConfig, load_splits, random_crop_flip
+from pipeline.errors import PipelineError
+
+
+def _cfg(**kw) -> DataConfig:
+    base = dict(source="embedded", root=None, download=False, image_size=32, num_classes=10,
+                val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_crop_flip_keeps_pixels_and_shape():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int32).view(2, 3, 8, 8).to(torch.uint8)
+    out = random_crop_flip(x, 0, torch.Generator().manual_seed(0))  # no padding: only flips
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    out = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_embedded_splits_are_balanced_and_disjoint():
+    s = load_splits(_cfg(), seed=0)
+    assert len(s.test_y) == 1500 and s.train_x.shape[1:] == (3, 32, 32)
+    assert torch.bincount(s.val_y).tolist() == [65] * 10
+    assert len(s.train_y) + len(s.val_y) == 6500
+
+
+def test_batches_shard_across_ranks_without_overlap():
+    x = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
+    y = torch.arange(10)
+    seen = []
+    for rank in range(2):
+        b = Batches(x, y, 2, [0.5] * 3, [0.5] * 3, shuffle=True, seed=1, rank=rank, world_size=2)
+        seen += [int(v) for _, yb in b for v in yb]
+    assert sorted(seen) == list(range(10))
+
+
+def _write_tree(root, sizes, mode="RGB"):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i, size in enumerate(sizes):
+                arr = (np.random.default_rng(i).random((size, size, 3 if mode == "RGB" else 1)) * 255).astype(np.uint8)
+                Image.fromarray(arr.squeeze()).convert(mode).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_imagefolder_any_size_and_grayscale(tmp_path, mode):
+    _write_tree(tmp_path / "data", [20, 48, 33, 40, 64], mode)
+    cfg = _cfg(source="imagefolder", root=str(tmp_path / "data"), num_classes=2, image_size=16,
+               val_fraction=0.2)
+    s = load_splits(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert s.train_x.shape[1:] == (3, 16, 16) and s.classes == ["cat", "dog"]
+    assert len(s.test_y) == 10 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_splits(_cfg(source="imagefolder", root=str(tmp_path / "missing")), 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="train/ and test/"):
+        load_splits(_cfg(source="imagefolder", root=str(tmp_path / "empty")), 0)
+    _write_tree(tmp_path / "d", [8])
+    for f in (tmp_path / "d/train/dog").iterdir():
+        f.unlink()
+    with pytest.raises(PipelineError, match=r"class folder .*dog has no images"):
+        load_splits(_cfg(source="imagefolder", root=str(tmp_path / "d"), num_classes=2), 0)
+    (tmp_path / "d/train/dog/broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(PipelineError, match=r"cannot read image .*broken.jpg"):
+        load_splits(_cfg(source="imagefolder", root=str(tmp_path / "d"), num_classes=2), 0)
+
+
+def test_wrong_num_classes_says_which_value(tmp_path):
+    _write_tree(tmp_path / "d", [8, 8])
+    with pytest.raises(PipelineError, match="data.num_classes=2"):
+        load_splits(_cfg(source="imagefolder", root=str(tmp_path / "d"), num_classes=10), 0)

@@ -1,0 +1,79 @@
+"""The stage graph end to end on the tiny preset: caching, upstream handling, report schema, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.runner import Runner, run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"name", "stage", "precision", "accuracy", "params", "macs", "size_mb", "latency_ms_p50",
+            "latency_ms_p99", "throughput_ips", "batch_size", "speedup_vs_baseline",
+            "accuracy_delta_vs_baseline", "onnx"}
+
+
+def test_keys_follow_the_config_that_matters(cfg_factory, tmp_path):
+    a = Runner(cfg_factory(), tmp_path)
+    b = Runner(cfg_factory("train.lr=0.05"), tmp_path)
+    c = Runner(cfg_factory("validate.rounds=2", "export.parity_images=32"), tmp_path)
+    assert a.key("train") != b.key("train") and a.key("export/train") != b.key("export/train")
+    assert a.key("train") == c.key("train") and a.key("export/train") != c.key("export/train")
+
+
+def test_missing_upstream_without_run_upstream_names_the_command(cfg_factory, tmp_path):
+    cfg = cfg_factory("stage=export", "run_upstream=false")
+    with pytest.raises(PipelineError, match=r"python -m pipeline stage=train"):
+        run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
+    cfg = cfg_factory()
+    done = run_pipeline(cfg, tmp_path / "run1")
+    rep = json.loads((tmp_path / "run1/report.json").read_text())
+    assert rep["baseline"] == "baseline" and {"versions", "cpu", "threads"} <= set(rep["environment"])
+    for row in rep["rows"]:
+        assert set(row) >= ROW_KEYS, ROW_KEYS - set(row)
+        assert (tmp_path / "run1" / row["onnx"]).is_file()
+    assert (tmp_path / "run1/report.md").read_text().count("| baseline |") == 1
+    assert (tmp_path / "run1/report.png").stat().st_size > 1000
+    train_dir = done["train"].path
+    assert {"model.pt", "metrics.json", "config.yaml", "manifest.json"} <= {p.name for p in train_dir.iterdir()}
+    mtime = (train_dir / "model.pt").stat().st_mtime_ns
+    done2 = run_pipeline(cfg_factory("stage=train"), tmp_path / "run2")
+    assert done2["train"].path == train_dir and (train_dir / "model.pt").stat().st_mtime_ns == mtime
+    done3 = run_pipeline(cfg_factory("stage=train", "force=stage"), tmp_path / "run3")
+    assert (done3["train"].path / "model.pt").stat().st_mtime_ns != mtime
+
+
+def _cli(*args, cwd: Path, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600, check=check)
+
+
+@pytest.mark.slow
+def test_cli_run_and_reproduce_from_saved_config(tmp_path):
+    out = _cli("experiment=tiny", f"paths.outputs={tmp_path}/o", "hydra.run.dir=" + str(tmp_path / "r1"), cwd=tmp_path)
+    assert "report:" in out.stdout
+    first = json.loads((tmp_path / "r1/report.json").read_text())
+    saved = tmp_path / "r1/.hydra"
+    _cli("--config-path", str(saved), "--config-name", "config", "force=all",
+         f"paths.outputs={tmp_path}/o2", "hydra.run.dir=" + str(tmp_path / "r2"), cwd=tmp_path)
+    second = json.loads((tmp_path / "r2/report.json").read_text())
+    assert abs(first["rows"][0]["accuracy"] - second["rows"][0]["accuracy"]) <= 0.5
+
+
+def test_cli_help_and_bad_input_are_short(tmp_path):
+    assert "stage" in _cli("--cfg", "job", cwd=tmp_path).stdout
+    assert "Powered by Hydra" in _cli("--help", cwd=tmp_path).stdout
+    bad = _cli("stage=nope", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "error: config error: stage: 'nope' is not a stage" in bad.stderr
+    assert "Traceback" not in bad.stderr
