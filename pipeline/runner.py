@@ -124,7 +124,10 @@ class Runner:
 
     def expand(self, stage: str) -> list[str]:
         if stage == "export":
-            return [f"export/{s}" for s in self.model_stages()]
+            nodes = [f"export/{s}" for s in self.model_stages()]
+            if "qat" in self.model_stages() and self.settings["export"].ort_static_reference:
+                nodes.append("export/ort_static")
+            return nodes
         return [stage]
 
     def targets(self) -> list[str]:

@@ -32,6 +32,8 @@ class Config:
     parity_images: int  # test images used for the PyTorch-vs-ORT parity check
     min_top1_agreement: float  # %; below this the export fails
     min_int8_coverage: float  # fraction of convs/matmuls that must run as INT8 kernels (qat)
+    ort_static_reference: bool = True  # with qat: also quantize its FP32 input with ORT's quantize_static
+    calib_images: int = 512  # training images that calibrate ORT's static quantization
 
     def check(self) -> list[str]:
         errs = []
@@ -44,11 +46,71 @@ class Config:
 
 def inputs(runner, node: str) -> dict[str, str]:
     _, _, src = node.partition("/")
+    if src == ORT_STATIC:  # the FP32 ONNX of the model that entered QAT
+        from stages.qat import source_stage
+
+        return {"model": f"export/{source_stage(runner)}"}
     return {"model": src}
+
+
+ORT_STATIC = "ort_static"
+
+
+def _ort_static(ctx: StageContext) -> dict:
+    """Reference row: ONNX Runtime's own static QDQ quantization of the FP32 model that entered QAT."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    cfg: Config = ctx.settings
+    src = ctx.inputs["model"]
+    splits = ctx.splits()
+    calib = onnxio.normalise(splits.train_x[torch.randperm(len(splits.train_y), generator=torch.Generator()
+                                                           .manual_seed(ctx.rt.seed))[: cfg.calib_images]],
+                             ctx.data_cfg.mean, ctx.data_cfg.std)
+    if len(calib) == 0:
+        raise PipelineError("export.calib_images=0: ORT static quantization needs calibration images")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i : i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qat_cfg = ctx.cfg.qat
+    pre = ctx.work_dir / "preprocessed.onnx"
+    path = ctx.out_dir / "model.onnx"
+    quant_pre_process(str(src.path / "model.onnx"), str(pre))
+    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8 if qat_cfg.act_dtype == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, reduce_range=qat_cfg.weight_bits == 7,
+                    calibrate_method=CalibrationMethod.MinMax)
+    n = min(cfg.parity_images, len(splits.test_y))
+    x = onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std)
+    ref = onnxio.predict(onnxio.session(src.path / "model.onnx"), x)
+    got = onnxio.predict(onnxio.session(path), x)
+    m = src.metrics
+    metrics = {"source": src.node, "precision": "int8", "opset": m["opset"], "params": m["params"],
+               "macs": m["macs"], "size_mb": path.stat().st_size / 1e6,
+               "parity": {"images": n, "reference": "fp32 onnx", "max_abs_diff": float(np.abs(ref - got).max()),
+                          "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)},
+               "int8_coverage": onnxio.kernel_coverage(path)}
+    log.info("%s: ORT static INT8 of %s, agreement with FP32 %.2f%%, INT8 kernels %d/%d", ctx.node, src.node,
+             metrics["parity"]["top1_agreement"], metrics["int8_coverage"]["int8_kernels"],
+             metrics["int8_coverage"]["int8_kernels"] + metrics["int8_coverage"]["float_kernels"])
+    return metrics
 
 
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
+    if ctx.node == f"export/{ORT_STATIC}":
+        return _ort_static(ctx)
     art = ctx.inputs["model"]
     model, precision = art.model()
     model.eval()
@@ -56,12 +118,12 @@ def run(ctx: StageContext) -> dict:
     n = min(cfg.parity_images, len(splits.test_y))
     x = torch.from_numpy(onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std))
     path = ctx.out_dir / "model.onnx"
-    translations = {}
     if precision == "int8":
         from pipeline import quant
 
-        translations = quant.onnx_translations()
-    onnxio.export_onnx(model, x[:2], path, cfg.opset, translations)
+        onnxio.export_onnx(quant.to_deploy(model), x[:2], path, cfg.opset, quant.onnx_translations())
+    else:
+        onnxio.export_onnx(model, x[:2], path, cfg.opset)
 
     with torch.no_grad():
         ref = torch.cat([model(x[i : i + 256]) for i in range(0, n, 256)]).numpy()

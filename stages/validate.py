@@ -52,7 +52,7 @@ class Config:
         return errs
 
 
-ROW_NAMES = {"train": "baseline"}
+ROW_NAMES = {"train": "baseline", "ort_static": "ort-static"}
 
 
 def inputs(runner, node: str) -> dict[str, str]:

@@ -1,0 +1,374 @@
+"""Quantization backend: the only module that knows how fake-quantization is done.
+
+The QAT model is a ``torch.fx`` rewrite of the float model: conv-bn(-relu) become ``QConvBn``
+(BN folded into per-channel symmetric fake-quantized weights, BN statistics live until frozen),
+linears become ``QLinear``, and an ``ActQuant`` (observer + per-tensor fake-quant, UINT8 by
+default) follows every tensor that ONNX Runtime's QDQ fusion needs quantized. Only plain
+``torch.fake_quantize_*`` ops are used (no ``torch.ao.quantization``). For export, ``to_deploy``
+turns weights into INT8 buffers behind ``qdq::dequantize_per_channel`` and activations into
+``qdq::fake_quant``; ``onnx_translations`` maps both to ONNX QuantizeLinear/DequantizeLinear with
+onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class QuantSpec:
+    """What the stage asks of the backend (stored in the checkpoint to rebuild the model)."""
+
+    act_dtype: Literal["uint8", "int8"] = "uint8"
+    weight_bits: int = 8  # 8, or 7 to avoid u8*s8 pair saturation on CPUs without VNNI
+    ema: float = 0.01  # observer moving-average constant during QAT (calibration uses min/max)
+
+
+# ---------------------------------------------------------------- custom ops (export form)
+
+
+@torch.library.custom_op("qdq::fake_quant", mutates_args=())
+def _fake_quant_op(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+@_fake_quant_op.register_fake
+def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qdq::dequantize_per_channel", mutates_args=())
+def _dequant_op(w_q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * w_q.dim()
+    shape[axis] = -1
+    return w_q.to(torch.float32) * scales.view(shape)
+
+
+@_dequant_op.register_fake
+def _(w_q, scales, axis):
+    return torch.empty(w_q.shape, dtype=torch.float32, device=w_q.device)
+
+
+def onnx_translations() -> dict:
+    """onnxscript translations of the custom ops to QuantizeLinear / DequantizeLinear."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    def fake_quant(x, scale: float, zero_point: int, qmin: int, qmax: int):
+        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
+        s = op.Constant(value_float=scale)
+        zp = op.Cast(op.Constant(value_int=zero_point), to=zp_type)
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, zp), s, zp)
+
+    def dequant(w_q, scales, axis: int):
+        return op.DequantizeLinear(w_q, scales, axis=axis)
+
+    return {torch.ops.qdq.fake_quant.default: fake_quant, torch.ops.qdq.dequantize_per_channel.default: dequant}
+
+
+# ---------------------------------------------------------------- QAT modules
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation observer + fake-quant (asymmetric UINT8 or symmetric INT8)."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.qmin, self.qmax = (0, 255) if spec.act_dtype == "uint8" else (-128, 127)
+        self.ema = spec.ema
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.observe, self.calibrating, self.enabled, self.export_mode = True, False, False, False
+
+    def _update(self, x: torch.Tensor) -> None:
+        mn, mx = torch.aminmax(x.detach().float())
+        if self.calibrating or not torch.isfinite(self.min_val):
+            self.min_val.copy_(torch.minimum(self.min_val, mn) if torch.isfinite(self.min_val) else mn)
+            self.max_val.copy_(torch.maximum(self.max_val, mx) if torch.isfinite(self.max_val) else mx)
+        else:
+            self.min_val.lerp_(mn, self.ema)
+            self.max_val.lerp_(mx, self.ema)
+        lo, hi = torch.clamp(self.min_val, max=0.0), torch.clamp(self.max_val, min=0.0)
+        if self.qmin == 0:
+            scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32))
+        else:
+            self.scale.copy_(torch.clamp(torch.maximum(-lo, hi) / 127.0, min=1e-8))
+            self.zero_point.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            return torch.ops.qdq.fake_quant(x, self.const_scale, self.const_zero_point, self.qmin, self.qmax)
+        if self.observe and (self.training or self.calibrating):
+            self._update(x)
+        if not self.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def _weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.detach().abs().amax(dim=tuple(range(1, w.dim())))
+    scale = torch.clamp(amax / qmax, min=1e-8).float()
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric fake-quant (values in [-(2^(bits-1)-1), 2^(bits-1)-1])."""
+    scale, zp = _weight_qparams(w, bits)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+
+
+class QConvBn(nn.Module):
+    """Conv2d (+ BatchNorm folded into the fake-quantized weight) (+ ReLU/ReLU6)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+        self.bits = spec.weight_bits
+        self.bn_frozen = False
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.conv.weight, self.conv.bias
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = (b if b is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
+        return w * sf.reshape(-1, 1, 1, 1), bias * sf + bn.bias
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None and self.training and not self.bn_frozen:
+            # Jacob et al. 2018: quantize weights folded with running stats, then let BN see the
+            # unscaled conv output so it keeps learning batch statistics.
+            bn = self.bn
+            sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            y = self._conv(x, fake_quant_weight(self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bits), None)
+            y = y / sf.reshape(1, -1, 1, 1)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias.reshape(1, -1, 1, 1)
+            y = bn(y)
+        else:
+            w, b = self.folded()
+            y = self._conv(x, fake_quant_weight(w, self.bits), b)
+        return self.act(y) if self.act is not None else y
+
+
+class QLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+        super().__init__()
+        self.linear, self.bits = linear, spec.weight_bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, fake_quant_weight(self.linear.weight, self.bits), self.linear.bias)
+
+
+class DeployConv(nn.Module):
+    """Export form: INT8 weight buffer + per-channel scales, float bias (ORT quantizes it)."""
+
+    def __init__(self, q: QConvBn | QLinear):
+        super().__init__()
+        if isinstance(q, QConvBn):
+            w, b = q.folded()
+            c = q.conv
+            self.kw = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+            self.act = q.act
+        else:
+            w, b, self.kw, self.act = q.linear.weight, q.linear.bias, None, None
+        scale, _ = _weight_qparams(w, q.bits)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        self.register_buffer("w_q", torch.round(w.detach() / scale.view(shape)).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("bias", b.detach().clone() if b is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.ops.qdq.dequantize_per_channel(self.w_q, self.w_scale, 0)
+        if self.kw is None:
+            return F.linear(x, w, self.bias)
+        y = F.conv2d(x, w, self.bias, **self.kw)
+        return self.act(y) if self.act is not None else y
+
+
+# ---------------------------------------------------------------- graph rewrite
+
+
+_ACTS = (nn.ReLU, nn.ReLU6)
+_PASS_MODULES = (nn.Dropout, nn.Identity)
+_QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6)
+_ADD = {operator.add, torch.add, operator.iadd}
+_QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
+                      torch.cat} | _ADD
+_PASS_FUNCS = {getattr}
+_QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean"}
+_PASS_METHODS = {"size", "dim"}
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_act(node: fx.Node | None, gm: fx.GraphModule) -> bool:
+    if node is None:
+        return False
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _ACTS)
+    return node.op == "call_function" and node.target in (F.relu, torch.relu)
+
+
+def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
+    """Rewrite a float model into its QAT form (see module docstring); raises on unknown layers."""
+    model = model.cpu().eval()
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {e}"[:300] + ")") from None
+    graph = gm.graph
+
+    # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Conv2d):
+            last, bn, act = node, None, None
+            nxt = _only_user(last)
+            if nxt is not None and nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.BatchNorm2d):
+                bn, last = gm.get_submodule(nxt.target), nxt
+                nxt = _only_user(last)
+            if _is_act(nxt, gm):
+                act = gm.get_submodule(nxt.target) if nxt.op == "call_module" else nn.ReLU()
+                last = nxt
+            q = QConvBn(mod, bn, act, spec)
+            gm.add_submodule(node.target, q)
+            if last is not node:
+                last.replace_all_uses_with(node)
+                cur = last
+                while cur is not node:  # erase the absorbed bn / act nodes
+                    prev = cur.args[0]
+                    graph.erase_node(cur)
+                    cur = prev
+        elif isinstance(mod, nn.Linear):
+            gm.add_submodule(node.target, QLinear(mod, spec))
+    gm.recompile()
+
+    # 2. check every op is supported and insert ActQuant where ORT's QDQ fusion needs one
+    count = 0
+
+    def insert_after(node: fx.Node) -> None:
+        nonlocal count
+        name = f"act_quant_{count}"
+        count += 1
+        gm.add_submodule(name, ActQuant(spec))
+        with graph.inserting_after(node):
+            q = graph.call_module(name, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+
+    for node in list(graph.nodes):
+        if node.op == "placeholder":
+            insert_after(node)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, QConvBn):
+                insert_after(node)
+            elif isinstance(mod, QLinear) or isinstance(mod, _PASS_MODULES):
+                continue
+            elif isinstance(mod, _QUANT_AFTER_MODULES):
+                insert_after(node)
+            else:
+                raise PipelineError(f"layer {node.target!r} ({type(mod).__name__}) cannot be quantized by this "
+                                    "backend (conv/bn/relu/linear/pool/add only); choose another qat.source model")
+        elif node.op == "call_function":
+            if node.target in _QUANT_AFTER_FUNCS:
+                if node.target in _ADD and _is_act(_only_user(node), gm):
+                    continue  # quantize after the activation that follows the add
+                insert_after(node)
+            elif node.target not in _PASS_FUNCS:
+                raise PipelineError(f"operation {getattr(node.target, '__name__', node.target)} at {node.name} "
+                                    "cannot be quantized by this backend; choose another qat.source model")
+        elif node.op == "call_method":
+            if node.target in _QUANT_AFTER_METHODS:
+                insert_after(node)
+            elif node.target not in _PASS_METHODS:
+                raise PipelineError(f"tensor method .{node.target}() at {node.name} cannot be quantized")
+    gm.recompile()
+    return gm
+
+
+def act_quants(model: nn.Module) -> list[ActQuant]:
+    return [m for m in model.modules() if isinstance(m, ActQuant)]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> int:
+    """Run real batches through the observers (min/max), then switch fake-quant on."""
+    aqs = act_quants(model)
+    for a in aqs:
+        a.calibrating = True
+    model.eval()
+    n = 0
+    for xb, _ in batches:
+        model(xb)
+        n += 1
+    if n == 0:
+        raise PipelineError("the QAT calibration set is empty; raise qat.calib_batches or check the data")
+    for a in aqs:
+        a.calibrating, a.enabled = False, True
+    return n
+
+
+def freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QConvBn):
+            m.bn_frozen = True
+
+
+def freeze_observers(model: nn.Module) -> None:
+    for a in act_quants(model):
+        a.observe = False
+
+
+def load_quantized(ckpt: dict, source: str) -> fx.GraphModule:
+    """Rebuild a QAT model from a checkpoint: float model + shapes -> prepare_qat -> state dict."""
+    from pipeline.artifacts import CKPT_EXTRA, CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE
+    from pipeline.models import apply_shapes, build_model
+
+    spec = QuantSpec(**ckpt[CKPT_EXTRA]["quant"])
+    model = apply_shapes(build_model(ckpt[CKPT_MODEL_CFG]), ckpt[CKPT_SHAPES])
+    gm = prepare_qat(model, spec)
+    try:
+        gm.load_state_dict(ckpt[CKPT_STATE])
+    except RuntimeError as e:
+        raise PipelineError(f"{source}: quantized checkpoint does not fit its model ({str(e).splitlines()[0]})") from None
+    for a in act_quants(gm):
+        a.enabled, a.observe = True, False
+    return gm.eval()
+
+
+def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
+    """Export form of a QAT model: INT8 weight buffers and constant activation scales."""
+    import copy
+
+    dep = copy.deepcopy(gm).eval()
+    for name, m in list(dep.named_modules()):
+        if isinstance(m, (QConvBn, QLinear)):
+            dep.add_submodule(name, DeployConv(m))
+        elif isinstance(m, ActQuant):  # Python constants: baked into the graph as initializers
+            m.export_mode, m.const_scale, m.const_zero_point = True, float(m.scale), int(m.zero_point)
+    return dep

@@ -1,0 +1,144 @@
+"""qat: quantization-aware training towards a real INT8 model.
+
+Reads: ``qat.source`` (default ``distill``; the last model stage before qat when that one is not in
+the pipeline) and, with ``qat.distill_alpha > 0``, ``train`` as teacher. Writes ``model.pt`` (the
+QAT state dict + the float architecture, pruned shapes and quantization spec that rebuild it) and
+``metrics.json`` (accuracy of the FP32 input, after calibration only (PTQ) and after QAT).
+
+Steps: fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
+observers on real training batches -> fake-quant fine-tuning -> freeze BN statistics and observers
+after the configured epochs. The quantization itself lives in ``pipeline.quant``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pipeline import quant
+from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
+from pipeline.data import batches
+from pipeline.errors import PipelineError
+from pipeline.models import build_model, count_macs, count_params
+from pipeline.stage import StageContext
+from pipeline.training import FitConfig, evaluate, fit, interrupt_message
+
+log = logging.getLogger(__name__)
+
+NAME = "qat"
+OUTPUTS = ("model.pt", "metrics.json")
+PRODUCES_MODEL = True
+
+
+@dataclass
+class Config(FitConfig):
+    """``conf/stages/qat.yaml``; FitConfig fields drive the fake-quant fine-tuning."""
+
+    source: str = "distill"  # model stage to quantize: distill | prune | train
+    act_dtype: Literal["uint8", "int8"] = "uint8"  # activations; uint8 is what x86 ORT kernels want
+    weight_bits: int = 7  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
+    calib_batches: int = 16  # training batches (unaugmented) that calibrate the observers
+    calib_batch_size: int = 64
+    freeze_bn_epoch: int = 1  # from this epoch on, BN statistics are frozen (folded with running stats)
+    freeze_observer_epoch: int = 1  # from this epoch on, activation ranges are frozen
+    distill_alpha: float = 0.0  # > 0: distil from the FP32 teacher during QAT (KD weight)
+    temperature: float = 4.0
+
+    def check(self) -> list[str]:
+        errs = super().check()
+        if self.weight_bits not in (7, 8):
+            errs.append(f"weight_bits: {self.weight_bits}; use 8, or 7 on CPUs without VNNI")
+        if self.calib_batches < 1:
+            errs.append(f"calib_batches: {self.calib_batches}; calibration needs at least one batch")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            errs.append(f"distill_alpha: {self.distill_alpha} must be in [0, 1]")
+        return errs
+
+
+def source_stage(runner) -> str:
+    cfg: Config = runner.settings[NAME]
+    pipe = runner.root.pipeline
+    if cfg.source in pipe or "qat" not in pipe:
+        return cfg.source
+    before = [s for s in pipe[: pipe.index("qat")] if s in runner.model_stages() and s != "qat"]
+    return before[-1] if before else cfg.source
+
+
+def inputs(runner, node: str) -> dict[str, str]:
+    out = {"model": source_stage(runner)}
+    if runner.settings[NAME].distill_alpha > 0:
+        out["teacher"] = "train"
+    return out
+
+
+def check_config(runner) -> list[str]:
+    cfg: Config = runner.settings[NAME]
+    models = [s for s, m in runner.registry.items() if getattr(m, "PRODUCES_MODEL", False) and s != NAME]
+    if cfg.source not in models:
+        return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
+    if NAME not in runner.root.pipeline and runner.root.stage != NAME:
+        return []
+    try:  # unsupported layers are reported before any training starts
+        quant.prepare_qat(build_model(runner.model_cfg.__dict__), quant.QuantSpec(cfg.act_dtype, cfg.weight_bits))
+    except PipelineError as e:
+        return [f"qat: {e}"]
+    return []
+
+
+def _epoch_hook(cfg: Config):
+    def hook(epoch: int, model: nn.Module) -> None:
+        if epoch >= cfg.freeze_bn_epoch:
+            quant.freeze_bn(model)
+        if epoch >= cfg.freeze_observer_epoch:
+            quant.freeze_observers(model)
+
+    return hook
+
+
+def run(ctx: StageContext) -> dict:
+    cfg: Config = ctx.settings
+    rt = dataclasses.replace(ctx.rt, amp="off")  # fake-quant runs in FP32
+    splits = ctx.splits()
+    src = ctx.inputs["model"]
+    ckpt = src.checkpoint()
+    model, _ = src.model()
+    spec = quant.QuantSpec(cfg.act_dtype, cfg.weight_bits)
+    gm = quant.prepare_qat(model, spec)
+    fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+    calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
+                    seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
+    gm.to(rt.device)
+    n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
+    ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+    log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
+
+    loss_fn = None
+    if cfg.distill_alpha > 0:
+        from stages.distill import Config as KDConfig
+        from stages.distill import KDLoss
+
+        teacher = ctx.inputs["teacher"].model()[0].to(rt.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        kd_cfg = KDConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitConfig)},
+                             "alpha": cfg.distill_alpha, "temperature": cfg.temperature})
+        loss_fn = KDLoss(teacher, kd_cfg, gm, torch.zeros(1, 3, 8, 8))
+    with interrupt_message("quantization-aware training"):
+        res = fit(gm, splits, ctx.data_cfg, cfg, rt, ctx.work_dir, loss_fn=loss_fn, desc="qat",
+                  on_epoch_start=_epoch_hook(cfg))
+    quant.freeze_bn(gm)
+    quant.freeze_observers(gm)
+    test_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+    gm = gm.cpu()
+    save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
+                    extra={"quant": dataclasses.asdict(spec)})
+    log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
+    return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
+            "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(spec),
+            "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
+            "history": res.history}
