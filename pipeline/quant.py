@@ -47,14 +47,14 @@ def _(x, scale, zero_point, qmin, qmax):
 
 
 @torch.library.custom_op("qdq::dequantize_per_channel", mutates_args=())
-def _dequant_op(w_q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+def _dequant_op(w_q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, axis: int) -> torch.Tensor:
     shape = [1] * w_q.dim()
     shape[axis] = -1
-    return w_q.to(torch.float32) * scales.view(shape)
+    return (w_q.to(torch.float32) - zero_points.to(torch.float32).view(shape)) * scales.view(shape)
 
 
 @_dequant_op.register_fake
-def _(w_q, scales, axis):
+def _(w_q, scales, zero_points, axis):
     return torch.empty(w_q.shape, dtype=torch.float32, device=w_q.device)
 
 
@@ -69,8 +69,8 @@ def onnx_translations() -> dict:
         zp = op.Cast(op.Constant(value_int=zero_point), to=zp_type)
         return op.DequantizeLinear(op.QuantizeLinear(x, s, zp), s, zp)
 
-    def dequant(w_q, scales, axis: int):
-        return op.DequantizeLinear(w_q, scales, axis=axis)
+    def dequant(w_q, scales, zero_points, axis: int):
+        return op.DequantizeLinear(w_q, scales, zero_points, axis=axis)
 
     return {torch.ops.qdq.fake_quant.default: fake_quant, torch.ops.qdq.dequantize_per_channel.default: dequant}
 
@@ -180,9 +180,9 @@ class QLinear(nn.Module):
 
 
 class DeployConv(nn.Module):
-    """Export form: INT8 weight buffer + per-channel scales, float bias (ORT quantizes it)."""
+    """Export form: INT8 weights and INT32 bias (scale = input scale x weight scale) behind DequantizeLinear."""
 
-    def __init__(self, q: QConvBn | QLinear):
+    def __init__(self, q: QConvBn | QLinear, in_scale: float | None):
         super().__init__()
         if isinstance(q, QConvBn):
             w, b = q.folded()
@@ -195,13 +195,27 @@ class DeployConv(nn.Module):
         shape = (-1,) + (1,) * (w.dim() - 1)
         self.register_buffer("w_q", torch.round(w.detach() / scale.view(shape)).clamp(-128, 127).to(torch.int8))
         self.register_buffer("w_scale", scale)
-        self.register_buffer("bias", b.detach().clone() if b is not None else None)
+        self.register_buffer("w_zp", torch.zeros(len(scale), dtype=torch.int8))
+        self.register_buffer("b_q", None)
+        self.register_buffer("b_scale", None)
+        self.register_buffer("b_zp", None)
+        self.register_buffer("bias", None)
+        if b is not None and in_scale is not None:  # what ORT's QLinearConv / QGemm consume
+            b_scale = (scale * in_scale).float()
+            self.b_q = torch.round(b.detach() / b_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+            self.b_scale = b_scale
+            self.b_zp = torch.zeros_like(self.b_q)
+        elif b is not None:
+            self.bias = b.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.ops.qdq.dequantize_per_channel(self.w_q, self.w_scale, 0)
+        w = torch.ops.qdq.dequantize_per_channel(self.w_q, self.w_scale, self.w_zp, 0)
+        b = self.bias
+        if self.b_q is not None:
+            b = torch.ops.qdq.dequantize_per_channel(self.b_q, self.b_scale, self.b_zp, 0)
         if self.kw is None:
-            return F.linear(x, w, self.bias)
-        y = F.conv2d(x, w, self.bias, **self.kw)
+            return F.linear(x, w, b)
+        y = F.conv2d(x, w, b, **self.kw)
         return self.act(y) if self.act is not None else y
 
 
@@ -287,7 +301,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
                 insert_after(node)
-            elif isinstance(mod, QLinear) or isinstance(mod, _PASS_MODULES):
+            elif isinstance(mod, (QLinear, *_PASS_MODULES)):
                 continue
             elif isinstance(mod, _QUANT_AFTER_MODULES):
                 insert_after(node)
@@ -355,7 +369,8 @@ def load_quantized(ckpt: dict, source: str) -> fx.GraphModule:
     try:
         gm.load_state_dict(ckpt[CKPT_STATE])
     except RuntimeError as e:
-        raise PipelineError(f"{source}: quantized checkpoint does not fit its model ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        raise PipelineError(f"{source}: quantized checkpoint does not fit its model ({first})") from None
     for a in act_quants(gm):
         a.enabled, a.observe = True, False
     return gm.eval()
@@ -366,9 +381,16 @@ def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
     import copy
 
     dep = copy.deepcopy(gm).eval()
-    for name, m in list(dep.named_modules()):
+    for node in dep.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = dep.get_submodule(node.target)
         if isinstance(m, (QConvBn, QLinear)):
-            dep.add_submodule(name, DeployConv(m))
-        elif isinstance(m, ActQuant):  # Python constants: baked into the graph as initializers
+            src = node.args[0]
+            before = dep.get_submodule(src.target) if src.op == "call_module" else None
+            in_scale = float(before.scale) if isinstance(before, ActQuant) else None
+            dep.add_submodule(node.target, DeployConv(m, in_scale))
+    for m in dep.modules():
+        if isinstance(m, ActQuant):  # Python constants: baked into the graph as initializers
             m.export_mode, m.const_scale, m.const_zero_point = True, float(m.scale), int(m.zero_point)
     return dep

@@ -203,7 +203,7 @@ class Runner:
             if cached and (final / MANIFEST).is_file() and not force:  # built by a parallel job
                 log.info("%s: reusing %s (built by another job)", node, final)
                 return Artifact(node, key, final)
-            work_dir = final.parent / f"{key}.work"
+            work_dir = final.parent / f"{key}.work" if cached else self.run_dir / ".work"
             log.info("%s: running -> %s", node, final)
             start = _dt.datetime.now(_dt.UTC)
             if cached:
@@ -214,6 +214,7 @@ class Runner:
             else:
                 metrics = self._run_stage(node, mod, inputs, final, work_dir)
                 self._write_meta(node, key, inputs, final, metrics, start)
+                shutil.rmtree(work_dir, ignore_errors=True)
             return Artifact(node, key, final)
 
     def _run_stage(self, node, mod, inputs, out: Path, work_dir: Path) -> dict:

@@ -15,7 +15,6 @@ import torch
 
 from pipeline import onnxio
 from pipeline.errors import PipelineError
-from pipeline.models import count_macs, count_params
 from pipeline.stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def run(ctx: StageContext) -> dict:
     agreement = float((ref.argmax(1) == got.argmax(1)).mean() * 100)
     metrics = {
         "source": art.node, "precision": precision, "opset": cfg.opset,
-        "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
+        "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
         "size_mb": path.stat().st_size / 1e6,
         "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},
     }
