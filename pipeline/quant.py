@@ -38,7 +38,7 @@ class QuantSpec:
 
 @torch.library.custom_op("qdq::fake_quant", mutates_args=())
 def _fake_quant_op(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    return (torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax) - zero_point) * scale
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)  # same math as in QAT
 
 
 @_fake_quant_op.register_fake
@@ -125,6 +125,15 @@ def _weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
+def quantize_bias(b: torch.Tensor | None, w: torch.Tensor, bits: int, in_quant: ActQuant | None):
+    """INT32 bias with scale = input scale x weight scale, as ORT's QLinearConv/QGemm use it (STE)."""
+    if b is None or in_quant is None or not in_quant.enabled:
+        return b, None
+    scale = _weight_qparams(w, bits)[0] * in_quant.scale
+    q = torch.round(b.detach() / scale).clamp(-(2**31), 2**31 - 1)
+    return b + (q * scale - b).detach(), (q.to(torch.int32), scale)
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel symmetric fake-quant (values in [-(2^(bits-1)-1), 2^(bits-1)-1])."""
     scale, zp = _weight_qparams(w, bits)
@@ -139,6 +148,7 @@ class QConvBn(nn.Module):
         self.conv, self.bn, self.act = conv, bn, act
         self.bits = spec.weight_bits
         self.bn_frozen = False
+        object.__setattr__(self, "in_quant", None)  # the ActQuant feeding it (not a submodule)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.conv.weight, self.conv.bias
@@ -166,7 +176,7 @@ class QConvBn(nn.Module):
             y = bn(y)
         else:
             w, b = self.folded()
-            y = self._conv(x, fake_quant_weight(w, self.bits), b)
+            y = self._conv(x, fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0])
         return self.act(y) if self.act is not None else y
 
 
@@ -174,15 +184,18 @@ class QLinear(nn.Module):
     def __init__(self, linear: nn.Linear, spec: QuantSpec):
         super().__init__()
         self.linear, self.bits = linear, spec.weight_bits
+        object.__setattr__(self, "in_quant", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quant_weight(self.linear.weight, self.bits), self.linear.bias)
+        w = self.linear.weight
+        return F.linear(x, fake_quant_weight(w, self.bits), quantize_bias(self.linear.bias, w, self.bits,
+                                                                          self.in_quant)[0])
 
 
 class DeployConv(nn.Module):
     """Export form: INT8 weights and INT32 bias (scale = input scale x weight scale) behind DequantizeLinear."""
 
-    def __init__(self, q: QConvBn | QLinear, in_scale: float | None):
+    def __init__(self, q: QConvBn | QLinear):
         super().__init__()
         if isinstance(q, QConvBn):
             w, b = q.folded()
@@ -191,19 +204,19 @@ class DeployConv(nn.Module):
             self.act = q.act
         else:
             w, b, self.kw, self.act = q.linear.weight, q.linear.bias, None, None
-        scale, _ = _weight_qparams(w, q.bits)
+        scale, zp = _weight_qparams(w, q.bits)
         shape = (-1,) + (1,) * (w.dim() - 1)
-        self.register_buffer("w_q", torch.round(w.detach() / scale.view(shape)).clamp(-128, 127).to(torch.int8))
+        w_fq = torch.fake_quantize_per_channel_affine(w.detach(), scale, zp, 0, -128, 127)  # exactly QAT's values
+        self.register_buffer("w_q", torch.round(w_fq / scale.view(shape)).clamp(-128, 127).to(torch.int8))
         self.register_buffer("w_scale", scale)
         self.register_buffer("w_zp", torch.zeros(len(scale), dtype=torch.int8))
         self.register_buffer("b_q", None)
         self.register_buffer("b_scale", None)
         self.register_buffer("b_zp", None)
         self.register_buffer("bias", None)
-        if b is not None and in_scale is not None:  # what ORT's QLinearConv / QGemm consume
-            b_scale = (scale * in_scale).float()
-            self.b_q = torch.round(b.detach() / b_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
-            self.b_scale = b_scale
+        _, qb = quantize_bias(b, w, q.bits, q.in_quant)
+        if qb is not None:  # INT32 bias: what ORT's QLinearConv / QGemm consume
+            self.b_q, self.b_scale = qb[0], qb[1].detach().float()
             self.b_zp = torch.zeros_like(self.b_q)
         elif b is not None:
             self.bias = b.detach().clone()
@@ -322,6 +335,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             elif node.target not in _PASS_METHODS:
                 raise PipelineError(f"tensor method .{node.target}() at {node.name} cannot be quantized")
     gm.recompile()
+    for node in graph.nodes:  # tell each conv/linear which observer quantizes its input (bias scale)
+        if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
+            src = node.args[0]
+            if src.op == "call_module" and isinstance(aq := gm.get_submodule(src.target), ActQuant):
+                object.__setattr__(m, "in_quant", aq)
     return gm
 
 
@@ -381,15 +399,9 @@ def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
     import copy
 
     dep = copy.deepcopy(gm).eval()
-    for node in dep.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = dep.get_submodule(node.target)
+    for name, m in list(dep.named_modules()):
         if isinstance(m, (QConvBn, QLinear)):
-            src = node.args[0]
-            before = dep.get_submodule(src.target) if src.op == "call_module" else None
-            in_scale = float(before.scale) if isinstance(before, ActQuant) else None
-            dep.add_submodule(node.target, DeployConv(m, in_scale))
+            dep.add_submodule(name, DeployConv(m))
     for m in dep.modules():
         if isinstance(m, ActQuant):  # Python constants: baked into the graph as initializers
             m.export_mode, m.const_scale, m.const_zero_point = True, float(m.scale), int(m.zero_point)

@@ -77,3 +77,29 @@ def test_cli_help_and_bad_input_are_short(tmp_path):
     bad = _cli("stage=nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "error: config error: stage: 'nope' is not a stage" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
+    out = _cli("-m", "experiment=tiny", "prune.ratio=0.3,0.5", f"paths.outputs={tmp_path}/o",
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert "sweep summary:" in out.stdout
+    summary = json.loads((tmp_path / "sweep/summary.json").read_text())
+    assert len(summary["jobs"]) == 2 and (tmp_path / "sweep/summary.png").is_file()
+    assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1
+    assert len(list((tmp_path / "o/artifacts/prune").glob("*/manifest.json"))) == 2
+    prune_rows = [r for r in summary["rows"] if r["name"] == "prune"]
+    assert prune_rows[0]["macs"] > prune_rows[1]["macs"]
+    assert not list((tmp_path / "sweep").glob("*.work"))
+
+
+@pytest.mark.slow
+def test_two_parallel_jobs_build_a_shared_upstream_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "pipeline", "experiment=tiny", "stage=train", f"paths.outputs={tmp_path}/o"]
+    procs = [subprocess.Popen([*args, f"hydra.run.dir={tmp_path}/r{i}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sum("train: running" in log for log in logs) == 1
+    assert sum("built by another job" in log for log in logs) == 1
