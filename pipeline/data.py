@@ -286,10 +286,10 @@ class Batches:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
-        if self.world_size > 1:
-            per_rank = n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
-            idx = torch.cat([idx, idx[: per_rank * self.world_size - n]]) if per_rank * self.world_size > n else idx
-            idx = idx[self.rank : per_rank * self.world_size : self.world_size]
+        if self.world_size > 1:  # training (drop_last): equal shards, so every rank runs the same steps
+            idx = idx[self.rank :: self.world_size]
+            if self.drop_last:
+                idx = idx[: n // self.world_size]
         return idx
 
     def __len__(self) -> int:

@@ -64,6 +64,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
         tmp_path = Path(tmp) / "model.onnx"
         program.save(str(tmp_path))
         proto = onnx.load(str(tmp_path))
+    for node in proto.graph.node:  # exporter debug info (stack traces with local paths): not shipped
+        del node.metadata_props[:]
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(path, proto.SerializeToString())
 

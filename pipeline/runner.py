@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.models import ModelConfig
 from pipeline.runtime import make_runtime
 from pipeline.stage import Artifact, StageContext
+from pipeline.training import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +111,15 @@ class Runner:
             for s in self.root.pipeline:
                 if s not in self.registry:
                     errors.append(f"pipeline: {s!r} is not a stage; choose from {names}")
-        for name, mod in self.registry.items():
-            check = getattr(mod, "check_config", None)
-            if check is not None and self.settings.get(name) is not None and self.root is not None:
-                errors.extend(check(self))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        for name, st in self.settings.items():
+            if isinstance(st, FitConfig) and st.batch_size % world:
+                errors.append(f"{name}.batch_size: {st.batch_size} is not divisible by the world size {world}; "
+                              f"use a multiple of {world}")
+        if not errors:  # checks that build the model need a valid config first
+            for mod in self.registry.values():
+                if (check := getattr(mod, "check_config", None)) is not None:
+                    errors.extend(check(self))
         raise_if_errors(errors)
         self._keys: dict[str, str] = {}
         self.artifacts_root = Path(cfg.paths.artifacts)
@@ -181,7 +189,8 @@ class Runner:
         cached = getattr(mod, "CACHED", True)
         final = self.artifact_dir(node) if cached else self.run_dir
         force = self.root.force == "all" or (self.root.force == "stage" and node in requested)
-        if cached and (final / MANIFEST).is_file() and not force:
+        exists = self.rt.agree(cached and (final / MANIFEST).is_file())  # rank 0 decides under torchrun
+        if exists and not force:
             log.info("%s: reusing %s (same config)", node, final)
             done[node] = Artifact(node, self.key(node), final)
             return done[node]
@@ -197,6 +206,17 @@ class Runner:
         return done[node]
 
     def _build(self, node, mod, inputs, final: Path, cached: bool, force: bool) -> Artifact:
+        if not self.rt.is_main:  # torchrun: other ranks train along, rank 0 alone writes
+            if not getattr(mod, "MAIN_ONLY", False):
+                with tempfile.TemporaryDirectory() as tmp:
+                    self._run_stage(node, mod, inputs, Path(tmp), Path(tmp) / "work")
+            self.rt.barrier()
+            return Artifact(node, self.key(node), final)
+        artifact = self._build_main(node, mod, inputs, final, cached, force)
+        self.rt.barrier()
+        return artifact
+
+    def _build_main(self, node, mod, inputs, final: Path, cached: bool, force: bool) -> Artifact:
         key = self.key(node)
         lock = final.parent / f"{key}.lock" if cached else self.run_dir / ".validate.lock"
         with file_lock(lock):

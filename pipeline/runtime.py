@@ -56,6 +56,14 @@ class Runtime:
             torch.distributed.all_reduce(t)
         return t
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's answer, on every rank (e.g. "does this artifact exist?")."""
+        if not self._dist:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self._dist:
             torch.distributed.barrier()

@@ -20,6 +20,7 @@ from pipeline.stage import StageContext
 log = logging.getLogger(__name__)
 
 NAME = "export"
+MAIN_ONLY = True  # ONNX Runtime work: rank 0 only under torchrun
 OUTPUTS = ("model.onnx", "metrics.json")
 
 

@@ -22,6 +22,7 @@ from pipeline.stage import StageContext
 log = logging.getLogger(__name__)
 
 NAME = "validate"
+MAIN_ONLY = True  # ONNX Runtime work: rank 0 only under torchrun
 OUTPUTS = ("report.json", "report.md", "report.png")
 CACHED = False
 

@@ -14,7 +14,8 @@ from tests.conftest import CONF
 REQUIRED = {  # options that need a value the user must give
     ("data", "cifar10"): ["data.root=/nonexistent"],
     ("data", "imagefolder"): ["data.root=/nonexistent"],
-    ("model", "custom"): ["model.target=torch.nn.Identity"],
+    ("model", "custom"): ["model.target=torchvision.models.resnet18"],
+    ("experiment", "cifar10_full"): ["data.root=/nonexistent"],
 }
 
 
