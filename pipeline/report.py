@@ -27,8 +27,6 @@ def measure(sessions: dict, x: np.ndarray, cfg: Any, progress: bool = False) -> 
     """Batch-1 latency and batch-N throughput per session, in interleaved rounds (medians)."""
     from tqdm import tqdm
 
-    from stages.validate import timing_summary
-
     b1 = np.ascontiguousarray(x[:1])
     bn = np.ascontiguousarray(np.resize(x, (cfg.batch_size, *x.shape[1:])))
     lat = {n: [] for n in sessions}
@@ -40,6 +38,17 @@ def measure(sessions: dict, x: np.ndarray, cfg: Any, progress: bool = False) -> 
         thr[name].append(onnxio.time_runs(sess, bn, cfg.warmup, cfg.throughput_runs))
     return {n: timing_summary(np.concatenate(lat[n]), np.concatenate(thr[n]), cfg.batch_size)
             for n in sessions}
+
+
+def timing_summary(times_b1: np.ndarray, times_bn: np.ndarray, batch: int) -> dict:
+    """Latency percentiles (batch 1) and throughput (median run time at ``batch``)."""
+    return {
+        "latency_ms_p50": float(np.percentile(times_b1, 50) * 1e3),
+        "latency_ms_p90": float(np.percentile(times_b1, 90) * 1e3),
+        "latency_ms_p99": float(np.percentile(times_b1, 99) * 1e3),
+        "throughput_ips": float(batch / np.median(times_bn)),
+        "batch_size": batch,
+    }
 
 
 def _gates(rows: list[dict], base: dict, cfg: Any) -> tuple[list[str], dict[str, bool]]:

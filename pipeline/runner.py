@@ -69,7 +69,8 @@ def base(node: str) -> str:
     return node.split("/", 1)[0]
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape results (for manifests and reports)."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -255,7 +256,7 @@ class Runner:
             "seconds": round((_dt.datetime.now(_dt.UTC) - start).total_seconds(), 1),
             "inputs": {r: {"node": a.node, "key": a.key, "path": str(a.path)} for r, a in inputs.items()},
             "outputs": {p.name: file_sha256(p) for p in files if p.suffix in (".pt", ".onnx")},
-            "versions": _versions(), "git_commit": _git_commit(),
+            "versions": versions(), "git_commit": _git_commit(),
         })
 
 

@@ -13,10 +13,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-
 from pipeline import onnxio, report
 from pipeline.errors import PipelineError
+from pipeline.runner import versions
 from pipeline.stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def run(ctx: StageContext) -> dict:
         row["accuracy_delta_vs_baseline"] = row["accuracy"] - base["accuracy"]
     env = {"platform": platform.platform(), **onnxio.cpu_info(), "threads": cfg.threads,
            "graph_optimization": cfg.graph_optimization, "providers": providers,
-           "versions": _versions()}
+           "versions": versions()}
     if note:
         env["note"] = note
     rep = report.build_report(rows, base["name"], env, cfg)
@@ -126,19 +125,3 @@ def run(ctx: StageContext) -> dict:
     if failures:
         raise PipelineError(f"gate failed: {failures[0]} (report: {ctx.run_dir / 'report.md'})")
     return {"report": str(ctx.run_dir / "report.json"), "best": rep["best"]}
-
-
-def _versions() -> dict:
-    from pipeline.runner import _versions as v
-
-    return v()
-
-
-def timing_summary(times_b1: np.ndarray, times_bn: np.ndarray, batch: int) -> dict:
-    return {
-        "latency_ms_p50": float(np.percentile(times_b1, 50) * 1e3),
-        "latency_ms_p90": float(np.percentile(times_b1, 90) * 1e3),
-        "latency_ms_p99": float(np.percentile(times_b1, 99) * 1e3),
-        "throughput_ips": float(batch / np.median(times_bn)),
-        "batch_size": batch,
-    }

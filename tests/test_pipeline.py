@@ -51,6 +51,11 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     assert done2["train"].path == train_dir and (train_dir / "model.pt").stat().st_mtime_ns == mtime
     done3 = run_pipeline(cfg_factory("stage=train", "force=stage"), tmp_path / "run3")
     assert (done3["train"].path / "model.pt").stat().st_mtime_ns != mtime
+    # a failing gate: one-line error after the report is written
+    with pytest.raises(PipelineError, match=r"gate failed: .* is \d+\.\d+x the baseline \(validate.min_speedup=100"):
+        run_pipeline(cfg_factory("stage=validate", "validate.min_speedup=100"), tmp_path / "run4")
+    gated = json.loads((tmp_path / "run4/report.json").read_text())
+    assert gated["gates"]["failures"] and gated["best"] == "baseline"
 
 
 def _cli(*args, cwd: Path, check=True):
