@@ -159,7 +159,7 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None) -> tuple[torch.Tensor, ...]:
+def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple[torch.Tensor, ...]:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
@@ -180,8 +180,8 @@ def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None) -> tuple[torch.Te
             log.warning("data: cache %s unreadable; decoding again", cache)
     from tqdm import tqdm
 
-    images = [_read_image(f, cfg.image_size) for f in tqdm(files, desc="decode images", unit="img",
-                                                            mininterval=1.0)]
+    bar = tqdm(files, desc="decode images", unit="img", mininterval=1.0, disable=not progress)
+    images = [_read_image(f, cfg.image_size) for f in bar]
     n = len(train_files)
     blob = {
         "train_x": torch.stack(images[:n]), "train_y": torch.tensor(train_labels),
@@ -209,7 +209,7 @@ def _stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torc
 _CACHE: dict[str, Splits] = {}
 
 
-def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Splits:
+def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None, progress: bool = False) -> Splits:
     """Decode the data once per process and split off validation images (stratified, seeded)."""
     key = stable_hash([vars(cfg), seed])
     if key in _CACHE:
@@ -219,7 +219,7 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sp
     elif cfg.source == "cifar10":
         train_x, train_y, test_x, test_y, classes = _load_cifar10(cfg)
     else:
-        train_x, train_y, test_x, test_y, classes = _load_imagefolder(cfg, cache_dir)
+        train_x, train_y, test_x, test_y, classes = _load_imagefolder(cfg, cache_dir, progress)
     if train_x.shape[-1] != cfg.image_size or train_x.shape[-2] != cfg.image_size:
         train_x = F.interpolate(train_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
         test_x = F.interpolate(test_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)

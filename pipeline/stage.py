@@ -71,7 +71,7 @@ class StageContext:
 
     def splits(self) -> Splits:
         if self._splits is None:
-            self._splits = load_splits(self.data_cfg, self.rt.seed, Path(self.cfg.paths.cache))
+            self._splits = load_splits(self.data_cfg, self.rt.seed, Path(self.cfg.paths.cache), self.rt.progress)
         return self._splits
 
 
