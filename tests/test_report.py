@@ -1,0 +1,49 @@
+"""Report logic: gates and the recommended artifact; the sweep summary reads job reports."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from pipeline.report import build_report, markdown_table
+from pipeline.sweep import summarize
+
+
+def _rows():
+    def row(name, thr, acc):
+        return {"name": name, "throughput_ips": thr, "accuracy": acc, "accuracy_delta_vs_baseline": acc - 50,
+                "speedup_vs_baseline": thr / 100}
+
+    return [row("baseline", 100, 50), row("fast", 190, 48), row("close", 185, 49.5), row("slow", 120, 50)]
+
+
+def _gates(drop=None, speed=None):
+    return SimpleNamespace(max_accuracy_drop=drop, min_speedup=speed)
+
+
+def test_best_is_most_accurate_within_noise_of_the_fastest():
+    assert build_report(_rows(), "baseline", {}, _gates())["best"] == "close"
+
+
+def test_gates_fail_with_reasons_and_can_leave_the_baseline_best():
+    rep = build_report(_rows(), "baseline", {}, _gates(drop=0.2, speed=1.5))
+    assert rep["best"] == "baseline" and "no compressed model" in rep["best_reason"]
+    assert any("fast loses 2.00 points" in f for f in rep["gates"]["failures"])
+    assert any("slow is 1.20x" in f for f in rep["gates"]["failures"])
+
+
+def test_markdown_table_has_a_row_per_model():
+    md = markdown_table(_rows(), [("name", "model", "{}"), ("accuracy", "top-1", "{:.1f}")])
+    assert md.count("\n") == 5 and "| close | 49.5 |" in md
+
+
+def test_sweep_summary_collects_every_job(tmp_path):
+    for i, ratio in enumerate((0.3, 0.5)):
+        job = tmp_path / f"{i}_prune.ratio={ratio}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra/overrides.yaml").write_text(f"- prune.ratio={ratio}\n")
+        rows = [{"name": "baseline", "onnx": "a.onnx"}, {"name": "prune", "onnx": "b.onnx"}]
+        (job / "report.json").write_text(json.dumps({"rows": rows, "best": "prune"}))
+    s = summarize(tmp_path)
+    assert [j["overrides"] for j in s["jobs"]] == [["prune.ratio=0.3"], ["prune.ratio=0.5"]]
+    assert len(s["rows"]) == 4
