@@ -4,9 +4,13 @@ Each stage module defines::
 
     NAME: str                       # its key in the config and the artifact folder name
     Config: type                    # dataclass bound to cfg.<NAME> before anything runs
-    def inputs(cfg) -> dict[str, str]   # role -> upstream node ("train", "export/prune", ...)
     OUTPUTS: tuple[str, ...]        # files it writes into its artifact folder
+    def inputs(runner, node) -> dict[str, str]  # role -> upstream node ("train", "export/prune", ...)
     def run(ctx: StageContext) -> dict  # does the work, writes OUTPUTS into ctx.out_dir, returns metrics
+
+and optionally ``PRODUCES_MODEL`` (its ``model.pt`` is exported), ``CACHED = False`` (writes into the
+run folder, e.g. validate), ``MAIN_ONLY`` (rank 0 only under torchrun) and ``check_config(runner)``
+(checks that need the model, run before anything trains).
 """
 
 from __future__ import annotations
@@ -80,6 +84,6 @@ class Stage(Protocol):
     Config: type
     OUTPUTS: tuple[str, ...]
 
-    def inputs(self, cfg: DictConfig) -> dict[str, str]: ...
+    def inputs(self, runner: Any, node: str) -> dict[str, str]: ...
 
     def run(self, ctx: StageContext) -> dict: ...
