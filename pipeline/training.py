@@ -13,7 +13,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -235,7 +235,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
 
 
 @contextlib.contextmanager
-def interrupt_message(desc: str) -> None:
+def interrupt_message(desc: str) -> Iterator[None]:
     """Turn Ctrl-C into a one-line note that the same command resumes the run."""
     try:
         yield
