@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.errors import PipelineError
@@ -28,6 +29,8 @@ def main(cfg: DictConfig) -> None:
         done = run_pipeline(cfg, run_dir)
     except PipelineError as e:
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job; the other jobs and the sweep summary still run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     report = run_dir / "report.md"

@@ -84,6 +84,10 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     if section is None:
         errors.append(f"{key}: missing section; restore conf/ or pass +{key}=...")
         return None
+    def full(name: str) -> str:
+        return f"{key}.{name}" if key else name
+
+    missing = {n for n in section if OmegaConf.is_missing(section, n)} if isinstance(section, DictConfig) else set()
     data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -91,21 +95,19 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     n_before = len(errors)
     for name in data:
         if name not in fields:
-            errors.append(
-                f"{key}.{name}: unknown key; known keys are {', '.join(sorted(fields))}"
-            )
+            errors.append(f"{full(name)}: unknown key; known keys are {', '.join(sorted(fields))}")
     for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name in missing or (name not in data and required):
+            errors.append(f"{full(name)}: missing; set {full(name)}=<{_type_name(hints[name])}>")
+            continue
         if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                errors.append(f"{key}.{name}: missing; set {key}.{name}=<{_type_name(hints[name])}>")
             continue
         try:
             kwargs[name] = _coerce(data[name], hints[name])
         except TypeError:
-            errors.append(
-                f"{key}.{name}: got {data[name]!r}, expected {_type_name(hints[name])}; "
-                f"fix it with {key}.{name}=<value>"
-            )
+            errors.append(f"{full(name)}: got {data[name]!r}, expected {_type_name(hints[name])}; "
+                          f"fix it with {full(name)}=<value>")
     if len(errors) > n_before:
         return None
     obj = cls(**kwargs)

@@ -276,8 +276,7 @@ class Batches:
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
-        if self.device.type == "cuda":
-            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+        self.pin = self.device.type == "cuda"  # page-locked batches copy asynchronously to the GPU
 
     def _indices(self) -> torch.Tensor:
         n = len(self.y)
@@ -293,7 +292,8 @@ class Batches:
         return idx
 
     def __len__(self) -> int:
-        n = len(self._indices())
+        n, w = len(self.y), self.world_size
+        n = n // w if self.drop_last else len(range(self.rank, n, w))  # this rank's share (see _indices)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -301,8 +301,10 @@ class Batches:
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             b = idx[start : start + self.batch_size]
-            xb = self.x[b].to(self.device, non_blocking=True)
-            yb = self.y[b].to(self.device, non_blocking=True)
+            xb, yb = self.x[b], self.y[b]
+            if self.pin:
+                xb, yb = xb.pin_memory(), yb.pin_memory()
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             if self.augment:
                 xb = random_crop_flip(xb, self.padding, self.generator)
             xb = (xb.float() - self.mean) * self.inv_std

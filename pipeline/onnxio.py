@@ -59,7 +59,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
             )
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PipelineError(f"torch.onnx.export failed: {msg[:300]}; see the log for the layer") from e
+            log.debug("torch.onnx.export failed", exc_info=True)
+            raise PipelineError(f"torch.onnx.export failed: {msg[:300]}; run with HYDRA_FULL_ERROR=1 "
+                                "and hydra.verbose=true for the exporter's report") from e
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         program.save(str(tmp_path))

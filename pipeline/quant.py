@@ -265,7 +265,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:
-        raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {e}"[:300] + ")") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {first}); "
+                            "models with data-dependent control flow need another qat.source") from None
     graph = gm.graph
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
@@ -333,11 +335,14 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             if node.target in _QUANT_AFTER_METHODS:
                 insert_after(node)
             elif node.target not in _PASS_METHODS:
-                raise PipelineError(f"tensor method .{node.target}() at {node.name} cannot be quantized")
+                raise PipelineError(f"tensor method .{node.target}() at {node.name} cannot be quantized by this "
+                                    "backend; choose another qat.source model")
     gm.recompile()
     for node in graph.nodes:  # tell each conv/linear which observer quantizes its input (bias scale)
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
             src = node.args[0]
+            while src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES):
+                src = src.args[0]  # Dropout / Identity keep the quantized input
             if src.op == "call_module" and isinstance(aq := gm.get_submodule(src.target), ActQuant):
                 object.__setattr__(m, "in_quant", aq)
     return gm

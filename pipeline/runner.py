@@ -7,6 +7,7 @@ stage and everything downstream, while multirun jobs with the same upstream shar
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -52,7 +53,7 @@ class RootConfig:
     run_upstream: bool  # build missing upstream artifacts (else stop with the command to run)
     force: Literal["none", "stage", "all"]  # re-run even when an artifact with the same key exists
     seed: int
-    device: str  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"]
     amp: Literal["auto", "off", "bf16", "fp16"]  # CUDA only
     channels_last: Literal["auto", "on", "off"]  # auto: on for CPU and CUDA conv nets
     deterministic: bool
@@ -100,7 +101,7 @@ class Runner:
         self.root = bind({k: cfg.get(k) for k in ("stage", "pipeline", "run_upstream", "force", "seed",
                                                   "device", "amp", "channels_last", "deterministic",
                                                   "progress")}, RootConfig, "", errors)
-        errors = [e.lstrip(".") for e in errors]
+        errors = [e[1:] if e.startswith(".") else e for e in errors]
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
         self.settings = {name: bind(cfg.get(name), mod.Config, name, errors)
@@ -157,6 +158,7 @@ class Runner:
                 "model": OmegaConf.to_container(c.model, resolve=True),
                 "seed": c.seed,
                 "inputs": {role: self.key(n) for role, n in self.inputs(node).items()},
+                "extra": mod.key_extra(self, node) if hasattr(mod, "key_extra") else None,
             })
         return self._keys[node]
 
@@ -207,39 +209,33 @@ class Runner:
         return done[node]
 
     def _build(self, node, mod, inputs, final: Path, cached: bool, force: bool) -> Artifact:
-        if not self.rt.is_main:  # torchrun: other ranks train along, rank 0 alone writes
-            if not getattr(mod, "MAIN_ONLY", False):
-                with tempfile.TemporaryDirectory() as tmp:
-                    self._run_stage(node, mod, inputs, Path(tmp), Path(tmp) / "work")
-            self.rt.barrier()
-            return Artifact(node, self.key(node), final)
-        artifact = self._build_main(node, mod, inputs, final, cached, force)
-        self.rt.barrier()
-        return artifact
-
-    def _build_main(self, node, mod, inputs, final: Path, cached: bool, force: bool) -> Artifact:
-        key = self.key(node)
+        """Build under the artifact's lock. Under torchrun rank 0 holds the lock and writes; the other
+        ranks train along in the same work folder (for resuming) and write nothing."""
+        key, main = self.key(node), self.rt.is_main
         lock = final.parent / f"{key}.lock" if cached else self.run_dir / ".validate.lock"
-        with file_lock(lock):
-            if cached and (final / MANIFEST).is_file() and not force:  # built by a parallel job
+        work_dir = final.parent / f"{key}.work" if cached else self.run_dir / ".work"
+        with file_lock(lock) if main else contextlib.nullcontext():
+            # a parallel job may have built it while this one waited for the lock
+            if self.rt.agree(cached and not force and (final / MANIFEST).is_file()):
                 log.info("%s: reusing %s (built by another job)", node, final)
                 return Artifact(node, key, final)
-            work_dir = final.parent / f"{key}.work" if cached else self.run_dir / ".work"
-            log.info("%s: running -> %s", node, final)
-            start = _dt.datetime.now(_dt.UTC)
-            if cached:
-                with staging_dir(final) as out:
+            if main:
+                log.info("%s: running -> %s", node, final)
+                start = _dt.datetime.now(_dt.timezone.utc)
+                with staging_dir(final) if cached else contextlib.nullcontext(final) as out:
                     metrics = self._run_stage(node, mod, inputs, out, work_dir)
                     self._write_meta(node, key, inputs, out, metrics, start)
+            elif not getattr(mod, "MAIN_ONLY", False):
+                with tempfile.TemporaryDirectory() as tmp:
+                    self._run_stage(node, mod, inputs, Path(tmp), work_dir)
+            self.rt.barrier()
+            if main:
                 shutil.rmtree(work_dir, ignore_errors=True)
-            else:
-                metrics = self._run_stage(node, mod, inputs, final, work_dir)
-                self._write_meta(node, key, inputs, final, metrics, start)
-                shutil.rmtree(work_dir, ignore_errors=True)
-            return Artifact(node, key, final)
+        return Artifact(node, key, final)
 
     def _run_stage(self, node, mod, inputs, out: Path, work_dir: Path) -> dict:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        if self.rt.is_main:
+            work_dir.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(node=node, cfg=self.cfg, settings=self.settings[base(node)],
                            data_cfg=self.data_cfg, model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True),
                            rt=self.rt, inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir)
@@ -253,7 +249,7 @@ class Runner:
         write_json(out / MANIFEST, {
             "node": node, "stage": base(node), "key": key,
             "created": start.isoformat(timespec="seconds"),
-            "seconds": round((_dt.datetime.now(_dt.UTC) - start).total_seconds(), 1),
+            "seconds": round((_dt.datetime.now(_dt.timezone.utc) - start).total_seconds(), 1),
             "inputs": {r: {"node": a.node, "key": a.key, "path": str(a.path)} for r, a in inputs.items()},
             "outputs": {p.name: file_sha256(p) for p in files if p.suffix in (".pt", ".onnx")},
             "versions": versions(), "git_commit": _git_commit(),

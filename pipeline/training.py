@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data_cfg: DataC
     if len(y) == 0:
         return float("nan")
     was_training = model.training
-    model.eval()
+    model.to(rt.device).eval()
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     count = torch.zeros((), dtype=torch.int64, device=rt.device)
     it = batches(x, y, data_cfg, batch_size, device=rt.device, channels_last=rt.channels_last,
@@ -133,8 +133,12 @@ def _save_state(path: Path, state: dict) -> None:
 def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, rt: Runtime,
         work_dir: Path, *, loss_fn: LossFn | None = None, desc: str = "train",
         on_epoch_start: Callable[[int, nn.Module], None] | None = None,
-        extra_params: list[nn.Parameter] | None = None) -> FitResult:
-    """Train ``model`` in place; on return it holds the selected (best or last) weights."""
+        extra_params: list[nn.Parameter] | None = None, section: str | None = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the selected (best or last) weights.
+
+    ``section`` is the config key of ``cfg`` (named in error messages); it defaults to ``desc``.
+    """
+    section = section or desc
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     model.to(rt.device)
     if rt.channels_last:
@@ -151,13 +155,12 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
     if len(train_it) == 0:
         raise PipelineError(
             f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
-            f"lower {desc}.batch_size"
+            f"lower {section}.batch_size"
         )
     params = [p for p in model.parameters() if p.requires_grad] + (extra_params or [])
     opt = _optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train_it)))
     scaler = rt.grad_scaler()
-    ddp_model = rt.wrap(model)
 
     work_dir = Path(work_dir)
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
@@ -174,6 +177,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         except Exception as e:  # a checkpoint from another config or a broken file: start over
             log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
             start_epoch, history, best_acc = 0, [], -1.0
+    ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
+    best_state = None
 
     from tqdm import tqdm
 
@@ -200,11 +205,11 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             correct += (logits.detach().argmax(1) == yb).sum()
             n += len(yb)
             if step % 20 == 19 or step == len(train_it) - 1:
-                avg = loss_sum.item() / (step + 1)
+                avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
                 if not math.isfinite(avg):
                     raise PipelineError(
                         f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped, the last good "
-                        f"checkpoint is kept in {work_dir}; lower {desc}.lr or check the data"
+                        f"checkpoint is kept in {work_dir}; lower {section}.lr or check the data"
                     )
                 bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
         if rt.device.type == "cuda":
@@ -221,6 +226,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         improved = math.isnan(val_acc) or val_acc > best_acc
         if improved:
             best_acc = val_acc if not math.isnan(val_acc) else best_acc
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if rt.is_main:
             if improved:
                 _save_state(best_path, {"model": model.state_dict()})
@@ -228,8 +234,11 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                                     "scheduler": sched.state_dict(), "epoch": epoch + 1,
                                     "history": history, "best_acc": best_acc})
         rt.barrier()
-    if cfg.select == "best" and best_path.is_file() and cfg.epochs > 0:
-        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
+        if best_state is None and best_path.is_file():  # resumed after the last epoch
+            best_state = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+        if best_state is not None:
+            model.load_state_dict(best_state)
     return FitResult(history, best_acc, cfg.epochs - start_epoch,
                      seen * rt.world_size / busy if busy else float("nan"))
 

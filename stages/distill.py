@@ -84,12 +84,22 @@ def check_config(runner) -> list[str]:
         if out != runner.data_cfg.num_classes:
             errs.append(f"distill.student: {cfg.student} outputs {out} classes, the teacher "
                         f"{runner.data_cfg.num_classes}; they must match")
+    if cfg.feature_layers:  # layer names, checked on both architectures before training
+        t_names = {n for n, _ in build_model(model_cfg).named_modules()}
+        s_names = t_names if cfg.student == "prune" else {n for n, _ in build_model(
+            _student_cfg(model_cfg, cfg)).named_modules()}
+        for pair in cfg.feature_layers:
+            s_layer, _, t_layer = pair.partition(":")
+            for layer, names, who in ((s_layer, s_names, "student"), (t_layer or s_layer, t_names, "teacher")):
+                if layer not in names:
+                    errs.append(f"distill.feature_layers: the {who} has no layer named {layer!r}; use names "
+                                "like layer3 or layer2.1 (student:teacher pairs when they differ)")
     if cfg.teacher is not None:
         try:
             ckpt = load_checkpoint(Path(cfg.teacher))
             teacher = load_model(ckpt, f"distill.teacher={cfg.teacher}")
         except PipelineError as e:
-            return [*errs, f"distill.teacher: {e}"]
+            return [*errs, f"distill.teacher: {str(e).split(';')[0]}; check distill.teacher=<path to a model.pt>"]
         n = teacher.state_dict()[[k for k in teacher.state_dict() if k.endswith("weight")][-1]].shape[0]
         if n != runner.data_cfg.num_classes:
             errs.append(f"distill.teacher: {cfg.teacher} predicts {n} classes but data.num_classes="
@@ -184,7 +194,7 @@ def run(ctx: StageContext) -> dict:
         plain, _, _ = _load_student(ctx, cfg)
         plain.load_state_dict(start_state)
         with interrupt_message("distillation (no-KD comparison)"):
-            fit(plain, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "no_kd", desc="no-kd")
+            fit(plain, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "no_kd", desc="no-kd", section=NAME)
         metrics["test_acc_no_kd"] = evaluate(plain, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
         metrics["kd_gain"] = test_acc - metrics["test_acc_no_kd"]
         log.info("distill: without KD %.2f%%, KD gain %+.2f points", metrics["test_acc_no_kd"], metrics["kd_gain"])

@@ -37,8 +37,8 @@ class Config:
 
     def check(self) -> list[str]:
         errs = []
-        if self.opset < 13:
-            errs.append(f"opset: {self.opset} is too old for per-channel QDQ; use 13 or newer")
+        if self.opset < 18:
+            errs.append(f"opset: {self.opset} is too old for the QDQ translations (opset 18); use 18 or newer")
         if self.parity_images < 1:
             errs.append("parity_images: use at least 1")
         return errs
@@ -54,6 +54,14 @@ def inputs(runner, node: str) -> dict[str, str]:
 
 
 ORT_STATIC = "ort_static"
+
+
+def key_extra(runner, node: str) -> dict | None:
+    """ORT's static quantization follows the qat settings (activation type, weight bits)."""
+    if node == f"export/{ORT_STATIC}":
+        qat = runner.settings["qat"]
+        return {"act_dtype": qat.act_dtype, "weight_bits": qat.weight_bits}
+    return None
 
 
 def _ort_static(ctx: StageContext) -> dict:

@@ -46,7 +46,7 @@ class Config(FitConfig):
     exclude: list[str] = field(default_factory=list)  # module names never pruned (classifier always kept)
     steps: int = 1  # 1 = one-shot; N = iterative, fine-tuning step_epochs between steps
     step_epochs: int = 1
-    round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD)
+    round_to: int | None = 8  # keep channel counts multiples of this (ORT's FP32 conv blocks are 8 wide)
     taylor_batches: int = 4  # batches of gradients for taylor importance
 
     def check(self) -> list[str]:
@@ -115,12 +115,15 @@ def _taylor_grads(model: nn.Module, ctx: StageContext, n_batches: int) -> None:
     from pipeline.data import batches
 
     splits = ctx.splits()
+    was_training = model.training
+    model.eval()  # gradients only: BN running statistics must not move
     model.zero_grad()
     it = batches(splits.train_x, splits.train_y, ctx.data_cfg, 64, shuffle=True, seed=ctx.rt.seed)
     for i, (xb, yb) in enumerate(it):
         if i == n_batches:
             break
         F.cross_entropy(model(xb), yb).backward()
+    model.train(was_training)
 
 
 def _channel_prune(model: nn.Module, ctx: StageContext, finetune) -> nn.Module:
@@ -209,7 +212,7 @@ def run(ctx: StageContext) -> dict:
     def finetune(m: nn.Module, epochs: int, tag: str) -> None:
         if epochs > 0:
             step_cfg = Config(**{**cfg.__dict__, "epochs": epochs})
-            fit(m, splits, ctx.data_cfg, step_cfg, ctx.rt, ctx.work_dir / tag, desc=f"prune-{tag}")
+            fit(m, splits, ctx.data_cfg, step_cfg, ctx.rt, ctx.work_dir / tag, desc=f"prune-{tag}", section=NAME)
             m.cpu()
 
     with interrupt_message("pruning"):
@@ -218,7 +221,8 @@ def run(ctx: StageContext) -> dict:
         else:
             model = _magnitude_prune(model, ctx, finetune)
         acc_pruned = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
-        result = fit(model, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "final", desc="prune-finetune")
+        result = fit(model, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "final", desc="prune-finetune",
+                     section=NAME)
     model = model.cpu()
     _make_permanent(model)
     test_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)

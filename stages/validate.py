@@ -89,9 +89,15 @@ def run(ctx: StageContext) -> dict:
     x = onnxio.normalise(splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     y = splits.test_y.numpy()
     providers, note = _providers(cfg.provider)
+    names = {src: ROW_NAMES.get(src, src) + ("-int8" if art.metrics["precision"] == "int8" else "")
+             for src, art in ctx.inputs.items()}
+    unknown = [m for m in cfg.models if m not in names.values()]
+    if unknown:
+        raise PipelineError(f"validate.models: no report row named {unknown[0]!r}; rows are "
+                            f"{', '.join(names.values())}")
     rows, sessions = [], {}
     for src, art in ctx.inputs.items():
-        name = ROW_NAMES.get(src, src) + ("-int8" if art.metrics["precision"] == "int8" else "")
+        name = names[src]
         if cfg.models and name not in cfg.models:
             continue
         path = art.path / "model.onnx"

@@ -24,6 +24,9 @@ R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
     ("distill.alpha=2", r"distill\.alpha"),
     ("qat.source=validate", r"qat\.source: 'validate' is not a model stage"),
     ("qat.weight_bits=4", r"qat\.weight_bits"),
+    ("distill.feature_layers=[nope]", r"distill\.feature_layers: the student has no layer named 'nope'"),
+    ("distill.feature_layers=[layer3:nope]", r"the teacher has no layer named 'nope'"),
+    ("distill.feature_layers=[layer3]", None),
     ("model=mobilenet_v2", None),
 ])
 def test_bad_compression_settings_fail_before_training(cfg_factory, tmp_path, override, match):

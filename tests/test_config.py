@@ -69,6 +69,18 @@ def test_several_problems_are_reported_together(cfg_factory, tmp_path):
     assert "train.lr" in msg and "stage" in msg and "resnet999" in msg
 
 
+def test_mandatory_value_left_unset(cfg_factory, tmp_path):
+    with pytest.raises(PipelineError, match=r"data\.root: data\.source=imagefolder needs data\.root=/path"):
+        Runner(cfg_factory("data=imagefolder"), tmp_path)
+    with pytest.raises(PipelineError, match=r"model\.name: set exactly one of model\.name .* or model\.target"):
+        Runner(cfg_factory("model=custom"), tmp_path)
+
+
+def test_top_level_keys_are_named_without_a_dot(cfg_factory, tmp_path):
+    with pytest.raises(PipelineError, match=r"config error: seed: got 'x', expected int; fix it with seed=<value>"):
+        Runner(cfg_factory("seed=x"), tmp_path)
+
+
 def test_missing_data_root_is_a_config_error(cfg_factory, tmp_path):
     cfg = cfg_factory("data=imagefolder", "data.root=null")
     with pytest.raises(PipelineError, match="data.root"):
