@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from pipeline import onnxio, quant
-from pipeline.data import DataConfig, load_splits
+from pipeline.data import load_splits
 from pipeline.models import build_model
+from pipeline.tools import data_config
 
 
 def main() -> None:
@@ -42,8 +43,7 @@ def main() -> None:
         quantize_static,
     )
 
-    dc = DataConfig("embedded", None, False, 32, 10, 0.0, [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616],
-                    False, 4)
+    dc = data_config("data.val_fraction=0.0")
     s = load_splits(dc, 0)
     calib = onnxio.normalise(s.train_x[:256], dc.mean, dc.std)
     x = onnxio.normalise(s.test_x[: args.batch], dc.mean, dc.std)

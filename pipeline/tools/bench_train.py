@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import DataConfig, Splits, load_splits
+from pipeline.data import Splits, load_splits
 from pipeline.models import build_model
 from pipeline.runtime import make_runtime
+from pipeline.tools import data_config
 from pipeline.training import FitConfig, fit
 
 
@@ -45,8 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    dc = DataConfig("embedded", None, False, 32, 10, 0.0, [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616],
-                    True, 4)
+    dc = data_config("data.val_fraction=0.0")
     full = load_splits(dc, 0)
     n = args.batch * args.steps
     splits = Splits(full.train_x[:n], full.train_y[:n], full.train_x[:0], full.train_y[:0], full.test_x[:0],
