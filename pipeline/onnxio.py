@@ -100,6 +100,33 @@ def session(path: Path, threads: int = 0, opt_level: str = "all", providers: lis
         raise PipelineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
 
 
+def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str, weight_bits: int,
+                        work_dir: Path) -> None:
+    """ONNX Runtime's own static QDQ quantization (per-channel S8 weights, MinMax calibration on ``calib``)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i : i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = Path(work_dir) / "preprocessed.onnx"
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
 def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
     m = torch.tensor(mean).view(1, 3, 1, 1) * 255
     s = torch.tensor(std).view(1, 3, 1, 1) * 255

@@ -66,15 +66,6 @@ def key_extra(runner, node: str) -> dict | None:
 
 def _ort_static(ctx: StageContext) -> dict:
     """Reference row: ONNX Runtime's own static QDQ quantization of the FP32 model that entered QAT."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     cfg: Config = ctx.settings
     src = ctx.inputs["model"]
     splits = ctx.splits()
@@ -84,21 +75,9 @@ def _ort_static(ctx: StageContext) -> dict:
     if len(calib) == 0:
         raise PipelineError("export.calib_images=0: ORT static quantization needs calibration images")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": calib[i : i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    qat_cfg = ctx.cfg.qat
-    pre = ctx.work_dir / "preprocessed.onnx"
     path = ctx.out_dir / "model.onnx"
-    quant_pre_process(str(src.path / "model.onnx"), str(pre))
-    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8 if qat_cfg.act_dtype == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, reduce_range=qat_cfg.weight_bits == 7,
-                    calibrate_method=CalibrationMethod.MinMax)
+    onnxio.ort_static_quantize(src.path / "model.onnx", path, calib, ctx.cfg.qat.act_dtype, ctx.cfg.qat.weight_bits,
+                               ctx.work_dir)
     n = min(cfg.parity_images, len(splits.test_y))
     x = onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std)
     ref = onnxio.predict(onnxio.session(src.path / "model.onnx"), x)

@@ -35,13 +35,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
 
     dc = data_config("data.val_fraction=0.0")
     s = load_splits(dc, 0)
@@ -56,18 +49,7 @@ def main() -> None:
         onnxio.export_onnx(model, torch.from_numpy(x[:2]), t / "fp32.onnx", 18)
         onnxio.export_onnx(quant.to_deploy(gm.eval()), torch.from_numpy(x[:2]), t / "qat.onnx", 18,
                            quant.onnx_translations())
-        quant_pre_process(str(t / "fp32.onnx"), str(t / "pre.onnx"))
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter([{"input": calib[i : i + 32]} for i in range(0, len(calib), 32)])
-
-            def get_next(self):
-                return next(self.it, None)
-
-        quantize_static(str(t / "pre.onnx"), str(t / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        reduce_range=args.weight_bits == 7)
+        onnxio.ort_static_quantize(t / "fp32.onnx", t / "ort.onnx", calib, "uint8", args.weight_bits, t)
         sessions = {n: onnxio.session(t / f"{n}.onnx") for n in ("fp32", "qat", "ort")}
         cov = {n: onnxio.kernel_coverage(t / f"{n}.onnx")["coverage"] for n in ("qat", "ort")}
         thr = {n: [] for n in sessions}
