@@ -15,6 +15,29 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# pip packages of Hydra's launcher plugins, for the "not installed" message
+LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_slurm": "hydra-submitit-launcher",
+                     "submitit_local": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
+                     "ray_aws": "hydra-ray-launcher", "rq": "hydra-rq-launcher"}
+
+
+def check_launcher(argv: list[str]) -> str | None:
+    """A one-line error when ``hydra/launcher=NAME`` names a plugin that is not installed."""
+    names = [a.split("=", 1)[1] for a in argv if a.lstrip("+~").startswith("hydra/launcher=")]
+    if not names:
+        return None
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed plugins, which register their launcher configs
+    available = {Path(n).stem for n in ConfigStore.instance().list("hydra/launcher")}
+    available |= {p.stem for p in (Path(CONF_DIR) / "hydra" / "launcher").glob("*.yaml")}
+    name = names[-1]
+    if name in available:
+        return None
+    package = LAUNCHER_PACKAGES.get(name, f"the Hydra plugin that provides hydra/launcher={name}")
+    return (f"hydra/launcher={name} is not installed (available: {', '.join(sorted(available))}); "
+            f"pip install {package}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -42,4 +65,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if (problem := check_launcher(sys.argv[1:])) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -56,6 +56,20 @@ class Runtime:
             torch.distributed.all_reduce(t)
         return t
 
+    def broadcast_(self, module: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers (for modules DDP does not wrap)."""
+        if self._dist:
+            for t in module.state_dict().values():
+                torch.distributed.broadcast(t, 0)
+
+    def average_grads_(self, params: list[nn.Parameter]) -> None:
+        """Average gradients across ranks (what DDP does for the wrapped model)."""
+        if self._dist:
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.world_size
+
     def agree(self, flag: bool) -> bool:
         """Rank 0's answer, on every rank (e.g. "does this artifact exist?")."""
         if not self._dist:

@@ -133,10 +133,13 @@ def _save_state(path: Path, state: dict) -> None:
 def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, rt: Runtime,
         work_dir: Path, *, loss_fn: LossFn | None = None, desc: str = "train",
         on_epoch_start: Callable[[int, nn.Module], None] | None = None,
-        extra_params: list[nn.Parameter] | None = None, section: str | None = None) -> FitResult:
+        extra: nn.Module | None = None, section: str | None = None) -> FitResult:
     """Train ``model`` in place; on return it holds the selected (best or last) weights.
 
-    ``section`` is the config key of ``cfg`` (named in error messages); it defaults to ``desc``.
+    ``extra`` holds trainable modules that ``loss_fn`` uses besides the model (distillation
+    adapters): they are optimised with it, saved in the resume checkpoint and, under torchrun,
+    start from rank 0's values and get gradients averaged across ranks. ``section`` is the config
+    key of ``cfg`` (named in error messages); it defaults to ``desc``.
     """
     section = section or desc
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
@@ -157,7 +160,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
             f"lower {section}.batch_size"
         )
-    params = [p for p in model.parameters() if p.requires_grad] + (extra_params or [])
+    extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
+    params = [p for p in model.parameters() if p.requires_grad] + extra_params
     opt = _optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train_it)))
     scaler = rt.grad_scaler()
@@ -169,6 +173,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         try:
             state = torch.load(last_path, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
+            if extra is not None:
+                extra.load_state_dict(state["extra"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_epoch, history, best_acc = state["epoch"], state["history"], state["best_acc"]
@@ -178,6 +184,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
             start_epoch, history, best_acc = 0, [], -1.0
     ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
+    if extra is not None:
+        rt.broadcast_(extra)
     best_state = None
 
     from tqdm import tqdm
@@ -198,6 +206,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                 loss, logits = loss_fn(ddp_model, xb, yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            rt.average_grads_(extra_params)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -230,9 +239,12 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         if rt.is_main:
             if improved:
                 _save_state(best_path, {"model": model.state_dict()})
-            _save_state(last_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                                    "history": history, "best_acc": best_acc})
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                     "best_acc": best_acc}
+            if extra is not None:
+                state["extra"] = extra.state_dict()
+            _save_state(last_path, state)
         rt.barrier()
     if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
         if best_state is None and best_path.is_file():  # resumed after the last epoch

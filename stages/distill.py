@@ -180,7 +180,7 @@ def run(ctx: StageContext) -> dict:
     loss = KDLoss(teacher, cfg, student, example).to(ctx.rt.device)
     with interrupt_message("distillation"):
         res = fit(student, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "kd", loss_fn=loss, desc="distill",
-                  extra_params=list(loss.adapters.parameters()))
+                  extra=loss.adapters)
     test_acc = evaluate(student, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
     teacher_acc = evaluate(teacher, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
     student = student.cpu()

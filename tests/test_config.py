@@ -85,3 +85,13 @@ def test_missing_data_root_is_a_config_error(cfg_factory, tmp_path):
     cfg = cfg_factory("data=imagefolder", "data.root=null")
     with pytest.raises(PipelineError, match="data.root"):
         Runner(cfg, tmp_path)
+
+
+def test_launcher_plugin_that_is_not_installed_is_one_line():
+    from pipeline.__main__ import check_launcher
+
+    msg = check_launcher(["-m", "hydra/launcher=submitit_slurm", "prune.ratio=0.3,0.5"])
+    assert msg is not None and "\n" not in msg
+    assert "pip install hydra-submitit-launcher" in msg and "basic" in msg
+    assert check_launcher(["-m", "hydra/launcher=basic"]) is None
+    assert check_launcher(["prune.ratio=0.3"]) is None

@@ -104,14 +104,15 @@ def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-           "experiment=tiny", "stage=train", "device=cpu", f"paths.outputs={tmp_path}/o",
-           f"hydra.run.dir={tmp_path}/r"]
+           "experiment=tiny", "stage=distill", "distill.feature_layers=[layer2]", "device=cpu",
+           f"paths.outputs={tmp_path}/o", f"hydra.run.dir={tmp_path}/r"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    arts = list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))
-    assert len(arts) == 1  # rank 0 alone wrote, same layout as one process
-    metrics = json.loads((arts[0].parent / "metrics.json").read_text())
-    assert metrics["test_acc"] > 0 and len(metrics["history"]) == 1
+    for stage in ("train", "prune", "distill"):  # rank 0 alone wrote, same layout as one process
+        arts = list((tmp_path / "o/artifacts" / stage).glob("*/manifest.json"))
+        assert len(arts) == 1, stage
+        metrics = json.loads((arts[0].parent / "metrics.json").read_text())
+        assert metrics["test_acc"] > 0, stage
 
 
 def test_world_size_must_divide_the_batch(cfg_factory, tmp_path, monkeypatch):

@@ -53,6 +53,30 @@ def test_interrupted_fit_resumes_from_last_epoch(tmp_path):
     assert started == [2] and res.epochs_run == 1 and len(res.history) == 3
 
 
+def test_extra_modules_are_trained_and_resumed(tmp_path):
+    """Modules the loss uses besides the model (distillation adapters) are part of the resume state."""
+    splits, dc, rt = _setup()
+    model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
+    extra = torch.nn.Linear(2, 2)
+
+    def loss_fn(m, x, y):
+        logits = m(x)
+        return torch.nn.functional.cross_entropy(extra(logits), y), logits
+
+    def interrupt(epoch, _model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    before = extra.weight.detach().clone()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, splits, dc, _fit_cfg(), rt, tmp_path, loss_fn=loss_fn, extra=extra, on_epoch_start=interrupt)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["extra"]["weight"]
+    assert not torch.equal(saved, before)  # trained
+    extra.reset_parameters()
+    fit(model, splits, dc, _fit_cfg(epochs=1), rt, tmp_path, loss_fn=loss_fn, extra=extra)  # already done: resume only
+    assert torch.equal(extra.weight.detach(), saved)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     splits, dc, rt = _setup()
     model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
