@@ -137,6 +137,7 @@ class Runner:
             nodes = [f"export/{s}" for s in self.model_stages()]
             if "qat" in self.model_stages() and self.settings["export"].ort_static_reference:
                 nodes.append("export/ort_static")
+            nodes += [f"export/{s}_fp16" for s in self.settings["export"].fp16 if s in self.model_stages()]
             return nodes
         return [stage]
 

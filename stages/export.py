@@ -2,16 +2,20 @@
 
 Node ``export/<stage>`` reads that stage's ``model.pt`` and writes ``model.onnx`` plus
 ``metrics.json`` with the parity check against PyTorch on real test images (max abs logit
-difference and top-1 agreement) and, for INT8, ORT's INT8 kernel coverage.
+difference and top-1 agreement) and, for INT8, ORT's INT8 kernel coverage. Optional nodes:
+``export/ort_static`` (ORT's own static quantization of the model that entered QAT, the reference
+a user would try instead) and ``export/<stage>_fp16`` for the stages in ``export.fp16`` (FP16
+weights and compute for GPUs, float32 inputs and outputs).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline import onnxio
 from pipeline.errors import PipelineError
@@ -34,6 +38,7 @@ class Config:
     min_int8_coverage: float  # fraction of convs/matmuls that must run as INT8 kernels (qat)
     ort_static_reference: bool = True  # with qat: also quantize its FP32 input with ORT's quantize_static
     calib_images: int = 512  # training images that calibrate ORT's static quantization
+    fp16: list[str] = field(default_factory=list)  # FP32 model stages also exported as FP16 ONNX
 
     def check(self) -> list[str]:
         errs = []
@@ -50,10 +55,28 @@ def inputs(runner, node: str) -> dict[str, str]:
         from stages.qat import source_stage
 
         return {"model": f"export/{source_stage(runner)}"}
-    return {"model": src}
+    return {"model": src.removesuffix(FP16_SUFFIX)}
 
 
 ORT_STATIC = "ort_static"
+FP16_SUFFIX = "_fp16"
+
+
+def check_config(runner) -> list[str]:
+    stages = [s for s in runner.model_stages() if s != "qat"]
+    return [f"export.fp16: {s!r} is not an FP32 model stage of the pipeline; choose from {', '.join(stages)}"
+            for s in runner.settings[NAME].fp16 if s not in stages]
+
+
+class _Float16(nn.Module):
+    """FP16 weights and compute behind float32 inputs and outputs (one Cast at each end)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
 
 
 def key_extra(runner, node: str) -> dict | None:
@@ -105,15 +128,17 @@ def run(ctx: StageContext) -> dict:
     n = min(cfg.parity_images, len(splits.test_y))
     x = torch.from_numpy(onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std))
     path = ctx.out_dir / "model.onnx"
+    with torch.no_grad():
+        ref = torch.cat([model(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
     if precision == "int8":
         from pipeline import quant
 
         onnxio.export_onnx(quant.to_deploy(model), x[:2], path, cfg.opset, quant.onnx_translations())
+    elif ctx.node.endswith(FP16_SUFFIX):  # parity is measured against the FP32 model
+        precision = "fp16"
+        onnxio.export_onnx(_Float16(model), x[:2], path, cfg.opset)
     else:
         onnxio.export_onnx(model, x[:2], path, cfg.opset)
-
-    with torch.no_grad():
-        ref = torch.cat([model(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
     sess = onnxio.session(path, threads=0, opt_level="all")
     got = onnxio.predict(sess, x.numpy())
     agreement = float((ref.argmax(1) == got.argmax(1)).mean() * 100)

@@ -55,6 +55,13 @@ class Config:
 ROW_NAMES = {"train": "baseline", "ort_static": "ort-static"}
 
 
+def row_name(src: str, metrics: dict) -> str:
+    """Report row of ``export/<src>``: baseline, prune, distill-fp16, qat-int8, ort-static-int8, ..."""
+    if metrics["precision"] == "fp16":
+        return ROW_NAMES.get(metrics["source"], metrics["source"]) + "-fp16"
+    return ROW_NAMES.get(src, src) + ("-int8" if metrics["precision"] == "int8" else "")
+
+
 def inputs(runner, node: str) -> dict[str, str]:
     nodes = runner.expand("export")
     if not nodes:
@@ -89,8 +96,7 @@ def run(ctx: StageContext) -> dict:
     x = onnxio.normalise(splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     y = splits.test_y.numpy()
     providers, note = _providers(cfg.provider)
-    names = {src: ROW_NAMES.get(src, src) + ("-int8" if art.metrics["precision"] == "int8" else "")
-             for src, art in ctx.inputs.items()}
+    names = {src: row_name(src, art.metrics) for src, art in ctx.inputs.items()}
     unknown = [m for m in cfg.models if m not in names.values()]
     if unknown:
         raise PipelineError(f"validate.models: no report row named {unknown[0]!r}; rows are "

@@ -28,6 +28,8 @@ R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
     ("distill.feature_layers=[layer3:nope]", r"the teacher has no layer named 'nope'"),
     ("distill.feature_layers=[layer3]", None),
     ("model=mobilenet_v2", None),
+    ("export.fp16=[qat]", r"export\.fp16: 'qat' is not an FP32 model stage of the pipeline"),
+    ("export.fp16=[distill]", None),
 ])
 def test_bad_compression_settings_fail_before_training(cfg_factory, tmp_path, override, match):
     cfg = cfg_factory(override)

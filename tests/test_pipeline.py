@@ -58,6 +58,21 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     assert gated["gates"]["failures"] and gated["best"] == "baseline"
 
 
+@pytest.mark.slow
+def test_fp16_export_is_a_report_row(cfg_factory, tmp_path):
+    import onnx
+
+    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "export.fp16=[train]"), tmp_path / "run")
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
+    fp16, fp32 = rows["baseline-fp16"], rows["baseline"]
+    assert fp16["precision"] == "fp16" and fp16["parity_top1_agreement"] >= 99
+    assert abs(fp16["accuracy"] - fp32["accuracy"]) <= 1 and fp16["size_mb"] < 0.6 * fp32["size_mb"]
+    graph = onnx.load(tmp_path / "run" / fp16["onnx"]).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 in and out
+    types = {t.data_type for t in graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types  # weights in FP16
+
+
 def _cli(*args, cwd: Path, check=True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
