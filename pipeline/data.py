@@ -274,14 +274,15 @@ class Batches:
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed  # the shuffle: the same permutation on every rank, which then takes its shard
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # augmentation: per rank
         self.epoch = 0
         self.pin = self.device.type == "cuda"  # page-locked batches copy asynchronously to the GPU
 
     def _indices(self) -> torch.Tensor:
         n = len(self.y)
         if self.shuffle:
-            g = torch.Generator().manual_seed(int(self.generator.initial_seed()) + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)

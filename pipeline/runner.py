@@ -58,6 +58,7 @@ class RootConfig:
     channels_last: Literal["auto", "on", "off"]  # auto: on for CPU and CUDA conv nets
     deterministic: bool
     progress: bool  # tqdm bars
+    sync_bn: bool  # under torchrun: batch-norm statistics over the global batch, not each rank's share
 
 
 def stage_registry() -> dict:
@@ -100,7 +101,7 @@ class Runner:
         errors: list[str] = []
         self.root = bind({k: cfg.get(k) for k in ("stage", "pipeline", "run_upstream", "force", "seed",
                                                   "device", "amp", "channels_last", "deterministic",
-                                                  "progress")}, RootConfig, "", errors)
+                                                  "progress", "sync_bn")}, RootConfig, "", errors)
         errors = [e[1:] if e.startswith(".") else e for e in errors]
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
@@ -172,7 +173,8 @@ class Runner:
         check_writable(self.artifacts_root)
         check_writable(self.run_dir)
         self.rt = make_runtime(self.root.device, self.root.seed, self.root.amp,
-                               self._channels_last(), self.root.progress, self.root.deterministic)
+                               self._channels_last(), self.root.progress, self.root.deterministic,
+                               self.root.sync_bn)
         done: dict[str, Artifact] = {}
         targets = self.targets()
         for node in targets:

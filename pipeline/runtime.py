@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,37 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of all ranks.
+
+    ``nn.SyncBatchNorm`` runs on GPUs only; this one reduces per-channel sums with a differentiable
+    ``all_reduce`` and so works with gloo on CPU as well as with NCCL. Same parameters and buffers
+    as BatchNorm2d (``fit`` swaps the class in and back, the state dict never changes).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
+                           xf.new_full((1,), xf.numel() // c)])
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), m)
+            self.num_batches_tracked += 1
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        y = xf * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -27,6 +59,7 @@ class Runtime:
     progress: bool = True
     rank: int = 0
     world_size: int = 1
+    sync_bn: bool = True  # under torchrun: batch-norm statistics over the global batch
     _dist: bool = field(default=False, repr=False)
 
     @property
@@ -49,6 +82,18 @@ class Runtime:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    @contextlib.contextmanager
+    def global_batchnorm(self, model: nn.Module) -> Iterator[None]:
+        """Under torchrun (and ``sync_bn``), BatchNorm2d layers use the statistics of all ranks."""
+        swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if self._dist and self.sync_bn else []
+        for m in swapped:
+            m.__class__ = SyncBatchNorm2d
+        try:
+            yield
+        finally:
+            for m in swapped:
+                m.__class__ = nn.BatchNorm2d
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self._dist:
@@ -84,7 +129,7 @@ class Runtime:
 
 
 def make_runtime(device: str, seed: int, amp: str, channels_last: bool, progress: bool,
-                 deterministic: bool) -> Runtime:
+                 deterministic: bool, sync_bn: bool = True) -> Runtime:
     """Resolve ``device=auto|cpu|cuda``, seed everything and join torchrun's process group."""
     if device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
@@ -114,4 +159,4 @@ def make_runtime(device: str, seed: int, amp: str, channels_last: bool, progress
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return Runtime(dev, seed, amp_mode, channels_last, progress and rank == 0, rank, world_size, dist)
+    return Runtime(dev, seed, amp_mode, channels_last, progress and rank == 0, rank, world_size, sync_bn, dist)

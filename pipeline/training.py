@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write_bytes
 from pipeline.data import DataConfig, Splits, batches
@@ -183,69 +184,67 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         except Exception as e:  # a checkpoint from another config or a broken file: start over
             log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
             start_epoch, history, best_acc = 0, [], -1.0
-    ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
-    if extra is not None:
-        rt.broadcast_(extra)
-    best_state = None
-
-    from tqdm import tqdm
-
-    seen, busy = 0, 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch, model)
-        model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), dtype=torch.int64, device=rt.device)
-        n = 0
-        bar = tqdm(train_it, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not rt.progress, leave=False, mininterval=1.0)
-        t0 = time.perf_counter()
-        for step, (xb, yb) in enumerate(bar):
-            with rt.autocast():
-                loss, logits = loss_fn(ddp_model, xb, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            rt.average_grads_(extra_params)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(1) == yb).sum()
-            n += len(yb)
-            if step % 20 == 19 or step == len(train_it) - 1:
-                avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
-                if not math.isfinite(avg):
-                    raise PipelineError(
-                        f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped, the last good "
-                        f"checkpoint is kept in {work_dir}; lower {section}.lr or check the data"
-                    )
-                bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        busy += time.perf_counter() - t0
-        seen += n
-        train_acc = 100.0 * rt.all_reduce(correct).item() / max(1, n * rt.world_size)
-        val_acc = evaluate(model, splits.val_x, splits.val_y, data_cfg, rt)
-        row = {"epoch": epoch + 1, "loss": loss_sum.item() / len(train_it), "train_acc": train_acc,
-               "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
-        history.append(row)
-        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1,
-                 cfg.epochs, row["loss"], train_acc, val_acc)
-        improved = math.isnan(val_acc) or val_acc > best_acc
-        if improved:
-            best_acc = val_acc if not math.isnan(val_acc) else best_acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if rt.is_main:
+    with rt.global_batchnorm(model):  # before wrapping: DDP sees the synchronised layers
+        ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
+        if extra is not None:
+            rt.broadcast_(extra)
+        best_state = None
+        seen, busy = 0, 0.0
+        for epoch in range(start_epoch, cfg.epochs):
+            if on_epoch_start is not None:
+                on_epoch_start(epoch, model)
+            model.train()
+            loss_sum = torch.zeros((), device=rt.device)
+            correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+            n = 0
+            bar = tqdm(train_it, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not rt.progress, leave=False, mininterval=1.0)
+            t0 = time.perf_counter()
+            for step, (xb, yb) in enumerate(bar):
+                with rt.autocast():
+                    loss, logits = loss_fn(ddp_model, xb, yb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                rt.average_grads_(extra_params)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == yb).sum()
+                n += len(yb)
+                if step % 20 == 19 or step == len(train_it) - 1:
+                    avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
+                    if not math.isfinite(avg):
+                        raise PipelineError(
+                            f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped, the last good "
+                            f"checkpoint is kept in {work_dir}; lower {section}.lr or check the data"
+                        )
+                    bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            busy += time.perf_counter() - t0
+            seen += n
+            train_acc = 100.0 * rt.all_reduce(correct).item() / max(1, n * rt.world_size)
+            val_acc = evaluate(model, splits.val_x, splits.val_y, data_cfg, rt)
+            row = {"epoch": epoch + 1, "loss": loss_sum.item() / len(train_it), "train_acc": train_acc,
+                   "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
+            history.append(row)
+            log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1,
+                     cfg.epochs, row["loss"], train_acc, val_acc)
+            improved = math.isnan(val_acc) or val_acc > best_acc
             if improved:
-                _save_state(best_path, {"model": model.state_dict()})
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
-                     "best_acc": best_acc}
-            if extra is not None:
-                state["extra"] = extra.state_dict()
-            _save_state(last_path, state)
-        rt.barrier()
+                best_acc = val_acc if not math.isnan(val_acc) else best_acc
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if rt.is_main:
+                if improved:
+                    _save_state(best_path, {"model": model.state_dict()})
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                         "best_acc": best_acc}
+                if extra is not None:
+                    state["extra"] = extra.state_dict()
+                _save_state(last_path, state)
+            rt.barrier()
     if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
         if best_state is None and best_path.is_file():  # resumed after the last epoch
             best_state = torch.load(best_path, map_location="cpu", weights_only=True)["model"]

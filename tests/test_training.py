@@ -97,3 +97,41 @@ def test_batch_larger_than_data(tmp_path):
     model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
     with pytest.raises(PipelineError, match="fewer than one batch"):
         fit(model, splits, dc, _fit_cfg(), rt, tmp_path, desc="train")
+
+
+def _sync_bn_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.runtime import SyncBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    bn = SyncBatchNorm2d(3)
+    part = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
+    y = bn(part)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()  # a loss that is not symmetric
+    torch.save({"y": y.detach(), "grad": part.grad, "w": bn.weight.grad, "mean": bn.running_mean},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_bn_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    x = (torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_(True)
+    bn = torch.nn.BatchNorm2d(3)
+    y = bn(x)
+    (y[:4] * torch.arange(y[:4].numel()).view_as(y[:4])).sum().backward(retain_graph=True)
+    (y[4:] * torch.arange(y[4:].numel()).view_as(y[4:])).sum().backward()
+    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    torch.testing.assert_close(torch.cat([r[0]["y"], r[1]["y"]]), y.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[0]["grad"], r[1]["grad"]]), x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r[0]["w"] + r[1]["w"], bn.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r[0]["mean"], bn.running_mean)
