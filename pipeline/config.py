@@ -113,7 +113,7 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if check is not None:
-        errors.extend(f"{key}.{msg}" for msg in check())
+        errors.extend(full(msg) for msg in check())
     return obj
 
 

@@ -102,7 +102,6 @@ class Runner:
         self.root = bind({k: cfg.get(k) for k in ("stage", "pipeline", "run_upstream", "force", "seed",
                                                   "device", "amp", "channels_last", "deterministic",
                                                   "progress", "sync_bn")}, RootConfig, "", errors)
-        errors = [e[1:] if e.startswith(".") else e for e in errors]
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
         self.settings = {name: bind(cfg.get(name), mod.Config, name, errors)
@@ -134,13 +133,9 @@ class Runner:
         return [s for s in self.root.pipeline if getattr(self.registry[s], "PRODUCES_MODEL", False)]
 
     def expand(self, stage: str) -> list[str]:
-        if stage == "export":
-            nodes = [f"export/{s}" for s in self.model_stages()]
-            if "qat" in self.model_stages() and self.settings["export"].ort_static_reference:
-                nodes.append("export/ort_static")
-            nodes += [f"export/{s}_fp16" for s in self.settings["export"].fp16 if s in self.model_stages()]
-            return nodes
-        return [stage]
+        """The graph nodes of a stage: itself, or what its ``nodes(runner)`` lists (export/<stage>, ...)."""
+        nodes = getattr(self.registry[stage], "nodes", None)
+        return nodes(self) if nodes is not None else [stage]
 
     def targets(self) -> list[str]:
         chosen = self.root.pipeline if self.root.stage == "all" else [self.root.stage]

@@ -9,8 +9,10 @@ Each stage module defines::
     def run(ctx: StageContext) -> dict  # does the work, writes OUTPUTS into ctx.out_dir, returns metrics
 
 and optionally ``PRODUCES_MODEL`` (its ``model.pt`` is exported), ``CACHED = False`` (writes into the
-run folder, e.g. validate), ``MAIN_ONLY`` (rank 0 only under torchrun) and ``check_config(runner)``
-(checks that need the model, run before anything trains).
+run folder, e.g. validate), ``MAIN_ONLY`` (rank 0 only under torchrun), ``check_config(runner)``
+(checks that need the model, run before anything trains), ``nodes(runner)`` (a stage that is
+several graph nodes, e.g. ``export/<stage>``) and ``key_extra(runner, node)`` (more that its
+artifact key depends on).
 """
 
 from __future__ import annotations

@@ -49,6 +49,19 @@ class Config:
         return errs
 
 
+ORT_STATIC = "ort_static"
+FP16_SUFFIX = "_fp16"
+
+
+def nodes(runner) -> list[str]:
+    """``export/<stage>`` per model stage, plus the ORT static reference and the FP16 exports."""
+    models = runner.model_stages()
+    out = [f"{NAME}/{s}" for s in models]
+    if "qat" in models and runner.settings[NAME].ort_static_reference:
+        out.append(f"{NAME}/{ORT_STATIC}")
+    return out + [f"{NAME}/{s}{FP16_SUFFIX}" for s in runner.settings[NAME].fp16 if s in models]
+
+
 def inputs(runner, node: str) -> dict[str, str]:
     _, _, src = node.partition("/")
     if src == ORT_STATIC:  # the FP32 ONNX of the model that entered QAT
@@ -56,10 +69,6 @@ def inputs(runner, node: str) -> dict[str, str]:
 
         return {"model": f"export/{source_stage(runner)}"}
     return {"model": src.removesuffix(FP16_SUFFIX)}
-
-
-ORT_STATIC = "ort_static"
-FP16_SUFFIX = "_fp16"
 
 
 def check_config(runner) -> list[str]:
