@@ -31,6 +31,10 @@ class QuantSpec:
     act_dtype: Literal["uint8", "int8"] = "uint8"
     weight_bits: int = 8  # 8, or 7 to avoid u8*s8 pair saturation on CPUs without VNNI
     ema: float = 0.01  # observer moving-average constant during QAT (calibration uses min/max)
+    float_layers: tuple[str, ...] = ()  # module names (and everything inside them) kept in FP32
+
+    def __post_init__(self) -> None:
+        self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint
 
 
 # ---------------------------------------------------------------- custom ops (export form)
@@ -259,8 +263,29 @@ def _is_act(node: fx.Node | None, gm: fx.GraphModule) -> bool:
     return node.op == "call_function" and node.target in (F.relu, torch.relu)
 
 
+def _float_test(prefixes: tuple[str, ...]):
+    """node -> True when it lies inside one of the modules named in ``prefixes`` (kept in FP32)."""
+
+    def inside(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    def is_float(node: fx.Node) -> bool:
+        if node.meta.get("float"):
+            return True
+        names = list(node.meta.get("nn_module_stack", {}))
+        if node.op == "call_module":
+            names.append(str(node.target))
+        return any(inside(n) for n in names)
+
+    return is_float
+
+
 def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
-    """Rewrite a float model into its QAT form (see module docstring); raises on unknown layers."""
+    """Rewrite a float model into its QAT form (see module docstring); raises on unknown layers.
+
+    Layers named in ``spec.float_layers`` stay as they are (FP32 in ONNX Runtime); tensors crossing
+    from them into the quantized part get an ``ActQuant`` for their quantized users only.
+    """
     model = model.cpu().eval()
     try:
         gm = fx.symbolic_trace(model)
@@ -269,6 +294,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
         raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {first}); "
                             "models with data-dependent control flow need another qat.source") from None
     graph = gm.graph
+    is_float = _float_test(spec.float_layers)
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
@@ -284,6 +310,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             if _is_act(nxt, gm):
                 act = gm.get_submodule(nxt.target) if nxt.op == "call_module" else nn.ReLU()
                 last = nxt
+            if is_float(node):  # its BN and activation stay FP32 with it
+                cur = last
+                while cur is not node:
+                    cur.meta["float"] = True
+                    cur = cur.args[0]
+                continue
             q = QConvBn(mod, bn, act, spec)
             gm.add_submodule(node.target, q)
             if last is not node:
@@ -293,25 +325,30 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
                     prev = cur.args[0]
                     graph.erase_node(cur)
                     cur = prev
-        elif isinstance(mod, nn.Linear):
+        elif isinstance(mod, nn.Linear) and not is_float(node):
             gm.add_submodule(node.target, QLinear(mod, spec))
     gm.recompile()
 
     # 2. check every op is supported and insert ActQuant where ORT's QDQ fusion needs one
     count = 0
 
-    def insert_after(node: fx.Node) -> None:
+    def insert_after(node: fx.Node, only_quantized_users: bool = False) -> None:
         nonlocal count
+        users = [u for u in node.users if not (only_quantized_users and (is_float(u) or u.op == "output"))]
+        if not users:
+            return
         name = f"act_quant_{count}"
         count += 1
         gm.add_submodule(name, ActQuant(spec))
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+        node.replace_all_uses_with(q, delete_user_cb=lambda u: u in users)
 
     for node in list(graph.nodes):
-        if node.op == "placeholder":
-            insert_after(node)
+        if node.op in ("call_module", "call_function", "call_method") and is_float(node):
+            insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
+        elif node.op == "placeholder":
+            insert_after(node, only_quantized_users=True)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
@@ -322,7 +359,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
                 insert_after(node)
             else:
                 raise PipelineError(f"layer {node.target!r} ({type(mod).__name__}) cannot be quantized by this "
-                                    "backend (conv/bn/relu/linear/pool/add only); choose another qat.source model")
+                                    "backend (conv/bn/relu/linear/pool/add only); keep it in FP32 with "
+                                    f"qat.float_layers=[{node.target}] or choose another qat.source model")
         elif node.op == "call_function":
             if node.target in _QUANT_AFTER_FUNCS:
                 if node.target in _ADD and _is_act(_only_user(node), gm):
@@ -346,6 +384,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             if src.op == "call_module" and isinstance(aq := gm.get_submodule(src.target), ActQuant):
                 object.__setattr__(m, "in_quant", aq)
     return gm
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the convs/linears that run in INT8 (QAT or export form)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (QConvBn, QLinear, DeployConv))]
 
 
 def act_quants(model: nn.Module) -> list[ActQuant]:

@@ -7,7 +7,9 @@ QAT state dict + the float architecture, pruned shapes and quantization spec tha
 
 Steps: fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
 observers on real training batches -> fake-quant fine-tuning -> freeze BN statistics and observers
-after the configured epochs. The quantization itself lives in ``pipeline.quant``.
+after the configured epochs. ``qat.float_layers`` keeps named layers in FP32 (mixed precision),
+e.g. narrow full-resolution layers where ORT's INT8 convs are slower than FP32. The quantization
+itself lives in ``pipeline.quant``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Config(FitConfig):
     freeze_observer_epoch: int = 1  # from this epoch on, activation ranges are frozen
     distill_alpha: float = 0.0  # > 0: distil from the FP32 teacher during QAT (KD weight)
     temperature: float = 4.0
+    float_layers: list[str] = dataclasses.field(default_factory=list)  # module names kept in FP32
 
     def check(self) -> list[str]:
         errs = super().check()
@@ -83,11 +86,22 @@ def check_config(runner) -> list[str]:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
     if NAME not in runner.root.pipeline and runner.root.stage != NAME:
         return []
+    model = build_model(runner.model_cfg.__dict__)
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [n for n in cfg.float_layers if n not in names]
+    if missing:
+        return [f"qat.float_layers: no layer named {missing[0]!r}; layer names look like {', '.join(names[:4])}"]
     try:  # unsupported layers are reported before any training starts
-        quant.prepare_qat(build_model(runner.model_cfg.__dict__), quant.QuantSpec(cfg.act_dtype, cfg.weight_bits))
+        gm = quant.prepare_qat(model, _spec(cfg))
     except PipelineError as e:
         return [f"qat: {e}"]
+    if not quant.quantized_layers(gm):
+        return [f"qat.float_layers: {cfg.float_layers} keeps every conv/linear in FP32; nothing is left to quantize"]
     return []
+
+
+def _spec(cfg: Config) -> quant.QuantSpec:
+    return quant.QuantSpec(cfg.act_dtype, cfg.weight_bits, float_layers=tuple(cfg.float_layers))
 
 
 def _epoch_hook(cfg: Config):
@@ -107,7 +121,7 @@ def run(ctx: StageContext) -> dict:
     src = ctx.inputs["model"]
     ckpt = src.checkpoint()
     model, _ = src.model()
-    spec = quant.QuantSpec(cfg.act_dtype, cfg.weight_bits)
+    spec = _spec(cfg)
     gm = quant.prepare_qat(model, spec)
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
@@ -116,6 +130,9 @@ def run(ctx: StageContext) -> dict:
     n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
     ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
+    if cfg.float_layers:
+        log.info("qat: %d convs/linears quantized, kept in FP32: %s", len(quant.quantized_layers(gm)),
+                 ", ".join(cfg.float_layers))
 
     loss_fn = None
     if cfg.distill_alpha > 0:
@@ -140,5 +157,6 @@ def run(ctx: StageContext) -> dict:
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(spec),
+            "quantized_layers": len(quant.quantized_layers(gm)),
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history}

@@ -114,7 +114,9 @@ def run(ctx: StageContext) -> dict:
         rows.append({"name": name, "stage": src, "precision": m["precision"], "accuracy": acc,
                      "params": m["params"], "macs": m["macs"], "size_mb": m["size_mb"],
                      "onnx": os.path.relpath(path, ctx.run_dir),
-                     "int8_coverage": (m.get("int8_coverage") or {}).get("coverage"),
+                     "int8_coverage": (cov := m.get("int8_coverage") or {}).get("coverage"),
+                     "int8_kernels": (f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
+                                      if cov else None),
                      "parity_top1_agreement": m["parity"]["top1_agreement"]})
         log.info("validate: %s accuracy %.2f%%", name, acc)
 

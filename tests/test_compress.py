@@ -30,6 +30,9 @@ R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
     ("model=mobilenet_v2", None),
     ("export.fp16=[qat]", r"export\.fp16: 'qat' is not an FP32 model stage of the pipeline"),
     ("export.fp16=[distill]", None),
+    ("qat.float_layers=[layer9]", r"qat\.float_layers: no layer named 'layer9'"),
+    ("qat.float_layers=[conv1,layer1,layer2,layer3,fc]", r"qat\.float_layers: .* keeps every conv/linear in FP32"),
+    ("qat.float_layers=[conv1,layer1]", None),
 ])
 def test_bad_compression_settings_fail_before_training(cfg_factory, tmp_path, override, match):
     cfg = cfg_factory(override)
@@ -76,6 +79,25 @@ def test_qat_export_runs_on_int8_kernels(tmp_path, name):
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
     ref = gm(x).detach().numpy()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_float_layers_stay_fp32_and_the_rest_runs_int8(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(R8).eval()
+    x = torch.randn(16, 3, 32, 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec(float_layers=("conv1", "layer1")))
+    quantized = quant.quantized_layers(gm)
+    assert quantized and not any(n.startswith(("conv1", "layer1")) for n in quantized), quantized
+    assert isinstance(gm.get_submodule("layer1.0.conv1"), torch.nn.Conv2d)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    n_float = sum(isinstance(m, torch.nn.Conv2d) and n.startswith(("conv1", "layer1"))
+                  for n, m in model.named_modules())
+    assert cov["int8_kernels"] == len(quantized) and cov["float_kernels"] == n_float > 0, cov
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
+    assert (got.argmax(1) == gm(x).detach().numpy().argmax(1)).mean() >= 0.9
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ REQUIRED = {  # options that need a value the user must give
     ("data", "imagefolder"): ["data.root=/nonexistent"],
     ("model", "custom"): ["model.target=torchvision.models.resnet18"],
     ("experiment", "cifar10_full"): ["data.root=/nonexistent"],
+    ("experiment", "cifar10_speed"): ["data.root=/nonexistent"],
 }
 
 
