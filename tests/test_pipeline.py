@@ -73,6 +73,17 @@ def test_fp16_export_is_a_report_row(cfg_factory, tmp_path):
     assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types  # weights in FP16
 
 
+@pytest.mark.slow
+def test_mixed_precision_qat_reloads_and_reports_its_int8_share(cfg_factory, tmp_path):
+    done = run_pipeline(cfg_factory("pipeline=[train,qat,export,validate]", "qat.source=train",
+                                    "qat.float_layers=[conv1,layer1]"), tmp_path / "run")
+    cov = done["export/qat"].metrics["int8_coverage"]  # export rebuilt the QAT model from its checkpoint
+    assert 0 < cov["int8_kernels"] == cov["quantized_layers"] < cov["int8_kernels"] + cov["float_kernels"]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
+    assert rows["qat-int8"]["int8_kernels"] == f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
+    assert rows["qat-int8"]["parity_top1_agreement"] >= 90
+
+
 def _cli(*args, cwd: Path, check=True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
