@@ -113,13 +113,13 @@ def test_cli_help_and_bad_input_are_short(tmp_path):
 @pytest.mark.slow
 def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
     """Two jobs in parallel (joblib launcher) need the same baseline: one builds it, the other waits."""
-    out = _cli("-m", "experiment=tiny", "prune.ratio=0.3,0.5", f"paths.outputs={tmp_path}/o",
+    out = _cli("-m", "experiment=tiny", "prune.ratio=0.3,0.5", f"paths.outputs={tmp_path}/o", f"data.root={tmp_path}",
                f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
     assert "sweep summary:" in out.stdout
     summary = json.loads((tmp_path / "sweep/summary.json").read_text())
     assert len(summary["jobs"]) == 2 and (tmp_path / "sweep/summary.png").is_file()
     assert len(list((tmp_path / "o/artifacts/prune").glob("*/manifest.json"))) == 2
-    logs = [p.read_text() for p in (tmp_path / "sweep").glob("*/*.log")]
+    logs = [p.read_text() for p in (tmp_path / "sweep").glob("*/*.log")]  # job folders are not nested by paths
     assert sum("train: running" in log for log in logs) == 1, logs
     prune_rows = [r for r in summary["rows"] if r["name"] == "prune"]
     assert prune_rows[0]["macs"] > prune_rows[1]["macs"]
