@@ -163,7 +163,15 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
             shapes[name] = {"in": m.in_features, "out": m.out_features}
         elif isinstance(m, nn.BatchNorm2d):
             shapes[name] = {"out": m.num_features}
+        elif isinstance(m, nn.Identity) and name:
+            shapes[name] = {"identity": 1}  # a block removed by depth pruning (or an Identity already)
     return shapes
+
+
+def replace_with_identity(model: nn.Module, name: str) -> None:
+    """Replace the submodule ``name`` (e.g. a residual block) by ``nn.Identity``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
@@ -173,7 +181,9 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
         m = modules.get(name)
         if m is None:
             raise PipelineError(f"pruned shape for unknown layer {name!r}; the checkpoint is from another model")
-        if isinstance(m, nn.Conv2d):
+        if "identity" in s:
+            replace_with_identity(model, name)
+        elif isinstance(m, nn.Conv2d):
             m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
             kh, kw = m.kernel_size
             m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], kh, kw))

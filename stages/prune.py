@@ -8,6 +8,8 @@ after, per-layer channels or sparsity, accuracy before and after fine-tuning).
 Torch-Pruning's dependency graph keeps residual adds, depthwise convs, BN and the classifier
 consistent) or of the weights (``method=magnitude``, masks made permanent; dense ONNX Runtime does
 not run these faster). ``prune.target_macs`` instead removes channels until the MACs budget is met.
+``prune.drop_blocks`` first removes whole residual blocks (depth pruning): on CPUs the full-resolution
+stage costs far more time per MAC than the deeper ones, and channels alone cannot shrink it enough.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, count_macs, count_params, module_shapes
+from pipeline.models import build_model, count_macs, count_params, module_shapes, replace_with_identity
 from pipeline.stage import StageContext
 from pipeline.training import FitConfig, evaluate, fit, interrupt_message
 
@@ -44,6 +46,7 @@ class Config(FitConfig):
     global_pruning: bool = False  # rank channels / weights across layers instead of per layer
     keep_first_conv: bool = True  # never prune the stem's output channels
     exclude: list[str] = field(default_factory=list)  # module names never pruned (classifier always kept)
+    drop_blocks: list[str] = field(default_factory=list)  # residual blocks replaced by identity (depth pruning)
     steps: int = 1  # 1 = one-shot; N = iterative, fine-tuning step_epochs between steps
     step_epochs: int = 1
     round_to: int | None = 8  # keep channel counts multiples of this (ORT's FP32 conv blocks are 8 wide)
@@ -71,15 +74,45 @@ def check_config(runner) -> list[str]:
     cfg: Config = runner.settings[NAME]
     model = build_model(runner.model_cfg.__dict__)
     names = {n for n, _ in model.named_modules()}
-    errs = [f"prune.exclude: no layer named {n!r} in {runner.model_cfg.name or runner.model_cfg.target}; "
+    errs = [f"prune.{key}: no layer named {n!r} in {runner.model_cfg.name or runner.model_cfg.target}; "
             f"layer names look like {', '.join(list(n for n in names if n)[:4])}"
-            for n in cfg.exclude if n not in names]
+            for key in ("exclude", "drop_blocks") for n in getattr(cfg, key) if n not in names]
+    errs += [f"prune.exclude: {n!r} lies inside the dropped block {b!r}; remove one of them"
+             for n in cfg.exclude for b in cfg.drop_blocks if n.startswith(b + ".")]
+    if cfg.drop_blocks and not errs:
+        errs += [f"prune.drop_blocks: {n!r} changes the tensor shape ({a} -> {b}); only blocks whose output has "
+                 "the shape of their input (identity shortcut) can be dropped"
+                 for n, (a, b) in _block_shapes(model, cfg.drop_blocks, runner.data_cfg.image_size).items() if a != b]
     if cfg.target_macs is not None:
         macs = count_macs(model, runner.data_cfg.image_size)
         if cfg.target_macs >= macs:
             errs.append(f"prune.target_macs: {cfg.target_macs:.4g} is not below the model's {macs:.4g} MACs; "
                         f"use a smaller budget, e.g. prune.target_macs={macs / 2:.3g}")
     return errs
+
+
+def _block_shapes(model: nn.Module, names: list[str], size: int) -> dict[str, tuple[list, list]]:
+    """Input and output shapes of the named modules, from one forward pass at ``size``."""
+    shapes, hooks = {}, []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: shapes.__setitem__(n, (list(i[0].shape), list(o.shape)))))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def drop_blocks(model: nn.Module, names: list[str]) -> nn.Module:
+    """Depth pruning: each named residual block becomes ``nn.Identity`` (its branch removed).
+
+    Exact for blocks whose output is ``relu(branch(x) + x)`` with a non-negative input ``x``
+    (ResNets: the block input is the previous block's ReLU output); then fine-tuning/KD recovers.
+    """
+    for n in names:
+        replace_with_identity(model, n)
+    return model
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
@@ -216,6 +249,7 @@ def run(ctx: StageContext) -> dict:
             m.cpu()
 
     with interrupt_message("pruning"):
+        drop_blocks(model, cfg.drop_blocks)
         if cfg.method == "channel":
             model = _channel_prune(model, ctx, finetune)
         else:
@@ -227,7 +261,7 @@ def run(ctx: StageContext) -> dict:
     _make_permanent(model)
     test_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
     model = model.cpu()
-    shapes = module_shapes(model) if cfg.method == "channel" else {}
+    shapes = module_shapes(model) if cfg.method == "channel" or cfg.drop_blocks else {}
     save_checkpoint(ctx.out_dir / "model.pt", model.state_dict(), ctx.model_cfg, shapes=shapes)
     after = {"macs": count_macs(model, size), "params": count_params(model)}
     layers = layer_report(model)
@@ -237,7 +271,7 @@ def run(ctx: StageContext) -> dict:
              "%.2f%%)", cfg.method, cfg.ratio, before["macs"], after["macs"], before["macs"] / after["macs"],
              before["test_acc"], test_acc, acc_pruned)
     return {
-        "method": cfg.method, "ratio": cfg.ratio, "target_macs": cfg.target_macs,
+        "method": cfg.method, "ratio": cfg.ratio, "target_macs": cfg.target_macs, "dropped_blocks": cfg.drop_blocks,
         "test_acc": test_acc, "test_acc_before_finetune": acc_pruned, "val_acc": result.best_val_acc,
         "baseline": before, "params": after["params"], "macs": after["macs"],
         "macs_reduction": before["macs"] / after["macs"], "weight_sparsity": nz / tot,

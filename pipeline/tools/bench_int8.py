@@ -2,7 +2,7 @@
 
     python -m pipeline.tools.bench_int8 --model resnet18 --batch 32
     python -m pipeline.tools.bench_int8 --model resnet20 --target-macs 1.2e7 --prune-stem \
-        --float-layers conv1,layer1          # pruned like the prune stage, mixed precision
+        --float-layers conv1,layer1 [--drop-blocks layer1.1,layer1.2]  # pruned like stage=prune
 
 Builds the model (untrained weights: speed does not depend on them), optionally channel-prunes it
 the way the prune stage does (uniform per-layer ratio until ``--target-macs``; the widths do not
@@ -31,7 +31,7 @@ from pipeline.models import build_model, count_macs
 from pipeline.tools import data_config
 
 
-def _pruned(model: torch.nn.Module, dc, target_macs: float, prune_stem: bool) -> torch.nn.Module:
+def _pruned(model: torch.nn.Module, dc, target_macs: float, prune_stem: bool, drop: list[str]) -> torch.nn.Module:
     """Channel pruning exactly as ``stage=prune`` does it (l1, per layer, round_to 8), no fine-tuning."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -43,6 +43,7 @@ def _pruned(model: torch.nn.Module, dc, target_macs: float, prune_stem: bool) ->
         raw = compose(config_name="config", overrides=[f"prune.target_macs={target_macs}",
                                                        f"prune.keep_first_conv={not prune_stem}"]).prune
     cfg = prune.Config(**OmegaConf.to_container(raw, resolve=True))
+    prune.drop_blocks(model, drop)
     return prune._channel_prune(model, types.SimpleNamespace(settings=cfg, data_cfg=dc), finetune=None).eval()
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--target-macs", type=float, default=None, help="channel-prune to this many MACs first")
     ap.add_argument("--prune-stem", action="store_true", help="also prune the stem (prune.keep_first_conv=false)")
+    ap.add_argument("--drop-blocks", default="", help="comma-separated residual blocks removed (prune.drop_blocks)")
     ap.add_argument("--float-layers", default="", help="comma-separated layers kept in FP32 (qat.float_layers)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -68,7 +70,9 @@ def main() -> None:
     model = build_model({"name": args.model, "num_classes": 10, "width": args.width}).eval()
     models = {"fp32": model}
     if args.target_macs:
-        models = {"unpruned": model, "fp32": _pruned(copy.deepcopy(model), dc, args.target_macs, args.prune_stem)}
+        drop = [n for n in args.drop_blocks.split(",") if n]
+        models = {"unpruned": model,
+                  "fp32": _pruned(copy.deepcopy(model), dc, args.target_macs, args.prune_stem, drop)}
         model = models["fp32"]
         print(f"pruned to {count_macs(model, dc.image_size):.3g} MACs, conv widths "
               f"{[m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]}")
