@@ -9,7 +9,7 @@ import torch
 from pipeline import onnxio, quant
 from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.models import build_model
+from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
 from pipeline.runner import Runner, run_pipeline
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
@@ -33,6 +33,9 @@ R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
     ("qat.float_layers=[layer9]", r"qat\.float_layers: no layer named 'layer9'"),
     ("qat.float_layers=[conv1,layer1,layer2,layer3,fc]", r"qat\.float_layers: .* keeps every conv/linear in FP32"),
     ("qat.float_layers=[conv1,layer1]", None),
+    ("prune.drop_blocks=[layer2.0]", r"prune\.drop_blocks: 'layer2\.0' changes the tensor shape \(\[1, 8, 32, 32\]"),
+    ("prune.drop_blocks=[layer9]", r"prune\.drop_blocks: no layer named 'layer9'"),
+    ("prune.drop_blocks=[layer1.0]", None),
 ])
 def test_bad_compression_settings_fail_before_training(cfg_factory, tmp_path, override, match):
     cfg = cfg_factory(override)
@@ -98,6 +101,21 @@ def test_float_layers_stay_fp32_and_the_rest_runs_int8(tmp_path):
     assert cov["int8_kernels"] == len(quantized) and cov["float_kernels"] == n_float > 0, cov
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
     assert (got.argmax(1) == gm(x).detach().numpy().argmax(1)).mean() >= 0.9
+
+
+def test_dropped_blocks_are_rebuilt_from_the_recorded_shapes():
+    from stages.prune import drop_blocks
+
+    cfg = {"name": "resnet20", "num_classes": 10, "width": 0.5}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    drop_blocks(model, ["layer1.1", "layer1.2"])
+    assert count_macs(model, 32) < count_macs(build_model(cfg), 32)
+    fresh = apply_shapes(build_model(cfg), module_shapes(model))
+    fresh.load_state_dict(model.state_dict())  # strict: the dropped blocks' weights are gone on both sides
+    assert isinstance(fresh.layer1[1], torch.nn.Identity) and isinstance(fresh.layer1[2], torch.nn.Identity)
+    torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
 @pytest.mark.slow
