@@ -168,6 +168,14 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return shapes
 
 
+def unknown_layer_errors(key: str, wanted: list[str], model: nn.Module, model_name: str) -> list[str]:
+    """One config error per name in ``wanted`` that is not a submodule of ``model``."""
+    names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
+    return [f"{key}: no layer named {n!r} in {model_name}; layer names look like {', '.join(names[:4])}"
+            for n in wanted if n not in known]
+
+
 def replace_with_identity(model: nn.Module, name: str) -> None:
     """Replace the submodule ``name`` (e.g. a residual block) by ``nn.Identity``."""
     parent, _, child = name.rpartition(".")

@@ -24,7 +24,14 @@ from torch import nn
 
 from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, count_macs, count_params, module_shapes, replace_with_identity
+from pipeline.models import (
+    build_model,
+    count_macs,
+    count_params,
+    module_shapes,
+    replace_with_identity,
+    unknown_layer_errors,
+)
 from pipeline.stage import StageContext
 from pipeline.training import FitConfig, evaluate, fit, interrupt_message
 
@@ -73,10 +80,9 @@ def check_config(runner) -> list[str]:
     """Checks that need the model (before any training)."""
     cfg: Config = runner.settings[NAME]
     model = build_model(runner.model_cfg.__dict__)
-    names = {n for n, _ in model.named_modules()}
-    errs = [f"prune.{key}: no layer named {n!r} in {runner.model_cfg.name or runner.model_cfg.target}; "
-            f"layer names look like {', '.join(list(n for n in names if n)[:4])}"
-            for key in ("exclude", "drop_blocks") for n in getattr(cfg, key) if n not in names]
+    model_name = runner.model_cfg.name or runner.model_cfg.target
+    errs = [e for key in ("exclude", "drop_blocks")
+            for e in unknown_layer_errors(f"prune.{key}", getattr(cfg, key), model, model_name)]
     errs += [f"prune.exclude: {n!r} lies inside the dropped block {b!r}; remove one of them"
              for n in cfg.exclude for b in cfg.drop_blocks if n.startswith(b + ".")]
     if cfg.drop_blocks and not errs:

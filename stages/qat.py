@@ -26,7 +26,7 @@ from pipeline import quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
 from pipeline.data import batches
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, count_macs, count_params
+from pipeline.models import build_model, count_macs, count_params, unknown_layer_errors
 from pipeline.stage import StageContext
 from pipeline.training import FitConfig, evaluate, fit, interrupt_message
 
@@ -87,10 +87,10 @@ def check_config(runner) -> list[str]:
     if NAME not in runner.root.pipeline and runner.root.stage != NAME:
         return []
     model = build_model(runner.model_cfg.__dict__)
-    names = [n for n, _ in model.named_modules() if n]
-    missing = [n for n in cfg.float_layers if n not in names]
-    if missing:
-        return [f"qat.float_layers: no layer named {missing[0]!r}; layer names look like {', '.join(names[:4])}"]
+    errs = unknown_layer_errors("qat.float_layers", cfg.float_layers, model,
+                                runner.model_cfg.name or runner.model_cfg.target)
+    if errs:
+        return errs
     try:  # unsupported layers are reported before any training starts
         gm = quant.prepare_qat(model, _spec(cfg))
     except PipelineError as e:
@@ -130,9 +130,9 @@ def run(ctx: StageContext) -> dict:
     n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
     ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
+    n_quantized = len(quant.quantized_layers(gm))
     if cfg.float_layers:
-        log.info("qat: %d convs/linears quantized, kept in FP32: %s", len(quant.quantized_layers(gm)),
-                 ", ".join(cfg.float_layers))
+        log.info("qat: %d convs/linears quantized, kept in FP32: %s", n_quantized, ", ".join(cfg.float_layers))
 
     loss_fn = None
     if cfg.distill_alpha > 0:
@@ -157,6 +157,6 @@ def run(ctx: StageContext) -> dict:
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(spec),
-            "quantized_layers": len(quant.quantized_layers(gm)),
+            "quantized_layers": n_quantized,
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history}
