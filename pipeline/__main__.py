@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
 
@@ -19,6 +19,29 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_slurm": "hydra-submitit-launcher",
                      "submitit_local": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
                      "ray_aws": "hydra-ray-launcher", "rq": "hydra-rq-launcher"}
+
+
+def unique_dir(base: str) -> str:
+    """``${unique_dir:<path>}``: claim a new folder atomically (mkdir) at ``path``, or ``path_2``, ``path_3``, ...
+    when another run started in the same second. An unwritable place is a one-line error."""
+    path = Path(base)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            candidate = path if i == 1 else path.with_name(f"{path.name}_{i}")
+            try:
+                candidate.mkdir()
+                return str(candidate)
+            except FileExistsError:
+                continue
+    except OSError as e:
+        print(f"error: cannot create the run folder {path} ({e.strerror or e}); choose a writable place with "
+              "paths.outputs=/some/writable/dir", file=sys.stderr)
+        sys.exit(2)
+    raise RuntimeError(f"no free run folder next to {path}")
+
+
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
 
 def check_launcher(argv: list[str]) -> str | None:

@@ -61,7 +61,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file; a missing or damaged one is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist; run the stage that writes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and run the same "
+                            "command again (the stage that wrote it rebuilds it)") from None
 
 
 def save_checkpoint(path: Path, state_dict: dict, model_cfg: dict, shapes: dict | None = None,
@@ -91,8 +99,8 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of code, random bytes ...
         raise PipelineError(
-            f"checkpoint {path} is corrupt or not a pipeline checkpoint "
-            f"({type(e).__name__}); delete it and re-run the stage that made it"
+            f"checkpoint {path} is corrupt or not a pipeline checkpoint ({type(e).__name__}); replace it, "
+            "or if it is an artifact's model.pt delete it and run the same command again (it is rebuilt)"
         ) from None
     if not isinstance(ckpt, dict) or CKPT_STATE not in ckpt or CKPT_MODEL_CFG not in ckpt:
         raise PipelineError(
@@ -114,6 +122,38 @@ def file_sha256(path: Path, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, once per process
+
+
+def _cached_sha256(path: Path) -> str:
+    st = path.stat()
+    k = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if k not in _VERIFIED:
+        _VERIFIED[k] = file_sha256(path)
+    return _VERIFIED[k]
+
+
+def verify_artifact(folder: Path) -> str | None:
+    """None when every file listed in the folder's manifest is there with its size and sha256; else
+    what is wrong (a damaged manifest, a missing, truncated or modified file)."""
+    folder = Path(folder)
+    try:
+        outputs = json.loads((folder / MANIFEST).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable: {type(e).__name__}"
+    if not isinstance(outputs, dict) or METRICS not in outputs:
+        return f"{MANIFEST} lists no {METRICS}"
+    for name, want in outputs.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if not isinstance(want, dict) or path.stat().st_size != want.get("bytes"):
+            return f"{name} has another size than when it was written"
+        if _cached_sha256(path) != want.get("sha256"):
+            return f"{name} differs from its sha256 in the manifest"
+    return None
 
 
 @contextlib.contextmanager

@@ -117,6 +117,17 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     return obj
 
 
+def not_in_key() -> Any:
+    """Mark a required config field that does not change an artifact (a gate, a node switch, a report
+    knob): artifact keys leave it out, so changing it re-uses what was built."""
+    return dataclasses.field(metadata={"in_key": False})
+
+
+def key_settings(obj: Any) -> dict[str, Any]:
+    """The fields of a bound config that change the artifact (all but those marked ``not_in_key``)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("in_key", True)}
+
+
 def raise_if_errors(errors: list[str]) -> None:
     """Raise one ``PipelineError`` listing every problem (one line each)."""
     if errors:

@@ -11,7 +11,9 @@ used for the final report.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import atomic_write_bytes, stable_hash
+from pipeline.artifacts import atomic_write_bytes, file_sha256, stable_hash
+from pipeline.config import not_in_key
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class DataConfig:
 
     source: Literal["embedded", "cifar10", "imagefolder"]
     root: str | None  # folder for cifar10 / imagefolder; ignored for embedded
-    download: bool  # cifar10 only: let torchvision download when root is empty
+    download: bool = not_in_key()  # cifar10 only: let torchvision download when root is empty
     image_size: int  # images are resized to this square size (imagefolder)
     num_classes: int  # must match the data; checked after loading
     val_fraction: float  # held out from train for model selection
@@ -47,7 +50,7 @@ class DataConfig:
     std: list[float]
     augment: bool  # random crop (pad 4) + horizontal flip on training batches
     crop_padding: int
-    train_subset: int | None = None  # keep only the first N training images (quick runs)
+    train_subset: int | None  # keep only the first N training images (quick runs)
 
     def check(self) -> list[str]:
         errs = []
@@ -59,6 +62,14 @@ class DataConfig:
             errs.append(f"image_size: {self.image_size} is too small; use at least 8")
         if len(self.mean) != 3 or len(self.std) != 3:
             errs.append("mean/std: give three values (images are RGB)")
+        if any(v <= 0 for v in self.std):
+            errs.append(f"std: {self.std} must all be > 0")
+        if self.num_classes < 2:
+            errs.append(f"num_classes: {self.num_classes}; a classifier needs at least 2 classes")
+        if self.crop_padding < 0:
+            errs.append(f"crop_padding: {self.crop_padding} must be >= 0")
+        if self.train_subset is not None and self.train_subset < 1:
+            errs.append(f"train_subset: {self.train_subset} must be a positive number of images (or null: all)")
         return errs
 
 
@@ -166,11 +177,8 @@ def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -
     train_files, train_labels, classes = _list_imagefolder(root / "train", None)
     test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
     files = train_files + test_files
-    fingerprint = stable_hash(
-        [str(root.resolve()), cfg.image_size, len(files),
-         sum(os.stat(f).st_size for f in files), max(os.stat(f).st_mtime_ns for f in files)]
-    )
-    cache = cache_dir / f"imagefolder-{fingerprint}.pt" if cache_dir else None
+    key = stable_hash([_manifest_hash(root, files, train_labels + test_labels, classes), cfg.image_size])
+    cache = cache_dir / f"imagefolder-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
@@ -192,6 +200,39 @@ def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -
         torch.save(blob, buf)
         atomic_write_bytes(cache, buf.getvalue())
     return (blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes)
+
+
+def _manifest_hash(root: Path, files: list[Path], labels: list[int], classes: list[str]) -> str:
+    """Hash of (relative path, size, mtime, label) of every file: any added, removed, changed or moved image
+    changes it."""
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for f, y in zip(files, labels, strict=True):
+        st = os.stat(f)
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{y}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """A hash of the data files themselves (part of every artifact key, so changed data is never reused).
+
+    embedded: the shipped file's content; imagefolder: every image's relative path, size, mtime and class;
+    cifar10: the batch files' names, sizes and mtimes.
+    """
+    if cfg.source == "embedded":
+        return file_sha256(EMBEDDED)
+    root = Path(cfg.root).expanduser()
+    if cfg.source == "imagefolder":
+        if not root.is_dir():
+            raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
+        train_files, train_labels, classes = _list_imagefolder(root / "train", None)
+        test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
+        return _manifest_hash(root, train_files + test_files, train_labels + test_labels, classes)
+    batches_dir = root / "cifar-10-batches-py"
+    files = sorted(p for p in batches_dir.glob("*") if p.is_file()) if batches_dir.is_dir() else []
+    if not files and not cfg.download:
+        raise PipelineError(f"no CIFAR-10 data at {root}; put cifar-10-batches-py there or set data.download=true "
+                            "(needs network)")
+    return stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def _stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ dict is loaded, so no module is ever pickled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,10 +26,10 @@ class ModelConfig:
 
     name: str | None  # registry name (resnet20, resnet18, mobilenet_v2, ...)
     num_classes: int
-    width: float = 1.0  # CIFAR ResNets: channel multiplier (1.0 = 16/32/64 channels)
-    small_input: bool = True  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
-    target: str | None = None  # dotted path of a user nn.Module class (alternative to name)
-    kwargs: dict = field(default_factory=dict)  # extra constructor arguments for target
+    width: float  # CIFAR ResNets: channel multiplier (1.0 = 16/32/64 channels)
+    small_input: bool  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
+    target: str | None  # dotted path of a user nn.Module class (alternative to name)
+    kwargs: dict  # extra constructor arguments for target
 
     def check(self) -> list[str]:
         if (self.name is None) == (self.target is None):
@@ -135,11 +135,21 @@ def _import(dotted: str) -> Any:
         raise PipelineError(f"model.target={dotted!r} cannot be imported ({e}); give module.Class") from None
 
 
+MODEL_DEFAULTS = {"width": 1.0, "small_input": True, "target": None, "kwargs": {}}  # keys a dict may omit
+
+
 def build_model(cfg: dict) -> nn.Module:
-    """Build an untrained model from a ``model`` config dict (no weights are downloaded)."""
-    mc = ModelConfig(**cfg)
+    """Build an untrained model from a ``model`` config dict (no weights are downloaded).
+
+    ``cfg["target"]`` is imported and called: pass only a target the user configured (``load_model``
+    checks checkpoints against it before calling this).
+    """
+    mc = ModelConfig(**{**MODEL_DEFAULTS, **cfg})
     if mc.target:
         return _import(mc.target)(num_classes=mc.num_classes, **mc.kwargs)
+    if mc.name not in available_models():
+        raise PipelineError(f"unknown model {mc.name!r}; choose one of {', '.join(sorted(CIFAR_RESNET_DEPTHS))} "
+                            "or a torchvision classifier")
     if mc.name in CIFAR_RESNET_DEPTHS:
         return CifarResNet(CIFAR_RESNET_DEPTHS[mc.name], mc.num_classes, mc.width)
     import torchvision
@@ -213,10 +223,28 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
     return model
 
 
-def load_model(ckpt: dict, source: str = "checkpoint") -> nn.Module:
-    """Rebuild the model stored in a checkpoint dict (see ``pipeline.artifacts``)."""
+def check_trusted(model_cfg: dict, trusted_target: str | None, source: str) -> None:
+    """A checkpoint never chooses code: it may name a registry model, or the ``model.target`` the user
+    configured, nothing else. Raises before anything is imported."""
+    target, name = model_cfg.get("target"), model_cfg.get("name")
+    if target is not None and target != trusted_target:
+        raise PipelineError(
+            f"{source} names the model class {target!r}, but the configured model.target is {trusted_target!r}; "
+            f"a checkpoint never chooses code: if you trust that class, run with model=custom model.target={target}"
+        )
+    if target is None and not isinstance(name, str):
+        raise PipelineError(f"{source} names no model (model_cfg {model_cfg!r}); it was not written by this pipeline")
+
+
+def load_model(ckpt: dict, source: str, trusted_target: str | None) -> nn.Module:
+    """Rebuild the model stored in a checkpoint dict (see ``pipeline.artifacts``).
+
+    ``trusted_target`` is the user's configured ``model.target`` (None when the model comes from the
+    registry); a checkpoint that names any other class is refused before it is imported.
+    """
     from pipeline.artifacts import CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE
 
+    check_trusted(ckpt[CKPT_MODEL_CFG], trusted_target, source)
     model = build_model(ckpt[CKPT_MODEL_CFG])
     apply_shapes(model, ckpt[CKPT_SHAPES])
     try:

@@ -28,10 +28,10 @@ from pipeline.errors import PipelineError
 class QuantSpec:
     """What the stage asks of the backend (stored in the checkpoint to rebuild the model)."""
 
-    act_dtype: Literal["uint8", "int8"] = "uint8"
-    weight_bits: int = 8  # 8, or 7 to avoid u8*s8 pair saturation on CPUs without VNNI
-    ema: float = 0.01  # observer moving-average constant during QAT (calibration uses min/max)
-    float_layers: tuple[str, ...] = ()  # module names (and everything inside them) kept in FP32
+    act_dtype: Literal["uint8", "int8"]
+    weight_bits: int  # 8, or 7 to avoid u8*s8 pair saturation on CPUs without VNNI
+    ema: float  # observer moving-average constant during QAT (calibration uses min/max)
+    float_layers: tuple[str, ...]  # module names (and everything inside them) kept in FP32
 
     def __post_init__(self) -> None:
         self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint
@@ -424,11 +424,12 @@ def freeze_observers(model: nn.Module) -> None:
         a.observe = False
 
 
-def load_quantized(ckpt: dict, source: str) -> fx.GraphModule:
+def load_quantized(ckpt: dict, source: str, trusted_target: str | None) -> fx.GraphModule:
     """Rebuild a QAT model from a checkpoint: float model + shapes -> prepare_qat -> state dict."""
     from pipeline.artifacts import CKPT_EXTRA, CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE
-    from pipeline.models import apply_shapes, build_model
+    from pipeline.models import apply_shapes, build_model, check_trusted
 
+    check_trusted(ckpt[CKPT_MODEL_CFG], trusted_target, source)
     spec = QuantSpec(**ckpt[CKPT_EXTRA]["quant"])
     model = apply_shapes(build_model(ckpt[CKPT_MODEL_CFG]), ckpt[CKPT_SHAPES])
     gm = prepare_qat(model, spec)

@@ -104,7 +104,7 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def _plot(points: list[tuple[str, float, float]], title: str, path: Path, pareto: bool = False) -> None:
+def plot_points(points: list[tuple[str, float, float]], title: str, path: Path, pareto: bool = False) -> None:
     import io
 
     import matplotlib
@@ -139,7 +139,7 @@ def write_report(run_dir: Path, rep: dict) -> None:
     run_dir = Path(run_dir)
     env = rep["environment"]
     write_json(run_dir / "report.json", rep)
-    _plot([(r["name"], r["throughput_ips"], r["accuracy"]) for r in rep["rows"]],
+    plot_points([(r["name"], r["throughput_ips"], r["accuracy"]) for r in rep["rows"]],
           f"accuracy vs throughput (batch {rep['rows'][0]['batch_size']}, {env['threads'] or 'default'} threads)",
           run_dir / "report.png")
     gate = "all gates passed" if not rep["gates"]["failures"] else "; ".join(rep["gates"]["failures"])

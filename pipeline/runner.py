@@ -1,8 +1,11 @@
-"""The stage graph: resolve what a command needs, reuse what exists, build the rest.
+"""The stage graph: validate the config, resolve what a command needs, reuse what exists, build the rest.
 
-A node is a stage name (``train``) or, for export, ``export/<model stage>``. Its key hashes the
-config sections that matter to it together with its inputs' keys, so changing a knob re-runs that
-stage and everything downstream, while multirun jobs with the same upstream share its artifact.
+A node is a stage name (``train``) or, for export, ``export/<model stage>``. Its key hashes the bound
+settings that change its artifact (gates and node switches are left out, see ``not_in_key``), the
+data config and a fingerprint of the data files, the model config, the seed, its inputs' keys and,
+for training stages, the runtime that shapes the result (device, AMP, memory format, world size).
+Changing a knob re-runs that stage and everything downstream; sweep jobs with the same upstream
+share its artifact. Reused artifacts are checked against the hashes in their manifest first.
 """
 
 from __future__ import annotations
@@ -11,13 +14,11 @@ import contextlib
 import datetime as _dt
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,20 +29,24 @@ from pipeline.artifacts import (
     atomic_write_text,
     check_writable,
     file_lock,
-    file_sha256,
     stable_hash,
     staging_dir,
+    verify_artifact,
     write_json,
 )
-from pipeline.config import bind, raise_if_errors
-from pipeline.data import DataConfig
+from pipeline.config import bind, key_settings, raise_if_errors
+from pipeline.data import DataConfig, fingerprint
+from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.models import ModelConfig
-from pipeline.runtime import make_runtime
-from pipeline.stage import Artifact, StageContext
+from pipeline.runtime import make_runtime, runtime_key
+from pipeline.stage import Artifact, GraphView, Stage, StageContext, base
 from pipeline.training import FitConfig
 
 log = logging.getLogger(__name__)
+
+ROOT_KEYS = ("stage", "pipeline", "run_upstream", "force", "seed", "device", "amp", "channels_last",
+             "deterministic", "progress", "sync_bn")
 
 
 @dataclass
@@ -54,42 +59,17 @@ class RootConfig:
     force: Literal["none", "stage", "all"]  # re-run even when an artifact with the same key exists
     seed: int
     device: Literal["auto", "cpu", "cuda"]
-    amp: Literal["auto", "off", "bf16", "fp16"]  # CUDA only
+    amp: Literal["auto", "off", "bf16", "fp16"]  # auto: bf16/fp16 on CUDA, off on CPU
     channels_last: Literal["auto", "on", "off"]  # auto: on for CPU and CUDA conv nets
     deterministic: bool
     progress: bool  # tqdm bars
     sync_bn: bool  # under torchrun: batch-norm statistics over the global batch, not each rank's share
 
 
-def stage_registry() -> dict:
+def stage_registry() -> dict[str, Stage]:
     import stages
 
     return stages.REGISTRY
-
-
-def base(node: str) -> str:
-    return node.split("/", 1)[0]
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the packages that shape results (for manifests and reports)."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "hydra-core", "torch-pruning"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip() or None
-    except Exception:
-        return None
 
 
 class Runner:
@@ -99,13 +79,12 @@ class Runner:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.registry = stage_registry()
         errors: list[str] = []
-        self.root = bind({k: cfg.get(k) for k in ("stage", "pipeline", "run_upstream", "force", "seed",
-                                                  "device", "amp", "channels_last", "deterministic",
-                                                  "progress", "sync_bn")}, RootConfig, "", errors)
+        self.root = bind({k: cfg.get(k) for k in ROOT_KEYS}, RootConfig, "", errors)
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
-        self.settings = {name: bind(cfg.get(name), mod.Config, name, errors)
-                         for name, mod in self.registry.items()}
+        stage_errors: dict[str, list[str]] = {name: [] for name in self.registry}
+        self.settings = {name: bind(cfg.get(name), st.config, name, stage_errors[name])
+                         for name, st in self.registry.items()}
         if self.root is not None:
             names = ", ".join(["all", *self.registry])
             if self.root.stage != "all" and self.root.stage not in self.registry:
@@ -113,50 +92,110 @@ class Runner:
             for s in self.root.pipeline:
                 if s not in self.registry:
                     errors.append(f"pipeline: {s!r} is not a stage; choose from {names}")
+            if not self.root.pipeline and self.root.stage == "all":
+                errors.append("pipeline: empty, so stage=all has nothing to run; list stages, e.g. "
+                              "pipeline=[train,export,validate], or choose one with stage=<name>")
+        if errors or self.root is None or self.data_cfg is None or self.model_cfg is None:
+            chosen = set(self.root.pipeline if self.root else []) | {self.root.stage if self.root else ""}
+            raise_if_errors(errors + [e for s in self.registry if s in chosen for e in stage_errors[s]])
+        self.view = GraphView(tuple(self.root.pipeline), self.root.stage, self.settings, self.data_cfg,
+                              self.model_cfg, self.registry)
+        self.needed = self._needed_stages(stage_errors, errors)  # stages that will run: only these are checked
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        for name, st in self.settings.items():
+        for name in self.needed:
+            st = self.settings[name]
             if isinstance(st, FitConfig) and st.batch_size % world:
                 errors.append(f"{name}.batch_size: {st.batch_size} is not divisible by the world size {world}; "
                               f"use a multiple of {world}")
-        if not errors:  # checks that build the model need a valid config first
-            for mod in self.registry.values():
-                if (check := getattr(mod, "check_config", None)) is not None:
-                    errors.extend(check(self))
+        for name in self.needed:  # checks that build the model, for stages whose settings bound
+            if self.settings[name] is not None and (check := self.registry[name].check) is not None:
+                errors.extend(check(self.view))
         raise_if_errors(errors)
         self._keys: dict[str, str] = {}
+        self._fingerprint: str | None = None
         self.artifacts_root = Path(cfg.paths.artifacts)
+        self.cache_dir = Path(cfg.paths.cache)
 
     # ------------------------------------------------------------ graph
 
+    def _needed_stages(self, stage_errors: dict[str, list[str]], errors: list[str]) -> list[str]:
+        """Walk from the requested stages through their inputs; report bind errors of stages on the way."""
+        seen_stages: set[str] = set()
+        seen_nodes: set[str] = set()
+
+        def stage_ok(s: str) -> bool:
+            if s not in seen_stages:
+                seen_stages.add(s)
+                errors.extend(stage_errors[s])
+            return self.settings[s] is not None
+
+        def visit(node: str) -> None:
+            if node in seen_nodes:
+                return
+            seen_nodes.add(node)
+            if not stage_ok(base(node)):
+                return
+            try:
+                ups = self.view.inputs_of(node)
+            except PipelineError as e:
+                errors.append(str(e))
+                return
+            for up in ups.values():
+                if base(up) not in self.registry:
+                    if self.registry[base(node)].check is None:
+                        errors.append(f"{node}: its input {up!r} is not a stage")
+                    continue
+                visit(up)
+
+        chosen = self.root.pipeline if self.root.stage == "all" else [self.root.stage]
+        for s in chosen:
+            if stage_ok(s):
+                try:
+                    nodes = self.view.expand(s)
+                except PipelineError as e:
+                    errors.append(str(e))
+                    continue
+                for n in nodes:
+                    visit(n)
+        return [s for s in self.registry if s in seen_stages]
+
     def model_stages(self) -> list[str]:
-        """Stages in the configured sequence that produce a PyTorch model."""
-        return [s for s in self.root.pipeline if getattr(self.registry[s], "PRODUCES_MODEL", False)]
+        return self.view.model_stages()
 
     def expand(self, stage: str) -> list[str]:
-        """The graph nodes of a stage: itself, or what its ``nodes(runner)`` lists (export/<stage>, ...)."""
-        nodes = getattr(self.registry[stage], "nodes", None)
-        return nodes(self) if nodes is not None else [stage]
+        return self.view.expand(stage)
 
     def targets(self) -> list[str]:
         chosen = self.root.pipeline if self.root.stage == "all" else [self.root.stage]
         return [n for s in chosen for n in self.expand(s)]
 
     def inputs(self, node: str) -> dict[str, str]:
-        return self.registry[base(node)].inputs(self, node)
+        return self.view.inputs_of(node)
 
-    def key(self, node: str) -> str:
+    def data_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.data_cfg)
+        return self._fingerprint
+
+    def key(self, node: str, _stack: tuple[str, ...] = ()) -> str:
+        if node in _stack:
+            raise PipelineError(f"the stage graph has a cycle: {' -> '.join([*_stack, node])}; check the "
+                                "stages' source settings (qat.source, distill.student)")
         if node not in self._keys:
-            mod = self.registry[base(node)]
-            c = self.cfg
-            self._keys[node] = stable_hash({
-                "node": node, "version": getattr(mod, "VERSION", 1),
-                "section": OmegaConf.to_container(c[base(node)], resolve=True),
-                "data": OmegaConf.to_container(c.data, resolve=True),
-                "model": OmegaConf.to_container(c.model, resolve=True),
-                "seed": c.seed,
-                "inputs": {role: self.key(n) for role, n in self.inputs(node).items()},
-                "extra": mod.key_extra(self, node) if hasattr(mod, "key_extra") else None,
-            })
+            st = self.registry[base(node)]
+            payload: dict[str, Any] = {
+                "node": node, "version": st.version,
+                "settings": key_settings(self.settings[base(node)]),
+                "data": key_settings(self.data_cfg), "data_files": self.data_fingerprint(),
+                "model": key_settings(self.model_cfg), "seed": self.root.seed,
+                "inputs": {role: self.key(n, (*_stack, node)) for role, n in self.inputs(node).items()},
+                "extra": st.key_extra(self.view, node) if st.key_extra is not None else None,
+            }
+            if st.trains:
+                payload["runtime"] = runtime_key(self.root.device, self.root.amp, self._channels_last(),
+                                                 self.root.deterministic,
+                                                 int(os.environ.get("WORLD_SIZE", "1")), self.root.sync_bn)
+            self._keys[node] = stable_hash(payload)
         return self._keys[node]
 
     def artifact_dir(self, node: str) -> Path:
@@ -182,18 +221,31 @@ class Runner:
     def _channels_last(self) -> bool:
         return self.root.channels_last != "off"
 
+    def _artifact(self, node: str, path: Path) -> Artifact:
+        return Artifact(node, self.key(node), path, self.model_cfg.target)
+
+    def _reusable(self, node: str, final: Path) -> bool:
+        """An artifact exists for this key and its files match the manifest's hashes (rank 0 decides)."""
+        ok = False
+        if self.rt.is_main and (final / MANIFEST).is_file():
+            problem = verify_artifact(final)
+            if problem is None:
+                ok = True
+            else:
+                log.warning("%s: the artifact in %s is damaged (%s); building it again", node, final, problem)
+        return self.rt.agree(ok)
+
     def _ensure(self, node: str, requested: set[str], done: dict[str, Artifact]) -> Artifact:
         if node in done:
             return done[node]
-        mod = self.registry[base(node)]
+        self.key(node)  # raises on a cycle before anything is built
+        st = self.registry[base(node)]
         inputs = {role: self._ensure(n, requested, done) for role, n in self.inputs(node).items()}
-        cached = getattr(mod, "CACHED", True)
-        final = self.artifact_dir(node) if cached else self.run_dir
+        final = self.artifact_dir(node) if st.cached else self.run_dir
         force = self.root.force == "all" or (self.root.force == "stage" and node in requested)
-        exists = self.rt.agree(cached and (final / MANIFEST).is_file())  # rank 0 decides under torchrun
-        if exists and not force:
+        if st.cached and not force and self._reusable(node, final):
             log.info("%s: reusing %s (same config)", node, final)
-            done[node] = Artifact(node, self.key(node), final)
+            done[node] = self._gated(node, st, self._artifact(node, final))
             return done[node]
         if node not in requested:
             if not self.root.run_upstream:
@@ -203,43 +255,64 @@ class Runner:
                 )
             log.info("%s: no artifact for this config; running it first (upstream of %s)",
                      node, ", ".join(sorted(requested)))
-        done[node] = self._build(node, mod, inputs, final, cached, force)
+        done[node] = self._gated(node, st, self._build(node, st, inputs, final, force))
         return done[node]
 
-    def _build(self, node, mod, inputs, final: Path, cached: bool, force: bool) -> Artifact:
+    def _gated(self, node: str, st: Stage, art: Artifact) -> Artifact:
+        if st.gate is not None and st.cached:
+            failures = st.gate(self.settings[st.name], node, art.metrics)
+            if failures:
+                raise PipelineError(f"{failures[0]} (artifact kept in {art.path})")
+        return art
+
+    def _build(self, node: str, st: Stage, inputs: dict[str, Artifact], final: Path, force: bool) -> Artifact:
         """Build under the artifact's lock. Under torchrun rank 0 holds the lock and writes; the other
         ranks train along in the same work folder (for resuming) and write nothing."""
         key, main = self.key(node), self.rt.is_main
-        lock = final.parent / f"{key}.lock" if cached else self.run_dir / ".validate.lock"
-        work_dir = final.parent / f"{key}.work" if cached else self.run_dir / ".work"
+        if st.cached:
+            lock, work_dir = final.parent / f"{key}.lock", final.parent / f"{key}.work"
+        else:
+            lock, work_dir = self.run_dir / f".{st.name}.lock", self.run_dir / f".{st.name}.work"
         with file_lock(lock) if main else contextlib.nullcontext():
             # a parallel job may have built it while this one waited for the lock
-            if self.rt.agree(cached and not force and (final / MANIFEST).is_file()):
+            if st.cached and not force and self._reusable(node, final):
                 log.info("%s: reusing %s (built by another job)", node, final)
-                return Artifact(node, key, final)
+                return self._artifact(node, final)
             if main:
+                if st.cached:  # staging folders of killed runs of this key (nobody else holds the lock)
+                    for stale in final.parent.glob(f".{final.name}.*.partial"):
+                        shutil.rmtree(stale, ignore_errors=True)
                 log.info("%s: running -> %s", node, final)
                 start = _dt.datetime.now(_dt.timezone.utc)
-                with staging_dir(final) if cached else contextlib.nullcontext(final) as out:
-                    metrics = self._run_stage(node, mod, inputs, out, work_dir)
-                    self._write_meta(node, key, inputs, out, metrics, start)
-            elif not getattr(mod, "MAIN_ONLY", False):
+                with staging_dir(final) if st.cached else contextlib.nullcontext(final) as out:
+                    metrics = self._run_stage(node, st, inputs, out, work_dir)
+                    missing = [f for f in st.outputs if not (out / f).is_file()]
+                    if missing:
+                        raise RuntimeError(f"stage {st.name} declares outputs {missing} but did not write them")
+                    if st.cached:
+                        self._write_meta(node, key, inputs, out, metrics, start)
+            elif not st.main_only:
                 with tempfile.TemporaryDirectory() as tmp:
-                    self._run_stage(node, mod, inputs, Path(tmp), work_dir)
+                    self._run_stage(node, st, inputs, Path(tmp), work_dir)
             self.rt.barrier()
             if main:
                 shutil.rmtree(work_dir, ignore_errors=True)
-        return Artifact(node, key, final)
+        return self._artifact(node, final)
 
-    def _run_stage(self, node, mod, inputs, out: Path, work_dir: Path) -> dict:
+    def _run_stage(self, node: str, st: Stage, inputs: dict[str, Artifact], out: Path, work_dir: Path) -> dict:
         if self.rt.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(node=node, cfg=self.cfg, settings=self.settings[base(node)],
-                           data_cfg=self.data_cfg, model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True),
-                           rt=self.rt, inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir)
-        return mod.run(ctx)
+        extra = st.key_extra(self.view, node) if st.key_extra is not None else None
+        ctx = StageContext(node=node, settings=self.settings[st.name], data_cfg=self.data_cfg,
+                           model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True), rt=self.rt,
+                           inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir,
+                           cache_dir=self.cache_dir, extra=extra or {})
+        return st.run(ctx)
 
-    def _write_meta(self, node, key, inputs, out: Path, metrics: dict, start) -> None:
+    def _write_meta(self, node: str, key: str, inputs: dict[str, Artifact], out: Path, metrics: dict,
+                    start: _dt.datetime) -> None:
+        from pipeline.artifacts import file_sha256
+
         write_json(out / METRICS, metrics)
         atomic_write_text(out / CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
         files = sorted(p for p in out.iterdir() if p.is_file() and p.name != MANIFEST
@@ -249,8 +322,9 @@ class Runner:
             "created": start.isoformat(timespec="seconds"),
             "seconds": round((_dt.datetime.now(_dt.timezone.utc) - start).total_seconds(), 1),
             "inputs": {r: {"node": a.node, "key": a.key, "path": str(a.path)} for r, a in inputs.items()},
-            "outputs": {p.name: file_sha256(p) for p in files if p.suffix in (".pt", ".onnx")},
-            "versions": versions(), "git_commit": _git_commit(),
+            "data_files": self.data_fingerprint(),
+            "outputs": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files},
+            "versions": versions(), "git_commit": git_commit(),
         })
 
 

@@ -128,16 +128,44 @@ class Runtime:
             torch.distributed.barrier()
 
 
+def resolve_device(device: str) -> str:
+    """``auto|cpu|cuda`` -> the device type the run will use ("cpu" or "cuda")."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"device={device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def resolve_amp(device_type: str, amp: str) -> str:
+    """``auto|off|bf16|fp16`` -> the autocast the run will use. On CPU only bf16 (asked for explicitly)."""
+    if device_type == "cuda":
+        if amp == "off":
+            return "off"
+        return "bf16" if (amp == "auto" and torch.cuda.is_bf16_supported()) or amp == "bf16" else "fp16"
+    if amp == "fp16":
+        raise PipelineError("amp=fp16 needs a CUDA GPU; on CPU use amp=bf16 or amp=off")
+    return "bf16" if amp == "bf16" else "off"
+
+
+def runtime_key(device: str, amp: str, channels_last: bool, deterministic: bool, world_size: int,
+                sync_bn: bool) -> dict:
+    """What of the runtime changes a trained model (part of training stages' artifact keys)."""
+    dev = resolve_device(device)
+    out = {"device": dev, "amp": resolve_amp(dev, amp), "channels_last": channels_last, "world_size": world_size}
+    if dev == "cuda":
+        out["deterministic"] = deterministic
+    if world_size > 1:
+        out["sync_bn"] = sync_bn
+    return out
+
+
 def make_runtime(device: str, seed: int, amp: str, channels_last: bool, progress: bool,
                  deterministic: bool, sync_bn: bool = True) -> Runtime:
     """Resolve ``device=auto|cpu|cuda``, seed everything and join torchrun's process group."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
-    if device not in ("auto", "cpu", "cuda"):
-        raise PipelineError(f"device={device!r} is not one of auto, cpu, cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device) == "cuda"
     dist = world_size > 1
     if dist and not torch.distributed.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
@@ -148,9 +176,7 @@ def make_runtime(device: str, seed: int, amp: str, channels_last: bool, progress
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    amp_mode = "off"
-    if dev.type == "cuda" and amp != "off":
-        amp_mode = "bf16" if (amp == "auto" and torch.cuda.is_bf16_supported()) or amp == "bf16" else "fp16"
+    amp_mode = resolve_amp(dev.type, amp)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

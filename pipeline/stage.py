@@ -1,33 +1,86 @@
-"""What a stage is: a module in ``stages/`` with the same small surface (a Protocol, not a base class).
+"""The stage contract: one registered, typed ``Stage`` per module in ``stages/``, read by the runner.
 
-Each stage module defines::
-
-    NAME: str                       # its key in the config and the artifact folder name
-    Config: type                    # dataclass bound to cfg.<NAME> before anything runs
-    OUTPUTS: tuple[str, ...]        # files it writes into its artifact folder
-    def inputs(runner, node) -> dict[str, str]  # role -> upstream node ("train", "export/prune", ...)
-    def run(ctx: StageContext) -> dict  # does the work, writes OUTPUTS into ctx.out_dir, returns metrics
-
-and optionally ``PRODUCES_MODEL`` (its ``model.pt`` is exported), ``CACHED = False`` (writes into the
-run folder, e.g. validate), ``MAIN_ONLY`` (rank 0 only under torchrun), ``check_config(runner)``
-(checks that need the model, run before anything trains), ``nodes(runner)`` (a stage that is
-several graph nodes, e.g. ``export/<stage>``) and ``key_extra(runner, node)`` (more that its
-artifact key depends on).
+A stage module ends with ``STAGE = Stage(name=..., config=Config, run=run, ...)``; ``stages/__init__.py``
+collects them (a new stage is its module, its YAML ``conf/stages/<name>.yaml`` and one line in the
+defaults of ``conf/config.yaml``). Stages see the graph only through ``GraphView`` (the bound
+settings and the configured sequence), never the runner, and import nothing from other stages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.artifacts import CKPT_EXTRA, MANIFEST, METRICS, load_checkpoint, read_json
 from pipeline.data import DataConfig, Splits, load_splits
-from pipeline.models import load_model
+from pipeline.models import ModelConfig, load_model
 from pipeline.runtime import Runtime
+
+
+def base(node: str) -> str:
+    """The stage of a graph node: ``export/qat`` -> ``export``."""
+    return node.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class GraphView:
+    """What a stage may know about the rest of the run: bound settings and the configured sequence."""
+
+    pipeline: tuple[str, ...]  # the configured sequence of stages
+    requested: str  # root `stage`: "all" or one stage name
+    settings: Mapping[str, Any]  # stage name -> its bound Config
+    data: DataConfig
+    model: ModelConfig
+    stages: Mapping[str, Stage] = field(repr=False)
+
+    def model_stages(self) -> list[str]:
+        """Stages of the configured sequence whose artifact is a PyTorch model (exported to ONNX)."""
+        return [s for s in self.pipeline if self.stages[s].produces_model]
+
+    def all_model_stages(self) -> list[str]:
+        """Every registered stage that produces a model, in or out of the sequence."""
+        return [s for s, st in self.stages.items() if st.produces_model]
+
+    def will_run(self, stage: str) -> bool:
+        return stage in self.pipeline or self.requested == stage
+
+    def expand(self, stage: str) -> list[str]:
+        """The graph nodes of a stage: itself, or what its ``nodes`` lists (``export/<stage>``, ...)."""
+        st = self.stages[stage]
+        return st.nodes(self) if st.nodes is not None else [stage]
+
+    def inputs_of(self, node: str) -> dict[str, str]:
+        """Role -> upstream node of any node (e.g. which model feeds ``qat``)."""
+        return self.stages[base(node)].inputs(self, node)
+
+
+def no_inputs(view: GraphView, node: str) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, as the runner sees it."""
+
+    name: str  # its key in the config (``cfg.<name>``) and its artifact folder
+    config: type  # dataclass bound to ``cfg.<name>`` before anything runs (no defaults: the YAML has them)
+    run: Callable[[StageContext], dict]  # does the work, writes `outputs` into ctx.out_dir, returns metrics
+    outputs: tuple[str, ...]  # files it writes (checked by the runner; metrics.json is written by the runner)
+    inputs: Callable[[GraphView, str], dict[str, str]] = no_inputs  # role -> upstream node
+    produces_model: bool = False  # its model.pt is exported to ONNX and can feed later stages
+    cached: bool = True  # False: writes into the run folder, never reused (validate)
+    main_only: bool = False  # under torchrun only rank 0 runs it (ONNX Runtime work)
+    trains: bool = False  # results depend on device / amp / channels_last / world size (part of the key)
+    check: Callable[[GraphView], list[str]] | None = None  # checks that need the model; only if the stage runs
+    nodes: Callable[[GraphView], list[str]] | None = None  # a stage that is several nodes (export/<stage>)
+    key_extra: Callable[[GraphView, str], dict | None] | None = None  # more the node depends on (ctx.extra)
+    gate: Callable[[Any, str, dict], list[str]] | None = None  # (settings, node, metrics) -> failures, applied
+    # to new and reused artifacts alike (gates are not part of the key)
+    version: int = 1  # bump when the stage's code changes its artifacts
 
 
 @dataclass
@@ -37,6 +90,7 @@ class Artifact:
     node: str
     key: str
     path: Path
+    trusted_target: str | None = None  # the configured model.target: the only class a checkpoint may name
 
     @property
     def metrics(self) -> dict:
@@ -52,11 +106,12 @@ class Artifact:
     def model(self) -> tuple[nn.Module, str]:
         """Rebuild the PyTorch model of this artifact; returns it with its precision."""
         ckpt = self.checkpoint()
+        source = str(self.path / "model.pt")
         if ckpt[CKPT_EXTRA].get("quant"):
             from pipeline import quant
 
-            return quant.load_quantized(ckpt, str(self.path)), "int8"
-        return load_model(ckpt, str(self.path / "model.pt")), "fp32"
+            return quant.load_quantized(ckpt, source, self.trusted_target), "int8"
+        return load_model(ckpt, source, self.trusted_target), "fp32"
 
 
 @dataclass
@@ -64,28 +119,23 @@ class StageContext:
     """Everything a stage needs, built by the runner."""
 
     node: str  # e.g. "prune" or "export/distill"
-    cfg: DictConfig  # the full composed config
     settings: Any  # this stage's bound Config dataclass
     data_cfg: DataConfig
-    model_cfg: dict
+    model_cfg: dict  # the configured model (plain dict, as checkpoints store it)
     rt: Runtime
     inputs: dict[str, Artifact]
     out_dir: Path  # staging folder; renamed into place when run() returns
     work_dir: Path  # survives interruptions (resume checkpoints)
     run_dir: Path  # the Hydra run folder (reports)
+    cache_dir: Path  # decoded data sets
+    extra: dict = field(default_factory=dict)  # what the stage's key_extra returned for this node
     _splits: Splits | None = field(default=None, repr=False)
 
     def splits(self) -> Splits:
         if self._splits is None:
-            self._splits = load_splits(self.data_cfg, self.rt.seed, Path(self.cfg.paths.cache), self.rt.progress)
+            self._splits = load_splits(self.data_cfg, self.rt.seed, self.cache_dir, self.rt.progress)
         return self._splits
 
-
-class Stage(Protocol):
-    NAME: str
-    Config: type
-    OUTPUTS: tuple[str, ...]
-
-    def inputs(self, runner: Any, node: str) -> dict[str, str]: ...
-
-    def run(self, ctx: StageContext) -> dict: ...
+    @property
+    def trusted_target(self) -> str | None:
+        return self.model_cfg.get("target")

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_write_text, write_json
-from pipeline.report import _plot, markdown_table
+from pipeline.report import markdown_table, plot_points
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def write_summary(sweep_dir: Path) -> dict | None:
             seen.add(key)
             label = r["name"] if r["name"] == "baseline" else f"{r['name']} ({r['overrides']})"
             points.append((label, r["throughput_ips"], r["accuracy"]))
-    _plot(points, "sweep: accuracy vs ONNX Runtime throughput", Path(sweep_dir) / "summary.png", pareto=True)
+    plot_points(points, "sweep: accuracy vs ONNX Runtime throughput", Path(sweep_dir) / "summary.png", pareto=True)
     md = ["# Sweep summary", "", f"{len(summary['jobs'])} jobs in `{sweep_dir}`.", "",
           markdown_table(summary["rows"], SUMMARY_COLUMNS), "", "![Pareto plot](summary.png)", ""]
     atomic_write_text(Path(sweep_dir) / "summary.md", "\n".join(md))

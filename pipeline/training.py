@@ -12,12 +12,14 @@ import contextlib
 import io
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,12 @@ class FitConfig:
             errs.append(f"lr: {self.lr} must be > 0")
         if not 0 <= self.label_smoothing < 1:
             errs.append(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        if self.momentum < 0:
+            errs.append(f"momentum: {self.momentum} must be >= 0")
+        if self.weight_decay < 0:
+            errs.append(f"weight_decay: {self.weight_decay} must be >= 0")
+        if self.warmup_epochs < 0:
+            errs.append(f"warmup_epochs: {self.warmup_epochs} must be >= 0")
         return errs
 
 
@@ -123,6 +131,30 @@ class FitResult:
     best_val_acc: float
     epochs_run: int
     images_per_s: float
+    resumed_at_epoch: int = 0  # > 0: continued from an interrupted run's checkpoint after this epoch
+
+    def resume_info(self) -> dict:
+        """For metrics.json: whether the run was resumed (its weights equal an uninterrupted run's on CPU)."""
+        return {"resumed_at_epoch": self.resumed_at_epoch} if self.resumed_at_epoch else {}
+
+
+def rng_state(aug: torch.Generator) -> dict:
+    """Every random state a training epoch draws from, as plain data (``weights_only`` loadable)."""
+    mt, pos, has_gauss, gauss = np.random.get_state()[1:]
+    return {"torch": torch.get_rng_state(), "aug": aug.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(state: dict, aug: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    aug.set_state(state["aug"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    mt, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", mt.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -169,21 +201,27 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
 
     work_dir = Path(work_dir)
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
+    rng_path = work_dir / f"rng-{rt.rank}.pt"  # each rank's random states (augmentation is per rank)
     start_epoch, history, best_acc = 0, [], -1.0
     if last_path.is_file():
         try:
             state = torch.load(last_path, map_location="cpu", weights_only=True)
+            rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+            if rng["epoch"] != state["epoch"]:
+                raise ValueError(f"random states of epoch {rng['epoch']}, weights of epoch {state['epoch']}")
             model.load_state_dict(state["model"])
             if extra is not None:
                 extra.load_state_dict(state["extra"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            set_rng_state(rng["state"], train_it.generator)
             start_epoch, history, best_acc = state["epoch"], state["history"], state["best_acc"]
             train_it.epoch = start_epoch
             log.info("%s: resuming from %s at epoch %d/%d", desc, last_path, start_epoch, cfg.epochs)
         except Exception as e:  # a checkpoint from another config or a broken file: start over
             log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
             start_epoch, history, best_acc = 0, [], -1.0
+    resumed_at = start_epoch
     with rt.global_batchnorm(model):  # before wrapping: DDP sees the synchronised layers
         ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
         if extra is not None:
@@ -215,10 +253,10 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                 if step % 20 == 19 or step == len(train_it) - 1:
                     avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
                     if not math.isfinite(avg):
-                        raise PipelineError(
-                            f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped, the last good "
-                            f"checkpoint is kept in {work_dir}; lower {section}.lr or check the data"
-                        )
+                        kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last_path}" if epoch > 0
+                                else "no epoch had finished, so no checkpoint was kept")
+                        raise PipelineError(f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped ({kept}); "
+                                            f"lower {section}.lr or check the data")
                     bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -243,6 +281,9 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                          "best_acc": best_acc}
                 if extra is not None:
                     state["extra"] = extra.state_dict()
+            # random states first: a kill between the two writes leaves them ahead, which resume detects
+            _save_state(rng_path, {"epoch": epoch + 1, "state": rng_state(train_it.generator)})
+            if rt.is_main:
                 _save_state(last_path, state)
             rt.barrier()
     if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
@@ -251,7 +292,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
         if best_state is not None:
             model.load_state_dict(best_state)
     return FitResult(history, best_acc, cfg.epochs - start_epoch,
-                     seen * rt.world_size / busy if busy else float("nan"))
+                     seen * rt.world_size / busy if busy else float("nan"), resumed_at)
 
 
 @contextlib.contextmanager

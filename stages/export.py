@@ -11,34 +11,33 @@ weights and compute for GPUs, float32 inputs and outputs).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline import onnxio
-from pipeline.errors import PipelineError
-from pipeline.stage import StageContext
+from pipeline import onnxio, quant
+from pipeline.config import not_in_key
+from pipeline.stage import GraphView, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-NAME = "export"
-MAIN_ONLY = True  # ONNX Runtime work: rank 0 only under torchrun
-OUTPUTS = ("model.onnx", "metrics.json")
+ORT_STATIC = "ort_static"
+FP16_SUFFIX = "_fp16"
 
 
 @dataclass
 class Config:
     """``conf/stages/export.yaml``."""
 
-    opset: int  # ONNX opset (>= 13 for per-channel QDQ)
+    opset: int  # ONNX opset (>= 18 for the QDQ translations)
     parity_images: int  # test images used for the PyTorch-vs-ORT parity check
-    min_top1_agreement: float  # %; below this the export fails
-    min_int8_coverage: float  # fraction of convs/matmuls that must run as INT8 kernels (qat)
-    ort_static_reference: bool = True  # with qat: also quantize its FP32 input with ORT's quantize_static
-    calib_images: int = 512  # training images that calibrate ORT's static quantization
-    fp16: list[str] = field(default_factory=list)  # FP32 model stages also exported as FP16 ONNX
+    min_top1_agreement: float = not_in_key()  # gate, %: below this the export fails
+    min_int8_coverage: float = not_in_key()  # gate: share of the quantized convs/matmuls ORT must run in INT8
+    ort_static_reference: bool = not_in_key()  # adds the export/ort_static node (its own key)
+    calib_images: int = not_in_key()  # export/ort_static only (in that node's key_extra)
+    fp16: list[str] = not_in_key()  # adds export/<stage>_fp16 nodes (each with its own key)
 
     def check(self) -> list[str]:
         errs = []
@@ -46,35 +45,63 @@ class Config:
             errs.append(f"opset: {self.opset} is too old for the QDQ translations (opset 18); use 18 or newer")
         if self.parity_images < 1:
             errs.append("parity_images: use at least 1")
+        if not 0 <= self.min_top1_agreement <= 100:
+            errs.append(f"min_top1_agreement: {self.min_top1_agreement} must be a percentage in [0, 100]")
+        if not 0 <= self.min_int8_coverage <= 1:
+            errs.append(f"min_int8_coverage: {self.min_int8_coverage} must be a fraction in [0, 1]")
+        if self.calib_images < 1:
+            errs.append(f"calib_images: {self.calib_images}; ORT static quantization needs calibration images")
         return errs
 
 
-ORT_STATIC = "ort_static"
-FP16_SUFFIX = "_fp16"
-
-
-def nodes(runner) -> list[str]:
+def nodes(view: GraphView) -> list[str]:
     """``export/<stage>`` per model stage, plus the ORT static reference and the FP16 exports."""
-    models = runner.model_stages()
-    out = [f"{NAME}/{s}" for s in models]
-    if "qat" in models and runner.settings[NAME].ort_static_reference:
-        out.append(f"{NAME}/{ORT_STATIC}")
-    return out + [f"{NAME}/{s}{FP16_SUFFIX}" for s in runner.settings[NAME].fp16 if s in models]
+    cfg: Config = view.settings["export"]
+    models = view.model_stages()
+    out = [f"export/{s}" for s in models]
+    if "qat" in models and cfg.ort_static_reference:
+        out.append(f"export/{ORT_STATIC}")
+    return out + [f"export/{s}{FP16_SUFFIX}" for s in cfg.fp16 if s in models]
 
 
-def inputs(runner, node: str) -> dict[str, str]:
+def inputs(view: GraphView, node: str) -> dict[str, str]:
     _, _, src = node.partition("/")
     if src == ORT_STATIC:  # the FP32 ONNX of the model that entered QAT
-        from stages.qat import source_stage
-
-        return {"model": f"export/{source_stage(runner)}"}
+        return {"model": f"export/{view.inputs_of('qat')['model']}"}
     return {"model": src.removesuffix(FP16_SUFFIX)}
 
 
-def check_config(runner) -> list[str]:
-    stages = [s for s in runner.model_stages() if s != "qat"]
+def check(view: GraphView) -> list[str]:
+    stages = [s for s in view.model_stages() if s != "qat"]
     return [f"export.fp16: {s!r} is not an FP32 model stage of the pipeline; choose from {', '.join(stages)}"
-            for s in runner.settings[NAME].fp16 if s not in stages]
+            for s in view.settings["export"].fp16 if s not in stages]
+
+
+def key_extra(view: GraphView, node: str) -> dict | None:
+    """ORT's static quantization follows the qat settings (activation type, weight bits) and calib_images."""
+    if node == f"export/{ORT_STATIC}":
+        qat, cfg = view.settings["qat"], view.settings["export"]
+        return {"act_dtype": qat.act_dtype, "weight_bits": qat.weight_bits, "calib_images": cfg.calib_images}
+    return None
+
+
+def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
+    """Checks of an export (new or reused) against the gates, which are not part of its key."""
+    failures = []
+    if node.endswith(ORT_STATIC):
+        return failures
+    cov = metrics.get("int8_coverage")
+    if cov and cov["int8_kernels"] < cfg.min_int8_coverage * cov["quantized_layers"]:
+        failures.append(
+            f"{node}: only {cov['int8_kernels']} of the {cov['quantized_layers']} quantized convs/matmuls run as "
+            f"INT8 kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
+            f"(export.min_int8_coverage={cfg.min_int8_coverage})")
+    agreement = metrics["parity"]["top1_agreement"]
+    if agreement < cfg.min_top1_agreement:
+        failures.append(
+            f"{node}: ONNX Runtime agrees with PyTorch on only {agreement:.2f}% of top-1 predictions "
+            f"(export.min_top1_agreement={cfg.min_top1_agreement}); the exported model is wrong")
+    return failures
 
 
 class _Float16(nn.Module):
@@ -88,14 +115,6 @@ class _Float16(nn.Module):
         return self.model(x.half()).float()
 
 
-def key_extra(runner, node: str) -> dict | None:
-    """ORT's static quantization follows the qat settings (activation type, weight bits)."""
-    if node == f"export/{ORT_STATIC}":
-        qat = runner.settings["qat"]
-        return {"act_dtype": qat.act_dtype, "weight_bits": qat.weight_bits}
-    return None
-
-
 def _ort_static(ctx: StageContext) -> dict:
     """Reference row: ONNX Runtime's own static QDQ quantization of the FP32 model that entered QAT."""
     cfg: Config = ctx.settings
@@ -104,12 +123,9 @@ def _ort_static(ctx: StageContext) -> dict:
     calib = onnxio.normalise(splits.train_x[torch.randperm(len(splits.train_y), generator=torch.Generator()
                                                            .manual_seed(ctx.rt.seed))[: cfg.calib_images]],
                              ctx.data_cfg.mean, ctx.data_cfg.std)
-    if len(calib) == 0:
-        raise PipelineError("export.calib_images=0: ORT static quantization needs calibration images")
-
     path = ctx.out_dir / "model.onnx"
-    onnxio.ort_static_quantize(src.path / "model.onnx", path, calib, ctx.cfg.qat.act_dtype, ctx.cfg.qat.weight_bits,
-                               ctx.work_dir)
+    onnxio.ort_static_quantize(src.path / "model.onnx", path, calib, ctx.extra["act_dtype"],
+                               ctx.extra["weight_bits"], ctx.work_dir)
     n = min(cfg.parity_images, len(splits.test_y))
     x = onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std)
     ref = onnxio.predict(onnxio.session(src.path / "model.onnx"), x)
@@ -140,8 +156,6 @@ def run(ctx: StageContext) -> dict:
     with torch.no_grad():
         ref = torch.cat([model(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
     if precision == "int8":
-        from pipeline import quant
-
         onnxio.export_onnx(quant.to_deploy(model), x[:2], path, cfg.opset, quant.onnx_translations())
     elif ctx.node.endswith(FP16_SUFFIX):  # parity is measured against the FP32 model
         precision = "fp16"
@@ -161,19 +175,13 @@ def run(ctx: StageContext) -> dict:
              metrics["size_mb"], metrics["parity"]["max_abs_diff"], agreement)
     if precision == "int8":
         cov = onnxio.kernel_coverage(path)
-        cov["quantized_layers"] = wanted = len(quant.quantized_layers(model))  # the rest: qat.float_layers
+        cov["quantized_layers"] = len(quant.quantized_layers(model))  # the rest: qat.float_layers
         metrics["int8_coverage"] = cov
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized, the rest kept FP32)",
-                 ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], wanted)
-        if cov["int8_kernels"] < cfg.min_int8_coverage * wanted:
-            raise PipelineError(
-                f"{ctx.node}: only {cov['int8_kernels']} of the {wanted} quantized convs/matmuls run as INT8 "
-                f"kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
-                f"(export.min_int8_coverage={cfg.min_int8_coverage})"
-            )
-    if agreement < cfg.min_top1_agreement:
-        raise PipelineError(
-            f"{ctx.node}: ONNX Runtime agrees with PyTorch on only {agreement:.2f}% of top-1 predictions "
-            f"(export.min_top1_agreement={cfg.min_top1_agreement}); the exported model is wrong"
-        )
+                 ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
+                 cov["quantized_layers"])
     return metrics
+
+
+STAGE = Stage(name="export", config=Config, run=run, outputs=("model.onnx",), inputs=inputs, main_only=True,
+              check=check, nodes=nodes, key_extra=key_extra, gate=gate)

@@ -1,9 +1,9 @@
 """qat: quantization-aware training towards a real INT8 model.
 
-Reads: ``qat.source`` (default ``distill``; the last model stage before qat when that one is not in
-the pipeline) and, with ``qat.distill_alpha > 0``, ``train`` as teacher. Writes ``model.pt`` (the
-QAT state dict + the float architecture, pruned shapes and quantization spec that rebuild it) and
-``metrics.json`` (accuracy of the FP32 input, after calibration only (PTQ) and after QAT).
+Reads: ``qat.source`` (default ``distill``; built first when it has no artifact) and, with
+``qat.distill_alpha > 0``, ``train`` as teacher. Writes ``model.pt`` (the QAT state dict + the float
+architecture, pruned shapes and quantization spec that rebuild it) and ``metrics.json`` (accuracy of
+the FP32 input, after calibration only (PTQ) and after QAT).
 
 Steps: fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
 observers on real training batches -> fake-quant fine-tuning -> freeze BN statistics and observers
@@ -19,38 +19,35 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 from pipeline import quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
 from pipeline.data import batches
+from pipeline.distillation import KDLoss, freeze_teacher
 from pipeline.errors import PipelineError
 from pipeline.models import build_model, count_macs, count_params, unknown_layer_errors
-from pipeline.stage import StageContext
+from pipeline.stage import GraphView, Stage, StageContext
 from pipeline.training import FitConfig, evaluate, fit, interrupt_message
 
 log = logging.getLogger(__name__)
-
-NAME = "qat"
-OUTPUTS = ("model.pt", "metrics.json")
-PRODUCES_MODEL = True
 
 
 @dataclass
 class Config(FitConfig):
     """``conf/stages/qat.yaml``; FitConfig fields drive the fake-quant fine-tuning."""
 
-    source: str = "distill"  # model stage to quantize: distill | prune | train
-    act_dtype: Literal["uint8", "int8"] = "uint8"  # activations; uint8 is what x86 ORT kernels want
-    weight_bits: int = 7  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
-    calib_batches: int = 16  # training batches (unaugmented) that calibrate the observers
-    calib_batch_size: int = 64
-    freeze_bn_epoch: int = 1  # from this epoch on, BN statistics are frozen (folded with running stats)
-    freeze_observer_epoch: int = 1  # from this epoch on, activation ranges are frozen
-    distill_alpha: float = 0.0  # > 0: distil from the FP32 teacher during QAT (KD weight)
-    temperature: float = 4.0
-    float_layers: list[str] = dataclasses.field(default_factory=list)  # module names kept in FP32
+    source: str  # model stage to quantize: distill | prune | train
+    act_dtype: Literal["uint8", "int8"]  # activations; uint8 is what x86 ORT kernels want
+    weight_bits: int  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
+    calib_batches: int  # training batches (unaugmented) that calibrate the observers
+    calib_batch_size: int
+    observer_ema: float  # moving-average constant of the activation ranges during QAT
+    freeze_bn_epoch: int  # from this epoch on, BN statistics are frozen (folded with running stats)
+    freeze_observer_epoch: int  # from this epoch on, activation ranges are frozen
+    distill_alpha: float  # > 0: distil from the FP32 teacher during QAT (KD weight)
+    temperature: float
+    float_layers: list[str]  # module names kept in FP32
 
     def check(self) -> list[str]:
         errs = super().check()
@@ -58,41 +55,36 @@ class Config(FitConfig):
             errs.append(f"weight_bits: {self.weight_bits}; use 8, or 7 on CPUs without VNNI")
         if self.calib_batches < 1:
             errs.append(f"calib_batches: {self.calib_batches}; calibration needs at least one batch")
+        if self.calib_batch_size < 1:
+            errs.append(f"calib_batch_size: {self.calib_batch_size} must be >= 1")
+        if not 0.0 < self.observer_ema <= 1.0:
+            errs.append(f"observer_ema: {self.observer_ema} must be in (0, 1]")
         if not 0.0 <= self.distill_alpha <= 1.0:
             errs.append(f"distill_alpha: {self.distill_alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            errs.append(f"temperature: {self.temperature} must be > 0")
         return errs
 
 
-def source_stage(runner) -> str:
-    cfg: Config = runner.settings[NAME]
-    pipe = runner.root.pipeline
-    if cfg.source in pipe or "qat" not in pipe:
-        return cfg.source
-    before = [s for s in pipe[: pipe.index("qat")] if s in runner.model_stages() and s != "qat"]
-    return before[-1] if before else cfg.source
-
-
-def inputs(runner, node: str) -> dict[str, str]:
-    out = {"model": source_stage(runner)}
-    if runner.settings[NAME].distill_alpha > 0:
+def inputs(view: GraphView, node: str) -> dict[str, str]:
+    cfg: Config = view.settings["qat"]
+    out = {"model": cfg.source}
+    if cfg.distill_alpha > 0:
         out["teacher"] = "train"
     return out
 
 
-def check_config(runner) -> list[str]:
-    cfg: Config = runner.settings[NAME]
-    models = [s for s, m in runner.registry.items() if getattr(m, "PRODUCES_MODEL", False) and s != NAME]
+def check(view: GraphView) -> list[str]:
+    cfg: Config = view.settings["qat"]
+    models = [s for s in view.all_model_stages() if s != "qat"]
     if cfg.source not in models:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
-    if NAME not in runner.root.pipeline and runner.root.stage != NAME:
-        return []
-    model = build_model(runner.model_cfg.__dict__)
-    errs = unknown_layer_errors("qat.float_layers", cfg.float_layers, model,
-                                runner.model_cfg.name or runner.model_cfg.target)
+    model = build_model(view.model.__dict__)
+    errs = unknown_layer_errors("qat.float_layers", cfg.float_layers, model, view.model.name or view.model.target)
     if errs:
         return errs
     try:  # unsupported layers are reported before any training starts
-        gm = quant.prepare_qat(model, _spec(cfg))
+        gm = quant.prepare_qat(model, spec(cfg))
     except PipelineError as e:
         return [f"qat: {e}"]
     if not quant.quantized_layers(gm):
@@ -100,8 +92,8 @@ def check_config(runner) -> list[str]:
     return []
 
 
-def _spec(cfg: Config) -> quant.QuantSpec:
-    return quant.QuantSpec(cfg.act_dtype, cfg.weight_bits, float_layers=tuple(cfg.float_layers))
+def spec(cfg: Config) -> quant.QuantSpec:
+    return quant.QuantSpec(cfg.act_dtype, cfg.weight_bits, cfg.observer_ema, tuple(cfg.float_layers))
 
 
 def _epoch_hook(cfg: Config):
@@ -121,8 +113,8 @@ def run(ctx: StageContext) -> dict:
     src = ctx.inputs["model"]
     ckpt = src.checkpoint()
     model, _ = src.model()
-    spec = _spec(cfg)
-    gm = quant.prepare_qat(model, spec)
+    qspec = spec(cfg)
+    gm = quant.prepare_qat(model, qspec)
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
                     seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
@@ -136,15 +128,9 @@ def run(ctx: StageContext) -> dict:
 
     loss_fn = None
     if cfg.distill_alpha > 0:
-        from stages.distill import Config as KDConfig
-        from stages.distill import KDLoss
-
-        teacher = ctx.inputs["teacher"].model()[0].to(rt.device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        kd_cfg = KDConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitConfig)},
-                             "alpha": cfg.distill_alpha, "temperature": cfg.temperature})
-        loss_fn = KDLoss(teacher, kd_cfg, gm, torch.zeros(1, 3, 8, 8))
+        teacher = freeze_teacher(ctx.inputs["teacher"].model()[0], rt)
+        loss_fn = KDLoss(teacher, alpha=cfg.distill_alpha, temperature=cfg.temperature,
+                         label_smoothing=cfg.label_smoothing)
     with interrupt_message("quantization-aware training"):
         res = fit(gm, splits, ctx.data_cfg, cfg, rt, ctx.work_dir, loss_fn=loss_fn, desc="qat",
                   on_epoch_start=_epoch_hook(cfg))
@@ -153,10 +139,14 @@ def run(ctx: StageContext) -> dict:
     test_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     gm = gm.cpu()
     save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
-                    extra={"quant": dataclasses.asdict(spec)})
+                    extra={"quant": dataclasses.asdict(qspec)})
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
-            "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(spec),
+            "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
             "quantized_layers": n_quantized,
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
-            "history": res.history}
+            "history": res.history, **res.resume_info()}
+
+
+STAGE = Stage(name="qat", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,
+              trains=True, check=check)

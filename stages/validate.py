@@ -10,20 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pipeline import onnxio, report
+from pipeline.config import not_in_key
+from pipeline.env import versions
 from pipeline.errors import PipelineError
-from pipeline.runner import versions
-from pipeline.stage import StageContext
+from pipeline.stage import GraphView, Stage, StageContext
 
 log = logging.getLogger(__name__)
-
-NAME = "validate"
-MAIN_ONLY = True  # ONNX Runtime work: rank 0 only under torchrun
-OUTPUTS = ("report.json", "report.md", "report.png")
-CACHED = False
 
 
 @dataclass
@@ -38,9 +34,9 @@ class Config:
     latency_runs: int  # batch-1 runs per round
     throughput_runs: int  # batch runs per round
     rounds: int  # interleaved rounds over all models; medians are reported
-    max_accuracy_drop: float | None = None  # gate: points of top-1 below the baseline
-    min_speedup: float | None = None  # gate: throughput / baseline throughput
-    models: list[str] = field(default_factory=list)  # restrict to these rows (empty = all)
+    max_accuracy_drop: float | None = not_in_key()  # gate: points of top-1 below the baseline
+    min_speedup: float | None = not_in_key()  # gate: throughput / baseline throughput
+    models: list[str]  # restrict to these rows (empty = all)
 
     def check(self) -> list[str]:
         errs = []
@@ -62,8 +58,8 @@ def row_name(src: str, metrics: dict) -> str:
     return ROW_NAMES.get(src, src) + ("-int8" if metrics["precision"] == "int8" else "")
 
 
-def inputs(runner, node: str) -> dict[str, str]:
-    nodes = runner.expand("export")
+def inputs(view: GraphView, node: str) -> dict[str, str]:
+    nodes = view.expand("export")
     if not nodes:
         raise PipelineError(
             "validate needs at least one model stage in `pipeline`, e.g. pipeline=[train,export,validate]"
@@ -139,3 +135,7 @@ def run(ctx: StageContext) -> dict:
     if failures:
         raise PipelineError(f"gate failed: {failures[0]} (report: {ctx.run_dir / 'report.md'})")
     return {"report": str(ctx.run_dir / "report.json"), "best": rep["best"]}
+
+
+STAGE = Stage(name="validate", config=Config, run=run, outputs=("report.json", "report.md", "report.png"),
+              inputs=inputs, cached=False, main_only=True)

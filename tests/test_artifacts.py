@@ -16,7 +16,7 @@ def test_checkpoint_roundtrip_with_weights_only(tmp_path):
     m = build_model(R20)
     save_checkpoint(tmp_path / "m.pt", m.state_dict(), R20)
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
-    m2 = load_model(ckpt)
+    m2 = load_model(ckpt, "m.pt", None)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(m.eval()(x), m2.eval()(x))
 
@@ -38,7 +38,7 @@ def test_checkpoint_from_other_architecture(tmp_path):
     m = build_model(R20)
     ckpt = {"model_cfg": {**R20, "name": "resnet32"}, "shapes": {}, "state_dict": m.state_dict(), "extra": {}}
     with pytest.raises(PipelineError, match="does not fit model resnet32"):
-        load_model(ckpt)
+        load_model(ckpt, "ckpt", None)
 
 
 def test_pruned_shapes_rebuild(tmp_path):
@@ -52,9 +52,6 @@ def test_pruned_shapes_rebuild(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    class Boom(bytes):
-        pass
-
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "f.bin", object())  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []

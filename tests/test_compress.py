@@ -13,6 +13,8 @@ from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
 from pipeline.runner import Runner, run_pipeline
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
+SPEC = quant.QuantSpec("uint8", 8, 0.01, ())
+SPEC_FLOAT = quant.QuantSpec("uint8", 8, 0.01, ("conv1", "layer1"))
 
 
 @pytest.mark.parametrize("override,match", [
@@ -59,11 +61,11 @@ def test_teacher_checkpoint_that_does_not_fit(cfg_factory, tmp_path):
 
 def test_unsupported_layer_is_named():
     with pytest.raises(PipelineError, match=r"layer 'features\.0\.2' \(Hardswish\) cannot be quantized"):
-        quant.prepare_qat(build_model({"name": "mobilenet_v3_small", "num_classes": 10}), quant.QuantSpec())
+        quant.prepare_qat(build_model({"name": "mobilenet_v3_small", "num_classes": 10}), SPEC)
 
 
 def test_empty_calibration_set():
-    gm = quant.prepare_qat(build_model(R8), quant.QuantSpec())
+    gm = quant.prepare_qat(build_model(R8), SPEC)
     with pytest.raises(PipelineError, match="calibration set is empty"):
         quant.calibrate(gm, [])
 
@@ -73,7 +75,7 @@ def test_qat_export_runs_on_int8_kernels(tmp_path, name):
     torch.manual_seed(0)
     model = build_model({"name": name, "num_classes": 10, "width": 0.5}).eval()
     x = torch.randn(16, 3, 32, 32)
-    gm = quant.prepare_qat(model, quant.QuantSpec())
+    gm = quant.prepare_qat(model, SPEC)
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
@@ -88,7 +90,7 @@ def test_float_layers_stay_fp32_and_the_rest_runs_int8(tmp_path):
     torch.manual_seed(0)
     model = build_model(R8).eval()
     x = torch.randn(16, 3, 32, 32)
-    gm = quant.prepare_qat(model, quant.QuantSpec(float_layers=("conv1", "layer1")))
+    gm = quant.prepare_qat(model, SPEC_FLOAT)
     quantized = quant.quantized_layers(gm)
     assert quantized and not any(n.startswith(("conv1", "layer1")) for n in quantized), quantized
     assert isinstance(gm.get_submodule("layer1.0.conv1"), torch.nn.Conv2d)
@@ -104,7 +106,7 @@ def test_float_layers_stay_fp32_and_the_rest_runs_int8(tmp_path):
 
 
 def test_dropped_blocks_are_rebuilt_from_the_recorded_shapes():
-    from stages.prune import drop_blocks
+    from pipeline.pruning import drop_blocks
 
     cfg = {"name": "resnet20", "num_classes": 10, "width": 0.5}
     torch.manual_seed(0)

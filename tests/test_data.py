@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 
 def _cfg(**kw) -> DataConfig:
     base = dict(source="embedded", root=None, download=False, image_size=32, num_classes=10,
-                val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4)
+                val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4, train_subset=None)
     base.update(kw)
     return DataConfig(**base)
 

@@ -18,7 +18,7 @@ def _setup(n=256):
     x = torch.randint(0, 100, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
     x[y == 1, 0] += 120  # class 1: bright red channel, learnable in a few steps
     splits = Splits(x, y, x[:64], y[:64], x[:64], y[:64], ["a", "b"])
-    dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, False, 0)
+    dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, False, 0, None)
     rt = make_runtime("cpu", 0, "off", False, False, False)
     return splits, dc, rt
 
@@ -86,7 +86,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             with torch.no_grad():
                 m.fc.weight.fill_(float("nan"))
 
-    with pytest.raises(PipelineError, match=r"loss became nan in epoch 2.*last good checkpoint"):
+    kept = r"loss became nan in epoch 2; stopped \(the last good checkpoint \(epoch 1\) is kept in .*last.pt\)"
+    with pytest.raises(PipelineError, match=kept + "; lower train.lr"):
         fit(model, splits, dc, _fit_cfg(), rt, tmp_path, on_epoch_start=poison)
     good = torch.load(tmp_path / "last.pt", weights_only=True)
     assert good["epoch"] == 1 and torch.isfinite(good["model"]["fc.weight"]).all()

@@ -19,32 +19,28 @@ import copy
 import logging
 import statistics
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import onnxio, quant
+from pipeline import onnxio, pruning, quant
 from pipeline.data import load_splits
 from pipeline.models import build_model, count_macs
 from pipeline.tools import data_config
 
 
 def _pruned(model: torch.nn.Module, dc, target_macs: float, prune_stem: bool, drop: list[str]) -> torch.nn.Module:
-    """Channel pruning exactly as ``stage=prune`` does it (l1, per layer, round_to 8), no fine-tuning."""
+    """Channel pruning exactly as ``stage=prune`` does it (its YAML settings), no fine-tuning."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from pipeline.tools import CONF
-    from stages import prune
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        raw = compose(config_name="config", overrides=[f"prune.target_macs={target_macs}",
-                                                       f"prune.keep_first_conv={not prune_stem}"]).prune
-    cfg = prune.Config(**OmegaConf.to_container(raw, resolve=True))
-    prune.drop_blocks(model, drop)
-    return prune._channel_prune(model, types.SimpleNamespace(settings=cfg, data_cfg=dc), finetune=None).eval()
+        settings = compose(config_name="config", overrides=[f"prune.target_macs={target_macs}",
+                                                            f"prune.keep_first_conv={not prune_stem}"]).prune
+    pruning.drop_blocks(model, drop)
+    return pruning.channel_prune(model, pruning.ChannelPlan.of(settings), dc.image_size).eval()
 
 
 def main() -> None:
@@ -77,7 +73,7 @@ def main() -> None:
         print(f"pruned to {count_macs(model, dc.image_size):.3g} MACs, conv widths "
               f"{[m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]}")
     float_layers = tuple(n for n in args.float_layers.split(",") if n)
-    gm = quant.prepare_qat(model, quant.QuantSpec(weight_bits=args.weight_bits, float_layers=float_layers))
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", args.weight_bits, 0.01, float_layers))
     quant.calibrate(gm, [(torch.from_numpy(calib[i : i + 64]), None) for i in range(0, 256, 64)])
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -1,0 +1,172 @@
+"""Pruning algorithms (no stage logic): depth pruning, channel pruning with Torch-Pruning, magnitude pruning.
+
+``stages/prune.py`` is the recipe that calls these; benchmarks call them too. ``ratio`` is always the
+fraction *removed*.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.models import count_macs, replace_with_identity
+
+log = logging.getLogger(__name__)
+
+# finetune(model, epochs, tag): fine-tunes between iterative steps (None: no fine-tuning)
+Finetune = Callable[[nn.Module, int, str], None] | None
+
+
+@dataclass
+class ChannelPlan:
+    """What channel pruning needs to know: the ``prune.*`` keys of the same names (no defaults here)."""
+
+    ratio: float  # fraction of each layer's output channels removed
+    target_macs: float | None  # remove channels until MACs <= this instead (overrides ratio)
+    importance: str  # l1 | l2 | bn_scale | taylor
+    global_pruning: bool
+    keep_first_conv: bool
+    exclude: list[str]
+    steps: int
+    step_epochs: int
+    round_to: int | None
+
+    @classmethod
+    def of(cls, settings: object) -> ChannelPlan:
+        """The plan from any object with these attributes (the prune stage's bound config)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+def block_shapes(model: nn.Module, names: list[str], size: int) -> dict[str, tuple[list, list]]:
+    """Input and output shapes of the named modules, from one forward pass at ``size``."""
+    shapes, hooks = {}, []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: shapes.__setitem__(n, (list(i[0].shape), list(o.shape)))))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def drop_blocks(model: nn.Module, names: list[str]) -> nn.Module:
+    """Depth pruning: each named residual block becomes ``nn.Identity`` (its branch removed).
+
+    Exact for blocks whose output is ``relu(branch(x) + x)`` with a non-negative input ``x``
+    (ResNets: the block input is the previous block's ReLU output); then fine-tuning/KD recovers.
+    """
+    for n in names:
+        replace_with_identity(model, n)
+    return model
+
+
+def classifier(model: nn.Module) -> nn.Module | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> list[nn.Module]:
+    """Layers whose output channels are never pruned: ``exclude``, the classifier, optionally the stem."""
+    named = dict(model.named_modules())
+    kept = [named[n] for n in exclude]
+    if (fc := classifier(model)) is not None:
+        kept.append(fc)
+    if keep_first_conv:
+        kept.append(next(m for m in model.modules() if isinstance(m, nn.Conv2d)))
+    return kept
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    }[name]()
+
+
+def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune: Finetune = None,
+                  grads: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Remove output channels in place with Torch-Pruning's dependency graph; returns the model.
+
+    ``grads(model)`` fills ``.grad`` before each step (needed by ``importance=taylor``).
+    """
+    import torch_pruning as tp
+
+    example = torch.zeros(1, 3, image_size, image_size)
+    base_macs = count_macs(model, image_size)
+    by_macs = plan.target_macs is not None
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
+        pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
+        ignored_layers=kept_layers(model, plan.exclude, plan.keep_first_conv), round_to=plan.round_to,
+    )
+    for step in range(plan.steps):
+        if by_macs:  # small increments until this step's share of the MACs budget is met
+            goal = base_macs - (base_macs - plan.target_macs) * (step + 1) / plan.steps
+            while count_macs(model, image_size) > goal and pruner.current_step < pruner.iterative_steps:
+                if grads is not None:
+                    grads(model)
+                pruner.step()
+            if count_macs(model, image_size) > goal:
+                raise PipelineError(f"prune.target_macs={plan.target_macs:.4g} cannot be reached with the kept "
+                                    "layers; raise it or exclude fewer layers")
+        else:
+            if grads is not None:
+                grads(model)
+            pruner.step()
+        log.info("prune: step %d/%d, MACs %.3g -> %.3g", step + 1, plan.steps, base_macs,
+                 count_macs(model, image_size))
+        if step < plan.steps - 1 and finetune is not None:
+            finetune(model, plan.step_epochs, f"step{step + 1}")
+    return model
+
+
+def magnitude_prune(model: nn.Module, ratio: float, steps: int, global_pruning: bool, kept: list[nn.Module],
+                    step_epochs: int = 0, finetune: Finetune = None) -> nn.Module:
+    """Zero the smallest weights of every conv/linear not in ``kept`` (masks stay until ``make_permanent``)."""
+    import torch.nn.utils.prune as tprune
+
+    kept_ids = set(map(id, kept))
+    targets = [(m, "weight") for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in kept_ids]
+    for step in range(steps):
+        # overall sparsity after this step: ratio * (step+1)/steps, applied to what is left
+        total = ratio * (step + 1) / steps
+        done = ratio * step / steps
+        amount = (total - done) / (1 - done)
+        if global_pruning:
+            tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=amount)
+        else:
+            for m, p in targets:
+                tprune.l1_unstructured(m, p, amount=amount)
+        if step < steps - 1 and finetune is not None:
+            finetune(model, step_epochs, f"step{step + 1}")
+    return model
+
+
+def make_permanent(model: nn.Module) -> None:
+    """Fold magnitude-pruning masks into the weights (plain state dict again)."""
+    import torch.nn.utils.prune as tprune
+
+    for m in model.modules():
+        if tprune.is_pruned(m) and hasattr(m, "weight_orig"):
+            tprune.remove(m, "weight")
+
+
+def layer_report(model: nn.Module) -> dict[str, dict]:
+    """Shape and weight sparsity of every conv / linear."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.detach()
+            out[name] = {"shape": list(w.shape), "sparsity": float((w == 0).float().mean())}
+    return out
