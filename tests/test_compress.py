@@ -134,3 +134,46 @@ def test_prune_shrinks_and_reloads(cfg_factory, tmp_path, method):
     else:
         assert m["macs"] == m["baseline"]["macs"] and 0.45 < m["weight_sparsity"] < 0.55
         assert "weight_orig" not in str(list(model.state_dict()))
+
+
+@pytest.mark.parametrize("name,float_layers", [("resnet8", ()), ("mobilenet_v2", ()), ("resnet8", ("conv1", "layer1"))])
+def test_deploy_form_computes_exactly_what_qat_trained(name, float_layers):
+    """to_deploy (INT8 weight buffers, INT32 bias, constant activation qparams) equals the QAT model."""
+    torch.manual_seed(0)
+    model = build_model({"name": name, "num_classes": 10, "width": 0.5}).eval()
+    x = torch.randn(8, 3, 32, 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 7, 0.01, float_layers))
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    dep = quant.to_deploy(gm)
+    assert {n for n, m in dep.named_modules() if isinstance(m, quant.DeployConv)} == set(quant.quantized_layers(gm))
+    for m in dep.modules():
+        if isinstance(m, quant.DeployConv):
+            assert m.w_q.dtype == torch.int8 and m.w_q.abs().max() <= 63  # 7-bit weights
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), gm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,lo,hi,scale,zp", [
+    ("uint8", -1.0, 3.0, 4.0 / 255, 64),   # asymmetric: [min, max] onto 0..255, zero exactly representable
+    ("uint8", 0.5, 2.0, 2.0 / 255, 0),     # a range without 0 is widened to include it
+    ("int8", -1.0, 3.0, 3.0 / 127, 0),     # symmetric: max |x| onto 127
+])
+def test_activation_qparams(dtype, lo, hi, scale, zp):
+    aq = quant.ActQuant(quant.QuantSpec(dtype, 8, 0.01, ()))
+    aq.calibrating = True
+    aq(torch.tensor([lo, hi, (lo + hi) / 2]))
+    assert aq.scale.item() == pytest.approx(scale, rel=1e-6) and aq.zero_point.item() == zp
+    aq.calibrating, aq.enabled = False, True
+    y = aq.eval()(torch.tensor([0.0, hi, hi + 10]))
+    assert y[0].item() == 0.0 and y[1].item() == pytest.approx(hi, abs=scale / 2)
+    assert y[2].item() == pytest.approx(hi, abs=scale)  # clipped at the top of the range
+
+
+def test_observer_moves_by_ema_during_qat():
+    aq = quant.ActQuant(quant.QuantSpec("uint8", 8, 0.25, ()))
+    aq.calibrating = True
+    aq(torch.tensor([0.0, 4.0]))
+    aq.calibrating = False
+    aq.train()(torch.tensor([0.0, 8.0]))
+    assert aq.max_val.item() == pytest.approx(4.0 + 0.25 * (8.0 - 4.0))

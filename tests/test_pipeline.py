@@ -51,6 +51,14 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     assert done2["train"].path == train_dir and (train_dir / "model.pt").stat().st_mtime_ns == mtime
     done3 = run_pipeline(cfg_factory("stage=train", "force=stage"), tmp_path / "run3")
     assert (done3["train"].path / "model.pt").stat().st_mtime_ns != mtime
+    # a gate is not part of the key: every export is reused and checked against the new gate
+    onnx = {n: (a.path / "model.onnx").stat().st_mtime_ns for n, a in done.items() if n.startswith("export/")}
+    done5 = run_pipeline(cfg_factory("stage=export", "export.min_top1_agreement=50"), tmp_path / "run5")
+    assert {n: (a.path / "model.onnx").stat().st_mtime_ns for n, a in done5.items() if n in onnx} == onnx
+    worst = min((a.metrics["parity"]["top1_agreement"], n) for n, a in done5.items() if n in onnx and "static" not in n)
+    if worst[0] < 100:  # a stricter gate fails on the reused artifact, which is kept
+        with pytest.raises(PipelineError, match=rf"{worst[1]}: ONNX Runtime agrees .*artifact kept"):
+            run_pipeline(cfg_factory("stage=export", f"export.min_top1_agreement={worst[0] + 0.01}"), tmp_path / "r6")
     # a failing gate: one-line error after the report is written
     with pytest.raises(PipelineError, match=r"gate failed: .* is \d+\.\d+x the baseline \(validate.min_speedup=100"):
         run_pipeline(cfg_factory("stage=validate", "validate.min_speedup=100"), tmp_path / "run4")
@@ -103,7 +111,8 @@ def test_cli_run_and_reproduce_from_saved_config(tmp_path):
 
 
 def test_cli_help_and_bad_input_are_short(tmp_path):
-    assert "stage" in _cli("--cfg", "job", cwd=tmp_path).stdout
+    job = _cli("--cfg", "job", "prune.ratio=0.55", "experiment=tiny", cwd=tmp_path).stdout
+    assert "  ratio: 0.55\n" in job and "  name: resnet8\n" in job  # the override and the preset are composed
     assert "Powered by Hydra" in _cli("--help", cwd=tmp_path).stdout
     bad = _cli("stage=nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "error: config error: stage: 'nope' is not a stage" in bad.stderr

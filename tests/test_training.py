@@ -136,3 +136,42 @@ def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp
     torch.testing.assert_close(torch.cat([r[0]["grad"], r[1]["grad"]]), x.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r[0]["w"] + r[1]["w"], bn.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r[0]["mean"], bn.running_mean)
+
+
+def _cfg(schedule: str, epochs: int = 10, warmup: float = 0.0) -> FitConfig:
+    return FitConfig(epochs=epochs, batch_size=32, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0,
+                     schedule=schedule, warmup_epochs=warmup, label_smoothing=0.0, select="best")
+
+
+def test_lr_schedule_shapes():
+    from pipeline.training import _lr_lambda
+
+    steps = 10  # per epoch; 100 in all
+    cos = [_lr_lambda(_cfg("cosine", warmup=2), steps)(s) for s in range(100)]
+    assert cos[0] == pytest.approx(1 / 20) and cos[19] == pytest.approx(1.0)  # linear warm-up over 2 epochs
+    assert cos[20] == pytest.approx(1.0) and cos[60] == pytest.approx(0.5) and cos[99] < 0.001
+    assert all(a >= b for a, b in zip(cos[20:], cos[21:], strict=False))  # then only down
+    one = [_lr_lambda(_cfg("onecycle"), steps)(s) for s in range(100)]
+    assert one[0] == pytest.approx(0.04) and max(one) == pytest.approx(1.0) and one.index(max(one)) == 30
+    assert one[99] < 0.001
+    const = [_lr_lambda(_cfg("constant", warmup=1), steps)(s) for s in range(100)]
+    assert const[4] == pytest.approx(0.5) and set(const[10:]) == {1.0}
+
+
+def test_kd_loss_matches_a_hand_computation():
+    from pipeline.distillation import KDLoss
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    alpha, T = 0.7, 3.0
+    loss, logits = KDLoss(teacher, alpha=alpha, temperature=T)(student, x, y)
+    p_t = torch.softmax(teacher(x) / T, 1).detach().double()
+    log_p_s = torch.log_softmax(student(x) / T, 1).double()
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean() * T * T  # KL(teacher || student), batch mean
+    log_p = torch.log_softmax(student(x), 1).double()
+    ce = -log_p[torch.arange(5), y].mean()
+    assert loss.item() == pytest.approx((alpha * kl + (1 - alpha) * ce).item(), rel=1e-5)
+    assert torch.equal(logits, student(x))
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None  # the teacher gets no gradient
