@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.artifacts import CKPT_SHAPES, load_checkpoint, save_checkpoint
+from pipeline.artifacts import CKPT_SHAPES, file_sha256, load_checkpoint, save_checkpoint
 from pipeline.distillation import KDLoss, freeze_teacher, parse_feature_pairs
 from pipeline.errors import PipelineError
 from pipeline.models import available_models, build_model, count_macs, count_params, load_model, module_shapes
@@ -105,6 +105,15 @@ def check(view: GraphView) -> list[str]:
     return errs
 
 
+def key_extra(view: GraphView, node: str) -> dict | None:
+    """A teacher given as a file is keyed by its content, not its path (a replaced file re-runs distill)."""
+    cfg: Config = view.settings["distill"]
+    if cfg.teacher is None:
+        return None
+    path = Path(cfg.teacher)
+    return {"teacher_sha256": file_sha256(path) if path.is_file() else None}
+
+
 def _load_teacher_file(path: str, trusted_target: str | None) -> nn.Module:
     return load_model(load_checkpoint(Path(path)), f"distill.teacher={path}", trusted_target)
 
@@ -157,4 +166,4 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = Stage(name="distill", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,
-              trains=True, check=check)
+              trains=True, check=check, key_extra=key_extra)

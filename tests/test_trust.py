@@ -267,3 +267,11 @@ def test_concurrent_runs_keep_every_report_and_build_each_artifact_once(tmp_path
     assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1
     assert len(list((tmp_path / "o/artifacts/export/train").glob("*/manifest.json"))) == 2
     assert {json.loads(r.read_text())["rows"][0]["name"] for r in reports} == {"baseline"}
+
+
+def test_teacher_file_is_keyed_by_content(cfg_factory, tmp_path):
+    save_checkpoint(tmp_path / "t.pt", build_model(R8).state_dict(), R8)
+    key = Runner(cfg_factory(f"distill.teacher={tmp_path}/t.pt"), tmp_path).key("distill")
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path / "t.pt", build_model(R8).state_dict(), R8)  # same path, other weights
+    assert Runner(cfg_factory(f"distill.teacher={tmp_path}/t.pt"), tmp_path).key("distill") != key
