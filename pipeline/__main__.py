@@ -65,6 +65,7 @@ def check_launcher(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pipeline.artifacts import shown
     from pipeline.runner import run_pipeline
 
     for noisy in ("onnx_ir", "onnxscript", "matplotlib", "torch.onnx"):
@@ -82,6 +83,9 @@ def main(cfg: DictConfig) -> None:
     report = run_dir / "report.md"
     if report.is_file():
         print(f"report: {report}")
+        bundle = run_dir / "deploy"
+        if (bundle / "bundle.json").is_file():
+            print(f"classify: python -m pipeline.predict {shown(bundle)} <image or folder>")
     else:
         for node, art in done.items():
             print(f"{node}: {art.path}")

@@ -185,6 +185,15 @@ def staging_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def shown(path: Path) -> str:
+    """A path as a user would type it: relative when below the current folder, else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def check_writable(folder: Path) -> None:
     """Fail early, in one line, when outputs cannot be written to ``folder``."""
     folder = Path(folder)

@@ -158,4 +158,79 @@ def write_report(run_dir: Path, rep: dict) -> None:
     ]
     if env.get("note"):
         md.insert(4, f"Note: {env['note']}.")
+    md += serving_markdown(rep, run_dir)
     atomic_write_text(run_dir / "report.md", "\n".join(md))
+
+
+def serving_markdown(rep: dict, run_dir: Path) -> list[str]:
+    """The report's serving section (and serving.png): batch sizes, concurrency, session settings, bundle."""
+    srv = rep.get("serving") or {}
+    md: list[str] = []
+    if "batch" in srv:
+        sizes = sorted({b for per in srv["batch"].values() for b in per}, key=int)
+        md += ["## Serving", "", "Throughput (images/s) per batch size, one session, sequential calls:", "",
+               "| model | " + " | ".join(f"b={b}" for b in sizes) + " | best / b=1 |",
+               "|---|" + "---|" * (len(sizes) + 1)]
+        for name, per in srv["batch"].items():
+            vals = [per[b]["throughput_ips"] for b in sizes]
+            md.append(f"| {name} | " + " | ".join(f"{v:.0f}" for v in vals) + f" | {max(vals) / vals[0]:.2f}x |")
+        md.append("")
+    if "concurrency" in srv:
+        md += ["Batch-1 requests with N in flight over one shared session (thread pool / ORT `run_async`): "
+               "p50 / p99 latency in ms and images/s:", "",
+               "| model | mode | " + " | ".join(f"N={k}" for k in next(iter(
+                   next(iter(srv["concurrency"].values())).values()))) + " |",
+               "|---|---|" + "---|" * len(next(iter(next(iter(srv["concurrency"].values())).values())))]
+        for name, modes in srv["concurrency"].items():
+            for mode, per in modes.items():
+                md.append(f"| {name} | {mode} | " + " | ".join(
+                    f"{v['latency_ms_p50']:.2f} / {v['latency_ms_p99']:.2f} ms, {v['throughput_ips']:.0f}/s"
+                    for v in per.values()) + " |")
+        md.append("")
+    if "settings" in srv:
+        md += [f"Session settings for **{srv['settings']['model']}** (intra-op threads x graph optimisation):", "",
+               "| threads | graph optimisation | p50 ms (b=1) | img/s |", "|---|---|---|---|"]
+        md += [f"| {r['threads'] or 'default'} | {r['graph_optimization']} | {r['latency_ms_p50']:.2f} | "
+               f"{r['throughput_ips']:.0f} |" for r in srv["settings"]["rows"]]
+        md.append("")
+    if "batch" in srv or "concurrency" in srv:
+        _plot_serving(srv, run_dir / "serving.png")
+        md += ["![latency vs throughput](serving.png)", ""]
+    if rep.get("deploy"):
+        md += ["## Deploy", "", f"Bundle: `{rep['deploy']['path']}` (model card, metadata, config). Classify:", "",
+               f"    {rep['deploy']['predict']}", ""]
+    return md
+
+
+def _plot_serving(srv: dict, path: Path) -> None:
+    """Latency vs throughput per model: one line over batch sizes, one over concurrency levels."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for i, name in enumerate(srv.get("batch") or srv.get("concurrency")):
+        color = f"C{i}"
+        if "batch" in srv:
+            pts = sorted(srv["batch"][name].items(), key=lambda kv: int(kv[0]))
+            ax.plot([v["throughput_ips"] for _, v in pts], [v["ms_per_call"] for _, v in pts], "o-", color=color,
+                    label=f"{name} (batch sizes)")
+        if "concurrency" in srv:
+            pts = list(srv["concurrency"][name]["threads"].values())
+            ax.plot([v["throughput_ips"] for v in pts], [v["latency_ms_p50"] for v in pts], "s--", color=color,
+                    alpha=0.7, label=f"{name} (concurrent b=1)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("latency per call (ms)")
+    ax.set_title("ONNX Runtime serving: latency vs throughput", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -306,7 +306,8 @@ class Runner:
         ctx = StageContext(node=node, settings=self.settings[st.name], data_cfg=self.data_cfg,
                            model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True), rt=self.rt,
                            inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir,
-                           cache_dir=self.cache_dir, extra=extra or {})
+                           cache_dir=self.cache_dir, extra=extra or {},
+                           config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True))
         return st.run(ctx)
 
     def _write_meta(self, node: str, key: str, inputs: dict[str, Artifact], out: Path, metrics: dict,

@@ -129,6 +129,7 @@ class StageContext:
     run_dir: Path  # the Hydra run folder (reports)
     cache_dir: Path  # decoded data sets
     extra: dict = field(default_factory=dict)  # what the stage's key_extra returned for this node
+    config_yaml: str = ""  # the run's composed config (resolved), for what a stage ships (deploy bundle)
     _splits: Splits | None = field(default=None, repr=False)
 
     def splits(self) -> Splits:

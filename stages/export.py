@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import onnxio, quant
+from pipeline import deploy, onnxio, quant
 from pipeline.config import not_in_key
 from pipeline.stage import GraphView, Stage, StageContext
 
@@ -38,6 +38,7 @@ class Config:
     ort_static_reference: bool = not_in_key()  # adds the export/ort_static node (its own key)
     calib_images: int = not_in_key()  # export/ort_static only (in that node's key_extra)
     fp16: list[str] = not_in_key()  # adds export/<stage>_fp16 nodes (each with its own key)
+    embed_preprocessing: bool  # also write model_uint8.onnx: uint8 NHWC pixels in, normalisation inside
 
     def check(self) -> list[str]:
         errs = []
@@ -96,6 +97,11 @@ def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
             f"{node}: only {cov['int8_kernels']} of the {cov['quantized_layers']} quantized convs/matmuls run as "
             f"INT8 kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
             f"(export.min_int8_coverage={cfg.min_int8_coverage})")
+    pre = metrics.get("preprocessing_parity")
+    if pre and pre["top1_agreement"] < cfg.min_top1_agreement:
+        failures.append(f"{node}: the model with embedded preprocessing agrees with the float-input model on only "
+                        f"{pre['top1_agreement']:.2f}% of top-1 predictions (export.min_top1_agreement="
+                        f"{cfg.min_top1_agreement})")
     agreement = metrics["parity"]["top1_agreement"]
     if agreement < cfg.min_top1_agreement:
         failures.append(
@@ -142,10 +148,30 @@ def _ort_static(ctx: StageContext) -> dict:
     return metrics
 
 
-def run(ctx: StageContext) -> dict:
+def _with_preprocessing(ctx: StageContext, metrics: dict) -> dict:
+    """``model_uint8.onnx``: the same model behind uint8 NHWC input; parity against the float-input model."""
     cfg: Config = ctx.settings
-    if ctx.node == f"export/{ORT_STATIC}":
-        return _ort_static(ctx)
+    if not cfg.embed_preprocessing:
+        return metrics
+    src, dst = ctx.out_dir / "model.onnx", ctx.out_dir / "model_uint8.onnx"
+    deploy.embed_preprocessing(src, dst, ctx.data_cfg.mean, ctx.data_cfg.std)
+    splits = ctx.splits()
+    n = min(cfg.parity_images, len(splits.test_y))
+    ref = onnxio.predict(onnxio.session(src), onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std))
+    got = onnxio.predict(onnxio.session(dst), splits.test_x[:n].permute(0, 2, 3, 1).contiguous().numpy())
+    metrics["preprocessing_parity"] = {"images": n, "max_abs_diff": float(np.abs(ref - got).max()),
+                                       "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)}
+    log.info("%s: embedded preprocessing (uint8 NHWC input), max|diff| %.2e, top-1 agreement %.2f%%", ctx.node,
+             metrics["preprocessing_parity"]["max_abs_diff"], metrics["preprocessing_parity"]["top1_agreement"])
+    return metrics
+
+
+def run(ctx: StageContext) -> dict:
+    return _with_preprocessing(ctx, _ort_static(ctx) if ctx.node == f"export/{ORT_STATIC}" else _export(ctx))
+
+
+def _export(ctx: StageContext) -> dict:
+    cfg: Config = ctx.settings
     art = ctx.inputs["model"]
     model, precision = art.model()
     model.eval()

@@ -13,9 +13,10 @@ import platform
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline import onnxio, report
+from pipeline import deploy, onnxio, report, serving
+from pipeline.artifacts import shown
 from pipeline.config import not_in_key
-from pipeline.env import versions
+from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.stage import GraphView, Stage, StageContext
 
@@ -37,14 +38,26 @@ class Config:
     max_accuracy_drop: float | None = not_in_key()  # gate: points of top-1 below the baseline
     min_speedup: float | None = not_in_key()  # gate: throughput / baseline throughput
     models: list[str]  # restrict to these rows (empty = all)
+    serving_batch_sizes: list[int]  # throughput vs batch size for every row (empty: skip)
+    serving_runs: int  # timed calls per batch size and round
+    concurrency: list[int]  # batch-1 requests in flight over one session (thread pool and run_async); empty: skip
+    concurrency_requests: int  # requests per level, mode and model (spread over the rounds)
+    sweep_threads: list[int]  # recommended model: intra-op thread counts to compare (empty: only `threads`)
+    sweep_graph_optimization: list[Literal["disable", "basic", "extended", "all"]]  # likewise, optimisation levels
+    deploy: bool  # write the deployment bundle outputs/runs/<run>/deploy/
 
     def check(self) -> list[str]:
         errs = []
-        for k in ("batch_size", "latency_runs", "throughput_runs", "rounds"):
+        for k in ("batch_size", "latency_runs", "throughput_runs", "rounds", "serving_runs", "concurrency_requests"):
             if getattr(self, k) < 1:
                 errs.append(f"{k}: must be >= 1")
         if self.threads < 0:
             errs.append("threads: must be >= 0 (0 = ORT default)")
+        for k in ("serving_batch_sizes", "concurrency"):
+            if any(v < 1 for v in getattr(self, k)):
+                errs.append(f"{k}: {getattr(self, k)}; every value must be >= 1")
+        if any(t < 0 for t in self.sweep_threads):
+            errs.append(f"sweep_threads: {self.sweep_threads}; thread counts must be >= 0 (0 = ORT default)")
         return errs
 
 
@@ -65,6 +78,42 @@ def inputs(view: GraphView, node: str) -> dict[str, str]:
             "validate needs at least one model stage in `pipeline`, e.g. pipeline=[train,export,validate]"
         )
     return {n.split("/", 1)[1]: n for n in nodes}
+
+
+def _serving(ctx: StageContext, sessions: dict, x, providers: list[str], rows: list[dict],
+             best: str | None) -> dict:
+    """Throughput per batch size, latency under concurrency, and the settings sweep of the recommended row."""
+    cfg: Config = ctx.settings
+    out: dict = {}
+    if cfg.serving_batch_sizes:
+        out["batch"] = serving.batch_sweep(sessions, x, cfg.serving_batch_sizes, cfg.warmup, cfg.serving_runs,
+                                           cfg.rounds)
+    if cfg.concurrency:
+        out["concurrency"] = serving.concurrency(sessions, x, cfg.concurrency, cfg.concurrency_requests,
+                                                 cfg.warmup, cfg.rounds)
+    if (cfg.sweep_threads or cfg.sweep_graph_optimization) and best is not None:
+        row = next(r for r in rows if r["name"] == best)
+        out["settings"] = {"model": best, "rows": serving.settings_sweep(
+            ctx.run_dir / row["onnx"], x, cfg.sweep_threads or [cfg.threads],
+            cfg.sweep_graph_optimization or [cfg.graph_optimization], providers, cfg.batch_size, cfg.warmup,
+            cfg.throughput_runs, cfg.rounds)}
+    return out
+
+
+def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dict:
+    """outputs/runs/<run>/deploy: the recommended model (+ the baseline), metadata, model card, config."""
+    files = {}
+    for name, art in arts.items():
+        uint8 = art.path / "model_uint8.onnx"
+        files[name] = uint8 if uint8.is_file() else art.path / "model.onnx"
+    out = ctx.run_dir / "deploy"
+    reproduce = (f'python -m pipeline --config-path "{out.absolute()}" --config-name config '
+                 f"hydra.run.dir={shown(ctx.run_dir)}_reproduced")
+    deploy.write_bundle(out, rep, files, classes, ctx.data_cfg.mean, ctx.data_cfg.std, ctx.data_cfg.image_size,
+                        ctx.config_yaml, reproduce, git_commit())
+    log.info("validate: deployment bundle written to %s", out)
+    return {"path": str(out), "model": rep["best"],
+            "predict": f"python -m pipeline.predict {shown(out)} <image or folder>"}
 
 
 def _providers(choice: str) -> tuple[list[str], str]:
@@ -129,12 +178,15 @@ def run(ctx: StageContext) -> dict:
     if note:
         env["note"] = note
     rep = report.build_report(rows, base["name"], env, cfg)
+    rep["serving"] = _serving(ctx, sessions, x, providers, rows, rep["best"])
+    if cfg.deploy and rep["best"] is not None:
+        rep["deploy"] = _bundle(ctx, rep, {names[src]: art for src, art in ctx.inputs.items()}, splits.classes)
     report.write_report(ctx.run_dir, rep)
     log.info("validate: report written to %s", ctx.run_dir / "report.md")
     failures = rep["gates"]["failures"]
     if failures:
         raise PipelineError(f"gate failed: {failures[0]} (report: {ctx.run_dir / 'report.md'})")
-    return {"report": str(ctx.run_dir / "report.json"), "best": rep["best"]}
+    return {"report": str(ctx.run_dir / "report.json"), "best": rep["best"], "deploy": rep.get("deploy")}
 
 
 STAGE = Stage(name="validate", config=Config, run=run, outputs=("report.json", "report.md", "report.png"),

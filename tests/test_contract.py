@@ -142,7 +142,7 @@ def test_export_gates_judge_the_stored_metrics():
     from stages.export import Config, gate
 
     cfg = Config(opset=18, parity_images=8, min_top1_agreement=99.0, min_int8_coverage=0.5,
-                 ort_static_reference=True, calib_images=8, fp16=[])
+                 ort_static_reference=True, calib_images=8, fp16=[], embed_preprocessing=False)
     good = {"parity": {"top1_agreement": 99.5},
             "int8_coverage": {"int8_kernels": 10, "quantized_layers": 10, "float_ops": {}}}
     assert gate(cfg, "export/qat", good) == []

@@ -42,7 +42,7 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     for row in rep["rows"]:
         assert set(row) >= ROW_KEYS, ROW_KEYS - set(row)
         assert (tmp_path / "run1" / row["onnx"]).is_file()
-    assert (tmp_path / "run1/report.md").read_text().count("| baseline |") == 1
+    assert (tmp_path / "run1/report.md").read_text().count("| baseline | fp32 |") == 1
     assert (tmp_path / "run1/report.png").stat().st_size > 1000
     train_dir = done["train"].path
     assert {"model.pt", "metrics.json", "config.yaml", "manifest.json"} <= {p.name for p in train_dir.iterdir()}

@@ -1,0 +1,202 @@
+"""Classify images with an exported model, using only what the bundle holds (no Hydra config).
+
+    python -m pipeline.predict outputs/runs/<run>/deploy photo.jpg            # top-5 with class names
+    python -m pipeline.predict outputs/runs/<run>/deploy images/ --csv out.csv  # a folder, batched
+    python -m pipeline.predict model.onnx img.png --labels cat,dog --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25
+
+The model's ``metadata_props`` (written by the pipeline's bundle) give class names, mean, std and
+input size; ``--labels/--mean/--std/--size`` replace them (and are needed for a bare ONNX file).
+Images are converted to RGB and resized (bilinear) to the model's input size, as the pipeline's
+image-folder loader does, so predictions equal what validate measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import deploy
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class Predictor:
+    """One ONNX Runtime session plus the preprocessing its metadata describes."""
+
+    def __init__(self, model: Path | str, threads: int = 0, labels: list[str] | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None, size: int | None = None,
+                 providers: list[str] | None = None):
+        from pipeline import onnxio
+
+        self.path = deploy.resolve_model(Path(model))
+        self.session = onnxio.session(self.path, threads, "all", providers)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        inp = self.session.get_inputs()[0]
+        self.uint8 = inp.type == "tensor(uint8)"
+        self._name, self._out = inp.name, [self.session.get_outputs()[0].name]
+
+        def need(value, key: str, flag: str):
+            if value is not None:
+                return value
+            if key in meta:
+                return json.loads(meta[key])
+            raise PipelineError(f"{self.path} has no {key!r} in its metadata (not a pipeline bundle model); give "
+                                f"{flag} (a bare ONNX file needs --labels, --mean and --std)")
+
+        self.classes = [str(c) for c in need(labels, deploy.META_CLASSES, "--labels a,b,c")]
+        shape = inp.shape
+        spatial = shape[1] if self.uint8 else shape[2]
+        self.size = int(size or meta.get(deploy.META_SIZE, 0) or
+                        (spatial if isinstance(spatial, int) else 0))
+        if not self.size:
+            raise PipelineError(f"{self.path} does not say its input size; give --size N")
+        if not self.uint8:
+            m = np.asarray(need(mean, deploy.META_MEAN, "--mean r,g,b"), np.float32).reshape(1, 3, 1, 1)
+            s = np.asarray(need(std, deploy.META_STD, "--std r,g,b"), np.float32).reshape(1, 3, 1, 1)
+            self._m, self._s = m * np.float32(255), s * np.float32(255)
+        n_out = self.session.get_outputs()[0].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.classes):
+            raise PipelineError(f"{self.path} predicts {n_out} classes but {len(self.classes)} labels were given")
+
+    def load(self, path: Path) -> tuple[np.ndarray, str | None]:
+        """uint8 HWC RGB pixels at the model's size, and a note when the image had to be resized."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                note = None
+                if im.size != (self.size, self.size):
+                    note = f"resized from {im.size[0]}x{im.size[1]} to {self.size}x{self.size}"
+                    im = im.resize((self.size, self.size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8), note
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise PipelineError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+
+    def to_input(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> what the model takes: the same uint8, or normalised NCHW float32."""
+        if self.uint8:
+            return np.ascontiguousarray(pixels)
+        x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+        return np.ascontiguousarray((x - self._m) / self._s)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(self._out, {self._name: x})[0]
+
+    def classify(self, x: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k (class name, probability) per image of a model input batch."""
+        z = self.logits(x)
+        k = min(k, z.shape[1])
+        if z.shape[1] <= 64:  # few classes: plain Python beats numpy's per-call overhead at batch 1
+            out = []
+            for row in z.tolist():
+                top = max(row)
+                e = [math.exp(v - top) for v in row]
+                total = sum(e)
+                idx = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+                out.append([(self.classes[j], e[j] / total) for j in idx])
+            return out
+        top = np.argpartition(-z, k - 1, axis=1)[:, :k]
+        e = np.exp(z - z.max(1, keepdims=True))
+        p = e / e.sum(1, keepdims=True)
+        out = []
+        for i in range(len(z)):
+            idx = top[i][np.argsort(-z[i, top[i]])]
+            out.append([(self.classes[j], float(p[i, j])) for j in idx])
+        return out
+
+
+def iter_images(path: Path) -> Iterator[Path]:
+    """The file itself, or every image file below a folder (sorted); other files are skipped with a note."""
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise PipelineError(f"{path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        yield path
+        return
+    if not path.is_dir():
+        raise PipelineError(f"{path} does not exist; give an image file or a folder of images")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if len(images) < len(files):
+        print(f"note: skipped {len(files) - len(images)} files that are not images in {path}", file=sys.stderr)
+    if not images:
+        raise PipelineError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    yield from images
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return [float(v) for v in text.split(",")] if text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="bundle folder (outputs/runs/<run>/deploy) or .onnx file")
+    ap.add_argument("images", help="an image file or a folder of images")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--csv", help="also write the predictions to this CSV file")
+    ap.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call")
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
+    ap.add_argument("--labels", help="comma-separated class names (replaces the model's metadata)")
+    ap.add_argument("--mean", help="r,g,b normalisation mean in [0, 1]")
+    ap.add_argument("--std", help="r,g,b normalisation std in [0, 1]")
+    ap.add_argument("--size", type=int, help="input height = width in pixels")
+    args = ap.parse_args(argv)
+    try:
+        if args.top_k < 1 or args.batch < 1:
+            raise PipelineError("--top-k and --batch must be >= 1")
+        pred = Predictor(args.model, args.threads, args.labels.split(",") if args.labels else None,
+                         _floats(args.mean), _floats(args.std), args.size)
+        single = Path(args.images).is_file()
+        rows, failed, batch, names = [], 0, [], []
+
+        def flush() -> None:
+            if batch:
+                for name, top in zip(names, pred.classify(pred.to_input(np.stack(batch)), args.top_k), strict=True):
+                    print(f"{name}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+                    rows.append([name, *[v for c, p in top for v in (c, f"{p:.6f}")]])
+                batch.clear()
+                names.clear()
+
+        for path in iter_images(Path(args.images)):
+            try:
+                pixels, note = pred.load(path)
+            except PipelineError as e:
+                if single:
+                    raise
+                print(f"note: skipped {e}", file=sys.stderr)
+                failed += 1
+                continue
+            if note:
+                print(f"note: {path.name}: {note}", file=sys.stderr)
+            batch.append(pixels)
+            names.append(str(path))
+            if len(batch) == args.batch:
+                flush()
+        flush()
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["file", *[h for i in range(1, args.top_k + 1) for h in (f"class{i}", f"prob{i}")]])
+                w.writerows(rows)
+        if not rows:
+            raise PipelineError(f"no image in {args.images} could be read")
+        if failed:
+            print(f"note: {failed} images could not be read and were skipped", file=sys.stderr)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
