@@ -199,6 +199,9 @@ def serving_markdown(rep: dict, run_dir: Path) -> list[str]:
     if rep.get("deploy"):
         md += ["## Deploy", "", f"Bundle: `{rep['deploy']['path']}` (model card, metadata, config). Classify:", "",
                f"    {rep['deploy']['predict']}", ""]
+        if st := rep["deploy"].get("startup"):
+            md += [f"Session start-up: {st['seconds'] * 1e3:.1f} ms from `model.onnx`, "
+                   f"{st['seconds_optimized'] * 1e3:.1f} ms from ORT's saved optimised graph `{st['file']}`.", ""]
     return md
 
 

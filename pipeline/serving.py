@@ -133,11 +133,11 @@ def settings_sweep(path: Path, x: np.ndarray, threads: list[int], levels: list[s
              "throughput_ips": float(batch / np.median(np.concatenate(thr[(t, o)])))} for t, o in combos]
 
 
-def startup_seconds(path: Path, providers: list[str], repeats: int = 3) -> float:
+def startup_seconds(path: Path, providers: list[str], repeats: int = 3, opt_level: str = "all") -> float:
     """Median time to create an ``InferenceSession`` (graph optimisation included)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        onnxio.session(path, 0, "all", providers)
+        onnxio.session(path, 0, opt_level, providers)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))

@@ -13,6 +13,8 @@ import platform
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from pipeline import deploy, onnxio, report, serving
 from pipeline.artifacts import shown
 from pipeline.config import not_in_key
@@ -45,6 +47,7 @@ class Config:
     sweep_threads: list[int]  # recommended model: intra-op thread counts to compare (empty: only `threads`)
     sweep_graph_optimization: list[Literal["disable", "basic", "extended", "all"]]  # likewise, optimisation levels
     deploy: bool  # write the deployment bundle outputs/runs/<run>/deploy/
+    deploy_optimized: bool  # also ship ORT's optimised graph (model.optimized.onnx) and time session start-up
 
     def check(self) -> list[str]:
         errs = []
@@ -112,8 +115,26 @@ def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dic
     deploy.write_bundle(out, rep, files, classes, ctx.data_cfg.mean, ctx.data_cfg.std, ctx.data_cfg.image_size,
                         ctx.config_yaml, reproduce, git_commit())
     log.info("validate: deployment bundle written to %s", out)
-    return {"path": str(out), "model": rep["best"],
+    info = {"path": str(out), "model": rep["best"],
             "predict": f"python -m pipeline.predict {shown(out)} <image or folder>"}
+    if ctx.settings.deploy_optimized:
+        info["startup"] = _optimized(out, ctx.settings)
+    return info
+
+
+def _optimized(out, cfg: Config) -> dict:
+    """ORT's optimised graph of the recommended model, saved once, and session start-up with and without it."""
+    providers, _ = _providers(cfg.provider)
+    opt = out / "model.optimized.onnx"
+    onnxio.session(out / "model.onnx", cfg.threads, cfg.graph_optimization, providers, optimized_path=opt)
+    plain, loaded = [], []
+    for _ in range(5):  # interleaved
+        plain.append(serving.startup_seconds(out / "model.onnx", providers, 1))
+        loaded.append(serving.startup_seconds(opt, providers, 1, "disable"))
+    res = {"file": opt.name, "seconds": float(np.median(plain)), "seconds_optimized": float(np.median(loaded))}
+    log.info("validate: session start-up %.1f ms, from the saved optimised graph %.1f ms", res["seconds"] * 1e3,
+             res["seconds_optimized"] * 1e3)
+    return res
 
 
 def _providers(choice: str) -> tuple[list[str], str]:

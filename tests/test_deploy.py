@@ -118,6 +118,7 @@ def test_run_writes_a_bundle_that_predicts_like_validate(cfg_factory, tmp_path, 
     if rep["best"] != "baseline":
         assert deploy.read_metadata(run / "deploy/baseline.onnx")[deploy.META_PRECISION] == "fp32"
     assert {"batch", "concurrency"} <= set(rep["serving"]) and (run / "serving.png").is_file()
+    assert rep["deploy"]["startup"]["seconds_optimized"] > 0 and (run / "deploy/model.optimized.onnx").is_file()
     files = _test_jpegs(tmp_path / "imgs", 150)
     pred = Predictor(run / "deploy")
     top1 = np.array([json.loads(meta[deploy.META_CLASSES]).index(t[0][0])
