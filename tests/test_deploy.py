@@ -131,3 +131,28 @@ def test_run_writes_a_bundle_that_predicts_like_validate(cfg_factory, tmp_path, 
     s = load_splits(data_config(), 0)
     ref = onnxio.predict(exported, onnxio.normalise(s.test_x[:150], MEAN, STD)).argmax(1)
     assert (top1 == ref).all() and abs((top1 == y).mean() * 100 - (ref == y).mean() * 100) == 0
+
+
+def test_serving_measurements_cover_every_setting(fp32_onnx):
+    from pipeline import serving
+
+    x = onnxio.normalise(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), MEAN, STD)
+    sess = {"m": onnxio.session(fp32_onnx)}
+    batch = serving.batch_sweep(sess, x, [1, 4], warmup=1, runs=2, rounds=2)
+    assert set(batch["m"]) == {1, 4} and all(v["throughput_ips"] > 0 for v in batch["m"].values())
+    conc = serving.concurrency(sess, x, [1, 3], requests=12, warmup=1, rounds=2)
+    for mode in ("threads", "async"):
+        for k in (1, 3):
+            v = conc["m"][mode][k]
+            assert 0 < v["latency_ms_p50"] <= v["latency_ms_p99"] and v["throughput_ips"] > 0
+    rows = serving.settings_sweep(fp32_onnx, x, [1, 2], ["basic", "all"], ["CPUExecutionProvider"], 4, 1, 2, 1)
+    assert [(r["threads"], r["graph_optimization"]) for r in rows] == [(1, "basic"), (1, "all"), (2, "basic"),
+                                                                        (2, "all")]
+
+
+def test_no_bundle_when_deploy_is_off(cfg_factory, tmp_path):
+    run = tmp_path / "run"
+    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "train.epochs=0", "validate.deploy=false",
+                             "validate.serving_batch_sizes=[]", "validate.concurrency=[]"), run)
+    rep = json.loads((run / "report.json").read_text())
+    assert not (run / "deploy").exists() and "deploy" not in rep and rep["serving"] == {}
