@@ -41,10 +41,30 @@ def summarize(sweep_dir: Path) -> dict:
     return {"sweep_dir": str(sweep_dir), "jobs": jobs, "rows": rows}
 
 
+def _search_marks(sweep_dir: Path, summary: dict) -> dict | None:
+    """With a search (search.json from hydra/sweeper=pareto): mark Pareto-optimal and recommended jobs."""
+    path = Path(sweep_dir) / "search.json"
+    if not path.is_file():
+        return None
+    search = json.loads(path.read_text())
+    marks = {}
+    for t in search["trials"]:
+        if t.get("job"):
+            marks[t["job"]] = ("recommended, " if t["number"] == search["recommended"] else "") + \
+                ("Pareto" if t["pareto"] else "") + ("" if t["feasible"] else " (fails constraints)")
+    for r in summary["rows"]:
+        r["search"] = marks.get(r["job"], "").strip(", ") if r["name"] == search.get("row") else ""
+    return search
+
+
 def write_summary(sweep_dir: Path) -> dict | None:
     summary = summarize(sweep_dir)
+    search = _search_marks(sweep_dir, summary)
     if not summary["rows"]:
         log.warning("sweep: no job wrote a report under %s; no summary", sweep_dir)
+        if search is not None:  # e.g. every trial was pruned by the probe: the search table still says why
+            atomic_write_text(Path(sweep_dir) / "summary.md", "# Sweep summary\n\nNo job wrote a report; see "
+                              f"search.md.\n\n{search.get('note') or ''}\n")
         return None
     write_json(Path(sweep_dir) / "summary.json", summary)
     # the Pareto plot: every distinct model once (the baseline is shared across jobs)
@@ -56,8 +76,14 @@ def write_summary(sweep_dir: Path) -> dict | None:
             label = r["name"] if r["name"] == "baseline" else f"{r['name']} ({r['overrides']})"
             points.append((label, r["throughput_ips"], r["accuracy"]))
     plot_points(points, "sweep: accuracy vs ONNX Runtime throughput", Path(sweep_dir) / "summary.png", pareto=True)
+    columns = SUMMARY_COLUMNS + ([("search", "search", "{}")] if search is not None else [])
     md = ["# Sweep summary", "", f"{len(summary['jobs'])} jobs in `{sweep_dir}`.", "",
-          markdown_table(summary["rows"], SUMMARY_COLUMNS), "", "![Pareto plot](summary.png)", ""]
+          markdown_table(summary["rows"], columns), "", "![Pareto plot](summary.png)", ""]
+    if search is not None:
+        summary["search"] = {k: search[k] for k in ("pareto", "recommended", "reproduce", "note")}
+        write_json(Path(sweep_dir) / "summary.json", summary)
+        md += ["Search: " + (f"recommended `{search['reproduce']}`" if search["reproduce"] else search["note"]) +
+               ". Every trial (also those pruned before training) is in `search.md`.", ""]
     atomic_write_text(Path(sweep_dir) / "summary.md", "\n".join(md))
     log.info("sweep: summary written to %s", Path(sweep_dir) / "summary.md")
     return summary
