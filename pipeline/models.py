@@ -9,11 +9,12 @@ dict is loaded, so no module is ever pickled.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from pipeline.config import not_in_key
 from pipeline.errors import PipelineError
 
 CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32,
@@ -30,10 +31,15 @@ class ModelConfig:
     small_input: bool  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
     target: str | None  # dotted path of a user nn.Module class (alternative to name)
     kwargs: dict  # extra constructor arguments for target
+    family: Literal["auto", "timm"]  # auto: CIFAR ResNets, then torchvision; timm: timm.create_model(name)
+    weights: str | None  # starting weights: a torchvision weights name (DEFAULT, ...), a file, or null
+    download: bool = not_in_key()  # let torchvision / timm download named weights (never implicit)
 
     def check(self) -> list[str]:
         if (self.name is None) == (self.target is None):
             return ["name: set exactly one of model.name (registry) or model.target (your class)"]
+        if self.family == "timm":
+            return _timm_check(self.name)
         if self.name is not None and self.name not in available_models():
             return [f"name: unknown model {self.name!r}; choose one of "
                     f"{', '.join(sorted(CIFAR_RESNET_DEPTHS))} or a torchvision classifier"]
@@ -135,7 +141,24 @@ def _import(dotted: str) -> Any:
         raise PipelineError(f"model.target={dotted!r} cannot be imported ({e}); give module.Class") from None
 
 
-MODEL_DEFAULTS = {"width": 1.0, "small_input": True, "target": None, "kwargs": {}}  # keys a dict may omit
+MODEL_DEFAULTS = {"width": 1.0, "small_input": True, "target": None, "kwargs": {}, "family": "auto",
+                  "weights": None, "download": False}  # keys an older checkpoint's model dict may lack
+
+
+def _timm_check(name: str | None) -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return ["family: timm is not installed; pip install -e '.[timm]'"]
+    if not timm.list_models(name) and not timm.list_models(name, pretrained=True):
+        return [f"name: {name!r} is not a timm model; see timm.list_models('*{name}*')"]
+    return []
+
+
+def _timm_model(mc: ModelConfig) -> nn.Module:
+    import timm
+
+    return timm.create_model(mc.name, pretrained=False, num_classes=mc.num_classes, **mc.kwargs)
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -147,6 +170,10 @@ def build_model(cfg: dict) -> nn.Module:
     mc = ModelConfig(**{**MODEL_DEFAULTS, **cfg})
     if mc.target:
         return _import(mc.target)(num_classes=mc.num_classes, **mc.kwargs)
+    if mc.family == "timm":
+        if problems := _timm_check(mc.name):
+            raise PipelineError(f"model.{problems[0]}")
+        return _timm_model(mc)
     if mc.name not in available_models():
         raise PipelineError(f"unknown model {mc.name!r}; choose one of {', '.join(sorted(CIFAR_RESNET_DEPTHS))} "
                             "or a torchvision classifier")

@@ -177,6 +177,14 @@ class Runner:
             self._fingerprint = fingerprint(self.data_cfg)
         return self._fingerprint
 
+    def _weights_id(self) -> str | None:
+        """``model.weights`` by content (a file's sha256, a torchvision URL), never by path."""
+        if not hasattr(self, "_weights"):
+            from pipeline.weights import fingerprint as weights_fingerprint
+
+            self._weights = weights_fingerprint(self.model_cfg)
+        return self._weights
+
     def key(self, node: str, _stack: tuple[str, ...] = ()) -> str:
         if node in _stack:
             raise PipelineError(f"the stage graph has a cycle: {' -> '.join([*_stack, node])}; check the "
@@ -187,7 +195,7 @@ class Runner:
                 "node": node, "version": st.version,
                 "settings": key_settings(self.settings[base(node)]),
                 "data": key_settings(self.data_cfg), "data_files": self.data_fingerprint(),
-                "model": key_settings(self.model_cfg), "seed": self.root.seed,
+                "model": {**key_settings(self.model_cfg), "weights": self._weights_id()}, "seed": self.root.seed,
                 "inputs": {role: self.key(n, (*_stack, node)) for role, n in self.inputs(node).items()},
                 "extra": st.key_extra(self.view, node) if st.key_extra is not None else None,
             }

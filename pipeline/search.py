@@ -226,7 +226,7 @@ class SearchSweeper(Sweeper):
                                               n_startup_trials=min(10, max(2, self.n_trials // 3))))
         study = optuna.create_study(storage=f"sqlite:///{sweep_dir / 'search.db'}", study_name=self.study_name,
                                     directions=directions, sampler=sampler, load_if_exists=True)
-        for t in study.trials:  # a resumed search: trials that were running when it stopped start over
+        for t in study.trials:  # a resumed search: trials that were running when it stopped are run again
             if t.state == optuna.trial.TrialState.RUNNING:
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         finished = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("counted")]
@@ -242,12 +242,12 @@ class SearchSweeper(Sweeper):
                 trial = study.ask()
                 overrides = [d.suggest(trial) for d in dims]
                 trial.set_user_attr("overrides", overrides)
-                trial.set_user_attr("counted", True)
                 if settings.probe and settings.min_speedup is not None:
                     speed = self._probe(list(arguments) + overrides, settings)
                     trial.set_user_attr("probe_speedup", speed)
                     if speed < settings.min_speedup * settings.probe_margin:
                         trial.set_user_attr("constraints", [settings.min_speedup - speed])
+                        trial.set_user_attr("counted", True)
                         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                         log.info("search: trial %d %s pruned before training: probe %.2fx < %.2fx", trial.number,
                                  " ".join(overrides), speed, settings.min_speedup)
@@ -262,6 +262,7 @@ class SearchSweeper(Sweeper):
                 row = None
                 if ret.status == JobStatus.COMPLETED:
                     row = self._row(Path(ret.hydra_cfg.hydra.runtime.output_dir), settings.row)
+                trial.set_user_attr("counted", True)  # a trial of a search killed mid-way is not counted
                 if row is None:
                     trial.set_user_attr("constraints", [1.0])
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
