@@ -27,10 +27,11 @@ class ModelConfig:
 
     name: str | None  # registry name (resnet20, resnet18, mobilenet_v2, ...)
     num_classes: int
+    image_size: int  # input height = width (follows data.image_size); transformers are built for it
     width: float  # CIFAR ResNets: channel multiplier (1.0 = 16/32/64 channels)
     small_input: bool  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
     target: str | None  # dotted path of a user nn.Module class (alternative to name)
-    kwargs: dict  # extra constructor arguments for target
+    kwargs: dict | None  # extra constructor arguments (target, timm); null = none
     family: Literal["auto", "timm"]  # auto: CIFAR ResNets, then torchvision; timm: timm.create_model(name)
     weights: str | None  # starting weights: a torchvision weights name (DEFAULT, ...), a file, or null
     download: bool = not_in_key()  # let torchvision / timm download named weights (never implicit)
@@ -115,20 +116,45 @@ def available_models() -> list[str]:
     return sorted(CIFAR_RESNET_DEPTHS) + _torchvision_names()
 
 
+NEEDS_LARGE_INPUT = ("googlenet", "inception_v3")  # stems and aux heads built for >= 75 px
+PATCH_LAYOUT = ("vit_", "swin_", "maxvit_")  # transformers: built for data.image_size, stems unchanged
+
+
 def _small_input_stem(model: nn.Module, name: str) -> None:
-    """Adapt an ImageNet stem to 32x32 inputs: stride-1 3x3 first conv, no max-pool."""
-    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet / ResNeXt / Wide ResNet
-        old = model.conv1
+    """Adapt an ImageNet stem to ~32 px inputs, by one rule for every torchvision CNN family.
+
+    The first conv gets stride 1 (ResNet/ResNeXt/Wide ResNet: a 3x3 stride-1 conv instead of 7x7/2) and a
+    max-pool between it and the next conv is removed (ResNet, ShuffleNet, DenseNet, SqueezeNet, AlexNet).
+    Patchify stems (kernel == stride, ConvNeXt) stay: at 32 px they leave 8x8 maps, enough for the stages
+    that follow. Transformers keep their patch layout (see ``PATCH_LAYOUT``); Inception/GoogLeNet need
+    larger inputs and are an error.
+    """
+    if name.startswith(NEEDS_LARGE_INPUT):
+        raise PipelineError(f"{name} needs inputs of at least 75x75 (its stem and auxiliary heads); set "
+                            "model.small_input=false and data.image_size=299 (inception_v3) or >= 96 (googlenet)")
+    if name.startswith(PATCH_LAYOUT):
+        return
+    if hasattr(model, "conv1") and hasattr(model, "maxpool") and isinstance(model.conv1, nn.Conv2d):
+        old = model.conv1  # ResNet / ResNeXt / Wide ResNet
         model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
-    elif hasattr(model, "features") and isinstance(model.features[0], nn.Sequential):
-        first = model.features[0][0]  # MobileNet / EfficientNet style: Conv2dNormActivation
-        if isinstance(first, nn.Conv2d):
-            first.stride = (1, 1)
-    else:
-        raise PipelineError(
-            f"no small-input stem known for torchvision model {name!r}; set model.small_input=false"
-        )
+        return
+    convs_seen = 0
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                convs_seen += 1
+                if convs_seen == 1 and child.kernel_size != child.stride:
+                    child.stride = (1, 1)
+                elif convs_seen == 1:
+                    return  # a patchify stem: kept
+            elif isinstance(child, nn.MaxPool2d) and convs_seen == 1:
+                setattr(parent, child_name, nn.Identity())  # the stem's max-pool
+                return
+            if convs_seen > 1:
+                return
+    if convs_seen == 0:
+        raise PipelineError(f"no convolutional stem found in {name!r}; set model.small_input=false")
 
 
 def _import(dotted: str) -> Any:
@@ -141,7 +167,7 @@ def _import(dotted: str) -> Any:
         raise PipelineError(f"model.target={dotted!r} cannot be imported ({e}); give module.Class") from None
 
 
-MODEL_DEFAULTS = {"width": 1.0, "small_input": True, "target": None, "kwargs": {}, "family": "auto",
+MODEL_DEFAULTS = {"image_size": 32, "width": 1.0, "small_input": True, "target": None, "kwargs": {}, "family": "auto",
                   "weights": None, "download": False}  # keys an older checkpoint's model dict may lack
 
 
@@ -158,7 +184,11 @@ def _timm_check(name: str | None) -> list[str]:
 def _timm_model(mc: ModelConfig) -> nn.Module:
     import timm
 
-    return timm.create_model(mc.name, pretrained=False, num_classes=mc.num_classes, **mc.kwargs)
+    kw = {"pretrained": False, "num_classes": mc.num_classes, **(mc.kwargs or {})}
+    try:  # transformers are built for the data's size; CNNs take no img_size
+        return timm.create_model(mc.name, img_size=mc.image_size, **kw)
+    except TypeError:
+        return timm.create_model(mc.name, **kw)
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -169,7 +199,12 @@ def build_model(cfg: dict) -> nn.Module:
     """
     mc = ModelConfig(**{**MODEL_DEFAULTS, **cfg})
     if mc.target:
-        return _import(mc.target)(num_classes=mc.num_classes, **mc.kwargs)
+        cls = _import(mc.target)
+        try:
+            return cls(num_classes=mc.num_classes, **(mc.kwargs or {}))
+        except Exception as e:  # the user's constructor rejected its arguments
+            raise PipelineError(f"model.target={mc.target}(num_classes={mc.num_classes}, **{mc.kwargs or {}}) failed "
+                                f"({type(e).__name__}: {str(e)[:200]}); check model.kwargs") from None
     if mc.family == "timm":
         if problems := _timm_check(mc.name):
             raise PipelineError(f"model.{problems[0]}")
@@ -181,7 +216,8 @@ def build_model(cfg: dict) -> nn.Module:
         return CifarResNet(CIFAR_RESNET_DEPTHS[mc.name], mc.num_classes, mc.width)
     import torchvision
 
-    model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes)
+    extra = {"image_size": mc.image_size} if mc.name.startswith(("vit_", "maxvit_")) else {}
+    model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra)
     if mc.small_input:
         _small_input_stem(model, mc.name)
     return model

@@ -29,7 +29,7 @@ def _export(model: torch.nn.Module, size: int, path: Path, int8: bool, qat: Dict
     model = model.eval()
     if int8:
         spec = quant.QuantSpec(qat.act_dtype, qat.weight_bits, qat.observer_ema, tuple(qat.float_layers))
-        gm = quant.prepare_qat(model, spec)
+        gm = quant.prepare_qat(model, spec, size)
         quant.calibrate(gm, [(x, None)])
         onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], path, 18, quant.onnx_translations())
     else:

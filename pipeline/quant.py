@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pipeline.errors import PipelineError
 
@@ -239,14 +240,22 @@ class DeployConv(nn.Module):
 # ---------------------------------------------------------------- graph rewrite
 
 
-_ACTS = (nn.ReLU, nn.ReLU6)
-_PASS_MODULES = (nn.Dropout, nn.Identity)
-_QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6)
+# Coverage is a table, as in ONNX Runtime's quantizer registry: the ops below get an ActQuant on their output
+# (ORT fuses DequantizeLinear -> op -> QuantizeLinear into an INT8 kernel, or moves the QDQ pair through
+# shape-only ops). Every other op (Hardswish, SiLU, GELU, LayerNorm, a BatchNorm that follows no conv, attention,
+# anything unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
+_ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
+_PASS_MODULES = (nn.Dropout, nn.Identity)  # no op in the exported graph
+_QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6,
+                        nn.Sigmoid, nn.LeakyReLU)
 _ADD = {operator.add, torch.add, operator.iadd}
+_MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
-                      torch.cat} | _ADD
+                      torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
+                      torch.reshape, torch.squeeze, torch.unsqueeze} | _ADD | _MUL
 _PASS_FUNCS = {getattr}
-_QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean"}
+_QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
+                        "unsqueeze", "contiguous", "sigmoid", "mul", "add"}
 _PASS_METHODS = {"size", "dim"}
 
 
@@ -280,7 +289,7 @@ def _float_test(prefixes: tuple[str, ...]):
     return is_float
 
 
-def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
+def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.GraphModule:
     """Rewrite a float model into its QAT form (see module docstring); raises on unknown layers.
 
     Layers named in ``spec.float_layers`` stay as they are (FP32 in ONNX Runtime); tensors crossing
@@ -295,6 +304,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
                             "models with data-dependent control flow need another qat.source") from None
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
+    try:  # tensor shapes on every node: only tensors are quantized
+        ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "
+                            f"({type(e).__name__}: {first}); check data.image_size") from None
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
@@ -329,12 +344,55 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             gm.add_submodule(node.target, QLinear(mod, spec))
     gm.recompile()
 
-    # 2. check every op is supported and insert ActQuant where ORT's QDQ fusion needs one
+    # 2. classify every op (the table above), then insert ActQuant where ORT's QDQ fusion needs one
+    def is_tensor(node: fx.Node) -> bool:
+        return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
+
+    def op_name(node: fx.Node) -> str:
+        if node.op == "call_module":
+            return type(gm.get_submodule(node.target)).__name__
+        return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+    kind: dict[fx.Node, str] = {}
+    float_ops: list[tuple[str, str, str]] = []  # (node, op, why)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            kind[node] = "input"
+        elif node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        elif is_float(node):
+            kind[node] = "float"
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
+                float_ops.append((node.name, op_name(node), "qat.float_layers"))
+            continue
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, QConvBn):
+                kind[node] = "quant_after"
+            elif isinstance(mod, (QLinear, *_PASS_MODULES)):
+                kind[node] = "pass"
+            elif isinstance(mod, _QUANT_AFTER_MODULES):
+                kind[node] = "quant_after"
+            else:
+                kind[node] = "float"
+        elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS):
+            kind[node] = "pass"
+        elif node.target in (_QUANT_AFTER_FUNCS if node.op == "call_function" else _QUANT_AFTER_METHODS):
+            kind[node] = "quant_after"
+            if node.target in _ADD and _is_act(_only_user(node), gm):
+                kind[node] = "pass"  # quantize after the activation that follows the add
+        else:
+            kind[node] = "float"
+        if kind.get(node) in ("quant_after", "input") and not is_tensor(node):
+            kind[node] = "pass"  # shapes and tuples (x.shape, chunk) are not quantized
+        if kind[node] == "float" and is_tensor(node):
+            float_ops.append((node.name, op_name(node), "no INT8 kernel in ONNX Runtime"))
     count = 0
 
     def insert_after(node: fx.Node, only_quantized_users: bool = False) -> None:
         nonlocal count
-        users = [u for u in node.users if not (only_quantized_users and (is_float(u) or u.op == "output"))]
+        users = [u for u in node.users
+                 if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output"))]
         if not users:
             return
         name = f"act_quant_{count}"
@@ -344,37 +402,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             q = graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u in users)
 
-    for node in list(graph.nodes):
-        if node.op in ("call_module", "call_function", "call_method") and is_float(node):
+    for node, k in list(kind.items()):
+        if k == "quant_after":
+            insert_after(node)
+        elif k in ("float", "input") and is_tensor(node):
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
-        elif node.op == "placeholder":
-            insert_after(node, only_quantized_users=True)
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, QConvBn):
-                insert_after(node)
-            elif isinstance(mod, (QLinear, *_PASS_MODULES)):
-                continue
-            elif isinstance(mod, _QUANT_AFTER_MODULES):
-                insert_after(node)
-            else:
-                raise PipelineError(f"layer {node.target!r} ({type(mod).__name__}) cannot be quantized by this "
-                                    "backend (conv/bn/relu/linear/pool/add only); keep it in FP32 with "
-                                    f"qat.float_layers=[{node.target}] or choose another qat.source model")
-        elif node.op == "call_function":
-            if node.target in _QUANT_AFTER_FUNCS:
-                if node.target in _ADD and _is_act(_only_user(node), gm):
-                    continue  # quantize after the activation that follows the add
-                insert_after(node)
-            elif node.target not in _PASS_FUNCS:
-                raise PipelineError(f"operation {getattr(node.target, '__name__', node.target)} at {node.name} "
-                                    "cannot be quantized by this backend; choose another qat.source model")
-        elif node.op == "call_method":
-            if node.target in _QUANT_AFTER_METHODS:
-                insert_after(node)
-            elif node.target not in _PASS_METHODS:
-                raise PipelineError(f"tensor method .{node.target}() at {node.name} cannot be quantized by this "
-                                    "backend; choose another qat.source model")
+    gm.meta["float_ops"] = float_ops
     gm.recompile()
     for node in graph.nodes:  # tell each conv/linear which observer quantizes its input (bias scale)
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
@@ -384,6 +417,14 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> fx.GraphModule:
             if src.op == "call_module" and isinstance(aq := gm.get_submodule(src.target), ActQuant):
                 object.__setattr__(m, "in_quant", aq)
     return gm
+
+
+def float_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """What stays float in a prepared model, by op type: {"Hardswish": [node names], ...}."""
+    out: dict[str, list[str]] = {}
+    for name, op, why in gm.meta.get("float_ops", []):
+        out.setdefault(f"{op} ({why})", []).append(name)
+    return out
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -432,7 +473,7 @@ def load_quantized(ckpt: dict, source: str, trusted_target: str | None) -> fx.Gr
     check_trusted(ckpt[CKPT_MODEL_CFG], trusted_target, source)
     spec = QuantSpec(**ckpt[CKPT_EXTRA]["quant"])
     model = apply_shapes(build_model(ckpt[CKPT_MODEL_CFG]), ckpt[CKPT_SHAPES])
-    gm = prepare_qat(model, spec)
+    gm = prepare_qat(model, spec, ckpt[CKPT_MODEL_CFG].get("image_size", 32))
     try:
         gm.load_state_dict(ckpt[CKPT_STATE])
     except RuntimeError as e:

@@ -158,6 +158,10 @@ def write_report(run_dir: Path, rep: dict) -> None:
     ]
     if env.get("note"):
         md.insert(4, f"Note: {env['note']}.")
+    floats = [(r["name"], r["float_ops"]) for r in rep["rows"] if r.get("float_ops")]
+    if floats:
+        md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]
+        md += [f"- {name}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for name, ops in floats] + [""]
     md += serving_markdown(rep, run_dir)
     atomic_write_text(run_dir / "report.md", "\n".join(md))
 

@@ -203,6 +203,7 @@ def _export(ctx: StageContext) -> dict:
         cov = onnxio.kernel_coverage(path)
         cov["quantized_layers"] = len(quant.quantized_layers(model))  # the rest: qat.float_layers
         metrics["int8_coverage"] = cov
+        metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized, the rest kept FP32)",
                  ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
                  cov["quantized_layers"])

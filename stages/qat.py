@@ -84,7 +84,7 @@ def check(view: GraphView) -> list[str]:
     if errs:
         return errs
     try:  # unsupported layers are reported before any training starts
-        gm = quant.prepare_qat(model, spec(cfg))
+        gm = quant.prepare_qat(model, spec(cfg), view.data.image_size)
     except PipelineError as e:
         return [f"qat: {e}"]
     if not quant.quantized_layers(gm):
@@ -114,7 +114,7 @@ def run(ctx: StageContext) -> dict:
     ckpt = src.checkpoint()
     model, _ = src.model()
     qspec = spec(cfg)
-    gm = quant.prepare_qat(model, qspec)
+    gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
                     seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
@@ -123,8 +123,10 @@ def run(ctx: StageContext) -> dict:
     ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
     n_quantized = len(quant.quantized_layers(gm))
-    if cfg.float_layers:
-        log.info("qat: %d convs/linears quantized, kept in FP32: %s", n_quantized, ", ".join(cfg.float_layers))
+    floats = quant.float_ops(gm)
+    if floats:
+        log.info("qat: %d convs/linears quantized; float between DequantizeLinear and QuantizeLinear: %s", n_quantized,
+                 "; ".join(f"{k} x{len(v)}" for k, v in floats.items()))
 
     loss_fn = None
     if cfg.distill_alpha > 0:
@@ -143,7 +145,7 @@ def run(ctx: StageContext) -> dict:
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
-            "quantized_layers": n_quantized,
+            "quantized_layers": n_quantized, "float_ops": floats,
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history, **res.resume_info()}
 

@@ -183,7 +183,8 @@ def run(ctx: StageContext) -> dict:
                      "int8_coverage": (cov := m.get("int8_coverage") or {}).get("coverage"),
                      "int8_kernels": (f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
                                       if cov else None),
-                     "parity_top1_agreement": m["parity"]["top1_agreement"]})
+                     "parity_top1_agreement": m["parity"]["top1_agreement"],
+                     **({"float_ops": m["float_ops"]} if m.get("float_ops") else {})})
         log.info("validate: %s accuracy %.2f%%", name, acc)
 
     timing = report.measure(sessions, x, cfg, progress=ctx.rt.progress)

@@ -59,9 +59,22 @@ def test_teacher_checkpoint_that_does_not_fit(cfg_factory, tmp_path):
         Runner(cfg_factory(f"distill.teacher={tmp_path}/bad.pt"), tmp_path)
 
 
-def test_unsupported_layer_is_named():
-    with pytest.raises(PipelineError, match=r"layer 'features\.0\.2' \(Hardswish\) cannot be quantized"):
-        quant.prepare_qat(build_model({"name": "mobilenet_v3_small", "num_classes": 10}), SPEC)
+def test_ops_without_int8_kernels_stay_float_and_are_listed(tmp_path):
+    """MobileNetV3: Hardswish has no INT8 kernel in ORT; it runs float between DQ and Q, the convs in INT8."""
+    torch.manual_seed(0)
+    model = build_model({"name": "mobilenet_v3_small", "num_classes": 10}).eval()
+    gm = quant.prepare_qat(model, SPEC)
+    floats = quant.float_ops(gm)
+    assert any(k.startswith("Hardswish (no INT8 kernel") for k in floats), floats
+    x = torch.randn(8, 3, 32, 32)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    n_conv = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == n_conv and cov["float_kernels"] == 0, cov
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
+    torch.testing.assert_close(torch.from_numpy(got), gm(x).detach(), rtol=0.05, atol=0.05)
 
 
 def test_empty_calibration_set():

@@ -18,7 +18,8 @@ R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
 
 
 def _mc(**kw) -> ModelConfig:
-    base = dict(name="resnet8", num_classes=10, width=0.5, small_input=True, target=None, kwargs={}, family="auto",
+    base = dict(name="resnet8", num_classes=10, image_size=32, width=0.5, small_input=True, target=None, kwargs={},
+                family="auto",
                 weights=None, download=False)
     return ModelConfig(**{**base, **kw})
 
