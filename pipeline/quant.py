@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
 
@@ -245,7 +246,7 @@ class DeployConv(nn.Module):
 # shape-only ops). Every other op (Hardswish, SiLU, GELU, LayerNorm, a BatchNorm that follows no conv, attention,
 # anything unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
 _ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
-_PASS_MODULES = (nn.Dropout, nn.Identity)  # no op in the exported graph
+_PASS_MODULES = (nn.Dropout, nn.Identity, StochasticDepth)  # no op in the exported (eval) graph
 _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6,
                         nn.Sigmoid, nn.LeakyReLU)
 _ADD = {operator.add, torch.add, operator.iadd}
@@ -253,7 +254,7 @@ _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze} | _ADD | _MUL
-_PASS_FUNCS = {getattr}
+_PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the exported graph
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add"}
 _PASS_METHODS = {"size", "dim"}
@@ -310,6 +311,23 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "
                             f"({type(e).__name__}: {first}); check data.image_size") from None
+
+    # 0. SiLU/Swish -> x * sigmoid(x): ORT runs both as INT8 kernels (QLinearSigmoid, QLinearMul), as its own
+    #    quantizer does with the exported Sigmoid + Mul; left whole, SiLU would run float between DQ and Q
+    for node in list(graph.nodes):
+        is_silu = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.SiLU)) or \
+                  (node.op == "call_function" and node.target is F.silu)
+        if is_silu and not is_float(node):
+            x = node.args[0]
+            with graph.inserting_after(node):
+                sig = graph.call_function(torch.sigmoid, (x,))
+            with graph.inserting_after(sig):
+                mul = graph.call_function(operator.mul, (x, sig))
+            for n in (sig, mul):
+                n.meta = dict(node.meta)
+            node.replace_all_uses_with(mul)
+            graph.erase_node(node)
+    gm.recompile()
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
