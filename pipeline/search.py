@@ -300,6 +300,7 @@ class SearchSweeper(Sweeper):
                            "values": dict(zip(names, t.values, strict=True)) if t.values else None,
                            "row": t.user_attrs.get("row"),
                            "feasible": all(c <= 0 for c in t.user_attrs.get("constraints", [1.0]))})
+        run_args = [a for a in base if not a.startswith(("hydra.", "hydra/"))]  # a single run, not the sweep
         done = [(t["number"], [t["values"][n] for n in names]) for t in trials if t["state"] == "COMPLETE"]
         front = pareto(done, directions)
         for t in trials:
@@ -307,7 +308,7 @@ class SearchSweeper(Sweeper):
         best = recommend(trials, directions)
         out = {"objectives": dict(zip(names, directions, strict=True)), "row": self._row_name, "trials": trials,
                "pareto": sorted(front), "recommended": best["number"] if best else None,
-               "reproduce": ("python -m pipeline " + " ".join([*base, *best["overrides"]])) if best else None,
+               "reproduce": ("python -m pipeline " + " ".join([*run_args, *best["overrides"]])) if best else None,
                "note": None if best else "no trial meets the constraints (search.max_accuracy_drop, "
                                          "search.min_speedup); relax them or widen the search space"}
         write_json(sweep_dir / SEARCH_JSON, out)

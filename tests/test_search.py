@@ -79,12 +79,14 @@ def test_search_runs_prunes_resumes_and_recommends(tmp_path):
     assert "no trial meets the constraints" in (tmp_path / "sweep/summary.md").read_text()
     assert not (tmp_path / "o/artifacts/train").exists()  # pruned before any training
     out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=3", "search.min_speedup=0.01",
-                  "search.max_accuracy_drop=100")
+                  "search.max_accuracy_drop=100", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                  "hydra.sweeper.n_jobs=2")  # the two missing trials in parallel
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "sweep/search.json").read_text())
     assert len(res["trials"]) == 3 and res["trials"][0] == {**first["trials"][0], "pareto": False}
     assert [t["state"] for t in res["trials"][1:]] == ["COMPLETE", "COMPLETE"]
     assert res["recommended"] in res["pareto"] and res["reproduce"].startswith("python -m pipeline experiment=tiny")
+    assert "hydra" not in res["reproduce"]
     summary = (tmp_path / "sweep/summary.md").read_text()
     assert "recommended" in summary and "Pareto" in summary
     assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, shared
