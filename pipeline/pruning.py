@@ -93,6 +93,17 @@ def _importance(name: str):
     }[name]()
 
 
+def dependency_problem(model: nn.Module, image_size: int) -> str | None:
+    """Why Torch-Pruning cannot build this model's dependency graph, or None when it can."""
+    import torch_pruning as tp
+
+    try:
+        tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # a graph pattern Torch-Pruning does not handle
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
+    return None
+
+
 def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune: Finetune = None,
                   grads: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Remove output channels in place with Torch-Pruning's dependency graph; returns the model.

@@ -87,6 +87,10 @@ def check(view: GraphView) -> list[str]:
         errs += [f"prune.drop_blocks: {n!r} changes the tensor shape ({a} -> {b}); only blocks whose output has "
                  "the shape of their input (identity shortcut) can be dropped"
                  for n, (a, b) in shapes.items() if a != b]
+    if cfg.method == "channel" and not errs and (why := pruning.dependency_problem(model, view.data.image_size)):
+        errs.append(f"prune.method: channel pruning cannot analyse {model_name} (Torch-Pruning: {why}); use "
+                    "prune.method=magnitude, or leave prune out with pipeline=[train,distill,qat,export,validate] "
+                    "distill.student=train")
     if cfg.target_macs is not None:
         macs = count_macs(model, view.data.image_size)
         if cfg.target_macs >= macs:
