@@ -1,0 +1,59 @@
+"""Modern architectures through the whole chain (tiny preset): train -> prune -> distill -> qat -> export ->
+validate, with ops that have no INT8 kernel kept float and every conv/linear on INT8 kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.runner import Runner, run_pipeline
+
+TINY = ("data.train_subset=320", "validate.serving_batch_sizes=[]", "validate.concurrency=[]",
+        "validate.deploy_optimized=false")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,float_op", [("mobilenet_v3_small", "Hardswish"), ("efficientnet_b0", None)])
+def test_modern_cnn_runs_the_whole_chain(cfg_factory, tmp_path, name, float_op):
+    done = run_pipeline(cfg_factory(f"model.name={name}", *TINY), tmp_path / "run")
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "prune", "distill", "qat-int8", "ort-static-int8"}
+    assert done["prune"].metrics["macs"] < done["train"].metrics["macs"]
+    qat = done["export/qat"].metrics
+    assert qat["int8_coverage"]["int8_kernels"] == qat["int8_coverage"]["quantized_layers"] > 0
+    assert qat["parity"]["top1_agreement"] >= 90
+    floats = qat.get("float_ops", {})
+    if float_op:
+        assert any(k.startswith(float_op) for k in floats), floats
+    else:  # EfficientNet: SiLU as Sigmoid * x and stochastic depth leave nothing float
+        assert not floats, floats
+
+
+def test_models_the_pruner_cannot_analyse_fail_early_with_the_ways_out(cfg_factory, tmp_path):
+    with pytest.raises(PipelineError, match=r"prune.method: channel pruning cannot analyse shufflenet_v2_x0_5 .*"
+                                            r"use prune.method=magnitude"):
+        Runner(cfg_factory("model.name=shufflenet_v2_x0_5"), tmp_path)
+    Runner(cfg_factory("model.name=shufflenet_v2_x0_5", "prune.method=magnitude"), tmp_path)
+
+
+@pytest.mark.parametrize("name,match", [
+    ("inception_v3", "needs inputs of at least 75x75"),
+    ("googlenet", "needs inputs of at least 75x75"),
+])
+def test_models_that_need_large_inputs_say_so(cfg_factory, tmp_path, name, match):
+    with pytest.raises(PipelineError, match=match):
+        Runner(cfg_factory(f"model.name={name}"), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "densenet121", "squeezenet1_0", "mnasnet0_5",
+                                  "regnet_x_400mf", "convnext_tiny", "alexnet", "vit_b_16", "swin_t"])
+def test_every_family_builds_for_small_inputs(name):
+    import torch
+
+    from pipeline.models import build_model
+
+    model = build_model({"name": name, "num_classes": 10, "image_size": 32}).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
