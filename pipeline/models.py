@@ -238,6 +238,11 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
             shapes[name] = {"out": m.num_features}
         elif isinstance(m, nn.Identity) and name:
             shapes[name] = {"identity": 1}  # a block removed by depth pruning (or an Identity already)
+        else:  # any other layer with its own tensors (LayerNorm, ConvNeXt's layer_scale, ...): their shapes
+            own = {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                   if t is not None}
+            if own:
+                shapes[name] = {"tensors": own}
     return shapes
 
 
@@ -283,6 +288,17 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
             for attr in ("running_mean", "running_var"):
                 if getattr(m, attr) is not None:
                     setattr(m, attr, torch.empty(s["out"]))
+        elif "tensors" in s:
+            params = dict(m.named_parameters(recurse=False))
+            for attr, shape in s["tensors"].items():
+                t = getattr(m, attr, None)
+                if t is None or list(t.shape) == shape:
+                    continue
+                setattr(m, attr, nn.Parameter(torch.empty(shape)) if attr in params else torch.empty(shape))
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.normalized_shape = tuple(m.weight.shape)
+            elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+                m.num_channels = m.weight.shape[0]
     return model
 
 
