@@ -87,7 +87,8 @@ def check(view: GraphView) -> list[str]:
         errs += [f"prune.drop_blocks: {n!r} changes the tensor shape ({a} -> {b}); only blocks whose output has "
                  "the shape of their input (identity shortcut) can be dropped"
                  for n, (a, b) in shapes.items() if a != b]
-    if cfg.method == "channel" and not errs and (why := pruning.dependency_problem(model, view.data.image_size)):
+    if cfg.method == "channel" and not errs and (
+            why := pruning.dependency_problem(model, view.data.image_size, view.model.name or "")):
         errs.append(f"prune.method: channel pruning cannot analyse {model_name} (Torch-Pruning: {why}); use "
                     "prune.method=magnitude, or leave prune out with pipeline=[train,distill,qat,export,validate] "
                     "distill.student=train")
