@@ -28,7 +28,11 @@ def _export(model: torch.nn.Module, size: int, path: Path, int8: bool, qat: Dict
     x = torch.randn(8, 3, size, size)
     model = model.eval()
     if int8:
-        spec = quant.QuantSpec(qat.act_dtype, qat.weight_bits, qat.observer_ema, tuple(qat.float_layers))
+        names = [n for n in qat.float_layers if n != "auto"]
+        if "auto" in qat.float_layers:
+            names += [n for n in quant.narrow_convs(model) if n not in names]
+        spec = quant.QuantSpec(qat.act_dtype, quant.resolve_weight_bits(qat.weight_bits)[0], qat.observer_ema,
+                               tuple(names))
         gm = quant.prepare_qat(model, spec, size)
         quant.calibrate(gm, [(x, None)])
         onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], path, 18, quant.onnx_translations())

@@ -39,6 +39,38 @@ class QuantSpec:
         self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint
 
 
+# ---------------------------------------------------------------- choices that depend on the CPU
+
+NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
+
+
+def resolve_weight_bits(setting: int | str) -> tuple[int, str]:
+    """``qat.weight_bits`` (7, 8 or auto) -> bits and why. u8 x s8 products summed in pairs saturate int16 on
+    x86 without VNNI with full 8-bit weights (ORT's reduce_range); VNNI and ARM dot products do not."""
+    import platform
+
+    from pipeline.onnxio import cpu_info
+
+    if setting != "auto":
+        return int(setting), f"qat.weight_bits={setting}"
+    flags = set(cpu_info()["flags"])
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return 8, "auto: ARM dot-product kernels do not saturate"
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return 8, f"auto: this CPU has {', '.join(sorted(flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}))}"
+    return 7, "auto: no VNNI, so 7-bit weights avoid int16 saturation of u8 x s8 pairs"
+
+
+def narrow_convs(model: nn.Module) -> list[str]:
+    """``qat.float_layers=[auto]``: convs whose INT8 kernel is slower than FP32 on this CPU (x86: fewer than
+    16 output channels, where ORT's fast symmetric INT8 conv does not apply)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CONV]
+
+
 # ---------------------------------------------------------------- custom ops (export form)
 
 

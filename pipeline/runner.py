@@ -40,7 +40,7 @@ from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.models import ModelConfig
 from pipeline.runtime import make_runtime, runtime_key
-from pipeline.stage import Artifact, GraphView, Stage, StageContext, base
+from pipeline.stage import Artifact, GraphView, Stage, StageContext, UnboundSettings, base
 from pipeline.training import FitConfig
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ class Runner:
                 ups = self.view.inputs_of(node)
             except PipelineError as e:
                 errors.append(str(e))
+                return
+            except UnboundSettings as e:  # an upstream section did not bind: its own errors say why (once)
+                stage_ok(str(e))
                 return
             for up in ups.values():
                 if base(up) not in self.registry:

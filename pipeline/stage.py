@@ -55,7 +55,13 @@ class GraphView:
 
     def inputs_of(self, node: str) -> dict[str, str]:
         """Role -> upstream node of any node (e.g. which model feeds ``qat``)."""
+        if self.settings.get(base(node)) is None:
+            raise UnboundSettings(base(node))
         return self.stages[base(node)].inputs(self, node)
+
+
+class UnboundSettings(Exception):
+    """A stage's config section did not bind (its errors are reported already)."""
 
 
 def no_inputs(view: GraphView, node: str) -> dict[str, str]:

@@ -82,7 +82,8 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     """ORT's static quantization follows the qat settings (activation type, weight bits) and calib_images."""
     if node == f"export/{ORT_STATIC}":
         qat, cfg = view.settings["qat"], view.settings["export"]
-        return {"act_dtype": qat.act_dtype, "weight_bits": qat.weight_bits, "calib_images": cfg.calib_images}
+        return {"act_dtype": qat.act_dtype, "weight_bits": quant.resolve_weight_bits(qat.weight_bits)[0],
+                "calib_images": cfg.calib_images}
     return None
 
 

@@ -39,7 +39,7 @@ class Config(FitConfig):
 
     source: str  # model stage to quantize: distill | prune | train
     act_dtype: Literal["uint8", "int8"]  # activations; uint8 is what x86 ORT kernels want
-    weight_bits: int  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
+    weight_bits: Literal[7, 8, "auto"]  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
     calib_batches: int  # training batches (unaugmented) that calibrate the observers
     calib_batch_size: int
     observer_ema: float  # moving-average constant of the activation ranges during QAT
@@ -47,12 +47,10 @@ class Config(FitConfig):
     freeze_observer_epoch: int  # from this epoch on, activation ranges are frozen
     distill_alpha: float  # > 0: distil from the FP32 teacher during QAT (KD weight)
     temperature: float
-    float_layers: list[str]  # module names kept in FP32
+    float_layers: list[str]  # module names kept in FP32; "auto": the narrow convs that are slower in INT8 here
 
     def check(self) -> list[str]:
         errs = super().check()
-        if self.weight_bits not in (7, 8):
-            errs.append(f"weight_bits: {self.weight_bits}; use 8, or 7 on CPUs without VNNI")
         if self.calib_batches < 1:
             errs.append(f"calib_batches: {self.calib_batches}; calibration needs at least one batch")
         if self.calib_batch_size < 1:
@@ -80,11 +78,12 @@ def check(view: GraphView) -> list[str]:
     if cfg.source not in models:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
     model = build_model(view.model.__dict__)
-    errs = unknown_layer_errors("qat.float_layers", cfg.float_layers, model, view.model.name or view.model.target)
+    errs = unknown_layer_errors("qat.float_layers", [n for n in cfg.float_layers if n != "auto"], model,
+                                view.model.name or view.model.target)
     if errs:
         return errs
     try:  # unsupported layers are reported before any training starts
-        gm = quant.prepare_qat(model, spec(cfg), view.data.image_size)
+        gm = quant.prepare_qat(model, spec(cfg, model), view.data.image_size)
     except PipelineError as e:
         return [f"qat: {e}"]
     if not quant.quantized_layers(gm):
@@ -92,8 +91,22 @@ def check(view: GraphView) -> list[str]:
     return []
 
 
-def spec(cfg: Config) -> quant.QuantSpec:
-    return quant.QuantSpec(cfg.act_dtype, cfg.weight_bits, cfg.observer_ema, tuple(cfg.float_layers))
+def float_layers(cfg: Config, model: nn.Module) -> list[str]:
+    """``qat.float_layers`` with ``auto`` expanded for this model (after pruning) and this CPU."""
+    names = [n for n in cfg.float_layers if n != "auto"]
+    if "auto" in cfg.float_layers:
+        names += [n for n in quant.narrow_convs(model) if n not in names]
+    return names
+
+
+def spec(cfg: Config, model: nn.Module) -> quant.QuantSpec:
+    return quant.QuantSpec(cfg.act_dtype, quant.resolve_weight_bits(cfg.weight_bits)[0], cfg.observer_ema,
+                           tuple(float_layers(cfg, model)))
+
+
+def key_extra(view: GraphView, node: str) -> dict | None:
+    """``weight_bits=auto`` means another model on another CPU: the key holds the resolved bits."""
+    return {"weight_bits": quant.resolve_weight_bits(view.settings["qat"].weight_bits)[0]}
 
 
 def _epoch_hook(cfg: Config):
@@ -113,7 +126,10 @@ def run(ctx: StageContext) -> dict:
     src = ctx.inputs["model"]
     ckpt = src.checkpoint()
     model, _ = src.model()
-    qspec = spec(cfg)
+    qspec = spec(cfg, model)
+    bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]
+    log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
+             f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")
     gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
     calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
@@ -145,10 +161,10 @@ def run(ctx: StageContext) -> dict:
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
-            "quantized_layers": n_quantized, "float_ops": floats,
+            "quantized_layers": n_quantized, "float_ops": floats, "weight_bits_reason": bits_reason,
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history, **res.resume_info()}
 
 
 STAGE = Stage(name="qat", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,
-              trains=True, check=check)
+              trains=True, check=check, key_extra=key_extra)

@@ -190,3 +190,28 @@ def test_observer_moves_by_ema_during_qat():
     aq.calibrating = False
     aq.train()(torch.tensor([0.0, 8.0]))
     assert aq.max_val.item() == pytest.approx(4.0 + 0.25 * (8.0 - 4.0))
+
+
+def test_auto_weight_bits_and_float_layers_follow_the_cpu(monkeypatch):
+    from pipeline import onnxio
+
+    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert quant.resolve_weight_bits("auto")[0] == 7 and "no VNNI" in quant.resolve_weight_bits("auto")[1]
+    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
+    assert quant.resolve_weight_bits("auto") == (8, "auto: this CPU has avx512_vnni")
+    assert quant.resolve_weight_bits(7)[0] == 7
+    model = build_model(R8)  # width 0.5: 8/16/32 channels
+    narrow = quant.narrow_convs(model)
+    assert "conv1" in narrow and "layer1.0.conv1" in narrow and not any(n.startswith("layer3") for n in narrow)
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert quant.narrow_convs(model) == [] and quant.resolve_weight_bits("auto")[0] == 8
+
+
+@pytest.mark.slow
+def test_qat_with_auto_settings_runs_and_records_why(cfg_factory, tmp_path):
+    done = run_pipeline(cfg_factory("stage=qat", "qat.source=train", "qat.weight_bits=auto",
+                                    "qat.float_layers=[auto]"), tmp_path / "run")
+    m = done["qat"].metrics
+    assert m["quant"]["weight_bits"] in (7, 8) and m["weight_bits_reason"].startswith("auto: ")
+    assert "conv1" in m["quant"]["float_layers"]  # resnet8 at width 0.5: an 8-channel stem
