@@ -292,6 +292,40 @@ _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute",
 _PASS_METHODS = {"size", "dim"}
 
 
+_NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module (split so conv-BN folds)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping timm's BatchNormAct2d whole so it can be split into BN + activation."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__name__ in _NORM_ACT or super().is_leaf_module(m, qualname)
+
+
+def _split_norm_act(gm: fx.GraphModule) -> None:
+    """timm's BatchNormAct2d -> a plain BatchNorm2d (same state dict keys) followed by its activation."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(mod := gm.get_submodule(node.target)).__name__ not in _NORM_ACT:
+            continue
+        bn = nn.BatchNorm2d(mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
+        bn.load_state_dict(mod.state_dict(), strict=False)
+        bn.train(mod.training)
+        gm.add_submodule(node.target, bn)
+        last = node
+        for part in ("drop", "act"):
+            sub_mod = getattr(mod, part, None)
+            if sub_mod is None or isinstance(sub_mod, nn.Identity):
+                continue
+            name = f"{node.target.replace('.', '_')}_{part}"
+            gm.add_submodule(name, sub_mod)
+            with gm.graph.inserting_after(last):
+                new = gm.graph.call_module(name, (last,))
+            last.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            new.meta = dict(node.meta)
+            last = new
+    gm.recompile()
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -330,11 +364,13 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     """
     model = model.cpu().eval()
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        gm = fx.GraphModule(model, tracer.trace(model))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {first}); "
                             "models with data-dependent control flow need another qat.source") from None
+    _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
     try:  # tensor shapes on every node: only tensors are quantized

@@ -57,3 +57,23 @@ def test_every_family_builds_for_small_inputs(name):
     model = build_model({"name": name, "num_classes": 10, "image_size": 32}).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_models_fold_their_norm_act_layers(tmp_path):
+    """timm's BatchNormAct2d is split into BN (folded into the conv) and its activation."""
+    import torch
+
+    from pipeline import onnxio, quant
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "efficientnet_b0", "family": "timm", "num_classes": 10, "image_size": 32}).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    assert quant.float_ops(gm) == {}, quant.float_ops(gm)  # no float batch_norm, SiLU as Sigmoid * x
+    x = torch.randn(4, 3, 32, 32)
+    quant.calibrate(gm, [(x, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    assert cov["float_kernels"] == 0 and cov["int8_kernels"] == len(quant.quantized_layers(gm))
+    with torch.no_grad():
+        assert model(x).shape == (4, 10)  # the float model is left as it was
