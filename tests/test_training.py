@@ -100,12 +100,13 @@ def test_batch_larger_than_data(tmp_path):
         fit(model, splits, dc, _fit_cfg(), rt, tmp_path, desc="train")
 
 
-def _sync_bn_rank(rank: int, world: int, port: int, out: str) -> None:
+def _sync_bn_rank(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
     from pipeline.runtime import SyncBatchNorm2d
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rendezvous file, not a TCP port: no race with other processes for a free port
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
     bn = SyncBatchNorm2d(3)
     part = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
@@ -118,14 +119,9 @@ def _sync_bn_rank(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sync_bn_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_sync_bn_rank, args=(2, str(tmp_path)), nprocs=2)
     x = (torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_(True)
     bn = torch.nn.BatchNorm2d(3)
     y = bn(x)
