@@ -114,6 +114,7 @@ def _sync_bn_rank(rank: int, world: int, out: str) -> None:
     (y * torch.arange(y.numel()).view_as(y)).sum().backward()  # a loss that is not symmetric
     torch.save({"y": y.detach(), "grad": part.grad, "w": bn.weight.grad, "mean": bn.running_mean},
                f"{out}/rank{rank}.pt")
+    dist.barrier()  # both ranks are done talking before either tears gloo down (else: std::terminate at exit)
     dist.destroy_process_group()
 
 
@@ -121,7 +122,15 @@ def _sync_bn_rank(rank: int, world: int, out: str) -> None:
 def test_sync_batchnorm_on_two_cpu_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_sync_bn_rank, args=(2, str(tmp_path)), nprocs=2)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_sync_bn_rank, args=(r, 2, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    # the ranks' results are the evidence; gloo's teardown at process exit is not under test (it aborted
+    # once under load, after both ranks had saved)
+    assert all((tmp_path / f"rank{r}.pt").is_file() for r in range(2)), [p.exitcode for p in procs]
     x = (torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_(True)
     bn = torch.nn.BatchNorm2d(3)
     y = bn(x)
