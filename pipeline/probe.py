@@ -45,9 +45,9 @@ def probe_speedup(cfg: DictConfig, int8: bool, cache: dict, rounds: int = 5, run
     """Throughput of the trial's deployed architecture over the unpruned FP32 baseline's (median ratio)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     size, batch, threads = int(cfg.data.image_size), int(cfg.validate.batch_size), int(cfg.validate.threads)
-    if "dir" not in cache:
-        cache["dir"] = tempfile.mkdtemp(prefix="probe-")
-    folder = Path(cache["dir"])
+    if "tmp" not in cache:  # removed with the cache (at the latest when the process exits)
+        cache["tmp"] = tempfile.TemporaryDirectory(prefix="probe-")
+    folder = Path(cache["tmp"].name)
     base_key = stable_hash([model_cfg, size])
     if base_key not in cache:
         torch.manual_seed(0)
@@ -57,7 +57,7 @@ def probe_speedup(cfg: DictConfig, int8: bool, cache: dict, rounds: int = 5, run
     pruning.drop_blocks(model, list(cfg.prune.drop_blocks))
     if cfg.prune.method == "channel":
         pruning.channel_prune(model, pruning.ChannelPlan.of(cfg.prune), size)
-    trial = _export(model, size, folder / f"trial-{len(cache)}.onnx", int8, cfg.qat)
+    trial = _export(model, size, folder / "trial.onnx", int8, cfg.qat)  # the previous trial's file is done with
     # two sessions only, each warmed up before its timed block (ORT's default thread spinning, as deployed:
     # without it INT8 kernels ran 1.5x slower here)
     sessions = [onnxio.session(p, threads) for p in (cache[base_key], trial)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from pipeline.artifacts import (
     atomic_write_text,
     check_writable,
     file_lock,
+    file_sha256,
     stable_hash,
     staging_dir,
     verify_artifact,
@@ -42,6 +44,7 @@ from pipeline.models import ModelConfig
 from pipeline.runtime import make_runtime, runtime_key
 from pipeline.stage import Artifact, GraphView, Stage, StageContext, UnboundSettings, base
 from pipeline.training import FitConfig
+from pipeline.weights import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class Runner:
         raise_if_errors(errors)
         self._keys: dict[str, str] = {}
         self._fingerprint: str | None = None
+        self._weights: str | None = None
+        self._weights_done = False
         self.artifacts_root = Path(cfg.paths.artifacts)
         self.cache_dir = Path(cfg.paths.cache)
 
@@ -175,6 +180,11 @@ class Runner:
     def inputs(self, node: str) -> dict[str, str]:
         return self.view.inputs_of(node)
 
+    @functools.cached_property
+    def config_yaml(self) -> str:
+        """The composed config, resolved: written beside every artifact and given to stages (the bundle)."""
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
+
     def data_fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.data_cfg)
@@ -182,10 +192,8 @@ class Runner:
 
     def _weights_id(self) -> str | None:
         """``model.weights`` by content (a file's sha256, a torchvision URL), never by path."""
-        if not hasattr(self, "_weights"):
-            from pipeline.weights import fingerprint as weights_fingerprint
-
-            self._weights = weights_fingerprint(self.model_cfg)
+        if not self._weights_done:
+            self._weights, self._weights_done = weights_fingerprint(self.model_cfg), True
         return self._weights
 
     def key(self, node: str, _stack: tuple[str, ...] = ()) -> str:
@@ -318,15 +326,13 @@ class Runner:
                            model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True), rt=self.rt,
                            inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir,
                            cache_dir=self.cache_dir, extra=extra or {},
-                           config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True))
+                           config_yaml=self.config_yaml)
         return st.run(ctx)
 
     def _write_meta(self, node: str, key: str, inputs: dict[str, Artifact], out: Path, metrics: dict,
                     start: _dt.datetime) -> None:
-        from pipeline.artifacts import file_sha256
-
         write_json(out / METRICS, metrics)
-        atomic_write_text(out / CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
+        atomic_write_text(out / CONFIG, self.config_yaml)
         files = sorted(p for p in out.iterdir() if p.is_file() and p.name != MANIFEST
                        and not p.name.startswith("."))
         write_json(out / MANIFEST, {

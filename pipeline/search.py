@@ -115,7 +115,7 @@ def pareto(points: list[tuple[int, list[float]]], directions: list[str]) -> set[
             if not any(better_eq(w, v) and w != v for j, w in points if j != i)}
 
 
-def recommend(trials: list[dict], directions: list[str]) -> dict | None:
+def recommend(trials: list[dict]) -> dict | None:
     """Among complete trials that meet the constraints: the most accurate, then the fastest."""
     ok = [t for t in trials if t["state"] == "COMPLETE" and t["feasible"]]
     if not ok:
@@ -213,7 +213,6 @@ class SearchSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         names = settings.objectives
-        self._row_name = settings.row
         directions = [OBJECTIVES[o][1] for o in names]
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -280,7 +279,7 @@ class SearchSweeper(Sweeper):
                                                                 "latency_ms_p50")})
                 trial.set_user_attr("job", Path(ret.hydra_cfg.hydra.runtime.output_dir).name)
                 study.tell(trial, [row[OBJECTIVES[o][0]] for o in names])
-        self._write(study, sweep_dir, names, directions, list(arguments))
+        self._write(study, sweep_dir, settings.row, names, directions, list(arguments))
         return returns
 
     @staticmethod
@@ -290,7 +289,8 @@ class SearchSweeper(Sweeper):
             return None
         return next((r for r in json.loads(rep.read_text())["rows"] if r["name"] == name), None)
 
-    def _write(self, study, sweep_dir: Path, names: list[str], directions: list[str], base: list[str]) -> dict:
+    def _write(self, study, sweep_dir: Path, row: str, names: list[str], directions: list[str],
+               base: list[str]) -> dict:
         trials = []
         for t in study.trials:
             if not t.user_attrs.get("counted"):
@@ -305,8 +305,8 @@ class SearchSweeper(Sweeper):
         front = pareto(done, directions)
         for t in trials:
             t["pareto"] = t["number"] in front
-        best = recommend(trials, directions)
-        out = {"objectives": dict(zip(names, directions, strict=True)), "row": self._row_name, "trials": trials,
+        best = recommend(trials)
+        out = {"objectives": dict(zip(names, directions, strict=True)), "row": row, "trials": trials,
                "pareto": sorted(front), "recommended": best["number"] if best else None,
                "reproduce": ("python -m pipeline " + " ".join([*run_args, *best["overrides"]])) if best else None,
                "note": None if best else "no trial meets the constraints (search.max_accuracy_drop, "

@@ -122,7 +122,7 @@ class _Float16(nn.Module):
         return self.model(x.half()).float()
 
 
-def _ort_static(ctx: StageContext) -> dict:
+def _ort_static(ctx: StageContext) -> tuple[dict, np.ndarray]:
     """Reference row: ONNX Runtime's own static QDQ quantization of the FP32 model that entered QAT."""
     cfg: Config = ctx.settings
     src = ctx.inputs["model"]
@@ -146,20 +146,19 @@ def _ort_static(ctx: StageContext) -> dict:
     log.info("%s: ORT static INT8 of %s, agreement with FP32 %.2f%%, INT8 kernels %d/%d", ctx.node, src.node,
              metrics["parity"]["top1_agreement"], metrics["int8_coverage"]["int8_kernels"],
              metrics["int8_coverage"]["int8_kernels"] + metrics["int8_coverage"]["float_kernels"])
-    return metrics
+    return metrics, got
 
 
-def _with_preprocessing(ctx: StageContext, metrics: dict) -> dict:
-    """``model_uint8.onnx``: the same model behind uint8 NHWC input; parity against the float-input model."""
+def _with_preprocessing(ctx: StageContext, metrics: dict, ref: np.ndarray) -> dict:
+    """``model_uint8.onnx``: the same model behind uint8 NHWC input; parity against the float-input model,
+    whose ORT outputs ``ref`` on the parity images the export has measured already."""
     cfg: Config = ctx.settings
     if not cfg.embed_preprocessing:
         return metrics
     src, dst = ctx.out_dir / "model.onnx", ctx.out_dir / "model_uint8.onnx"
     deploy.embed_preprocessing(src, dst, ctx.data_cfg.mean, ctx.data_cfg.std)
-    splits = ctx.splits()
-    n = min(cfg.parity_images, len(splits.test_y))
-    ref = onnxio.predict(onnxio.session(src), onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std))
-    got = onnxio.predict(onnxio.session(dst), splits.test_x[:n].permute(0, 2, 3, 1).contiguous().numpy())
+    n = metrics["parity"]["images"]
+    got = onnxio.predict(onnxio.session(dst), ctx.splits().test_x[:n].permute(0, 2, 3, 1).contiguous().numpy())
     metrics["preprocessing_parity"] = {"images": n, "max_abs_diff": float(np.abs(ref - got).max()),
                                        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)}
     log.info("%s: embedded preprocessing (uint8 NHWC input), max|diff| %.2e, top-1 agreement %.2f%%", ctx.node,
@@ -168,10 +167,12 @@ def _with_preprocessing(ctx: StageContext, metrics: dict) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    return _with_preprocessing(ctx, _ort_static(ctx) if ctx.node == f"export/{ORT_STATIC}" else _export(ctx))
+    metrics, ort_out = _ort_static(ctx) if ctx.node == f"export/{ORT_STATIC}" else _export(ctx)
+    return _with_preprocessing(ctx, metrics, ort_out)
 
 
-def _export(ctx: StageContext) -> dict:
+def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
+    """Export the input stage's model; returns the metrics and ORT's outputs on the parity images."""
     cfg: Config = ctx.settings
     art = ctx.inputs["model"]
     model, precision = art.model()
@@ -208,7 +209,7 @@ def _export(ctx: StageContext) -> dict:
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized, the rest kept FP32)",
                  ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
                  cov["quantized_layers"])
-    return metrics
+    return metrics, got
 
 
 STAGE = Stage(name="export", config=Config, run=run, outputs=("model.onnx",), inputs=inputs, main_only=True,

@@ -40,8 +40,8 @@ def test_pareto_front_and_recommendation():
     trials = [{"number": 0, "state": "COMPLETE", "feasible": True, "row": {"accuracy": 50, "speedup_vs_baseline": 2}},
               {"number": 1, "state": "COMPLETE", "feasible": False, "row": {"accuracy": 60, "speedup_vs_baseline": 1}},
               {"number": 2, "state": "PRUNED", "feasible": False, "row": None}]
-    assert recommend(trials, ["maximize", "maximize"])["number"] == 0
-    assert recommend(trials[1:], ["maximize", "maximize"]) is None
+    assert recommend(trials)["number"] == 0
+    assert recommend(trials[1:]) is None
 
 
 def _search(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
