@@ -319,6 +319,8 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # augmentation: per rank
         self.epoch = 0
         self.pin = self.device.type == "cuda"  # page-locked batches copy asynchronously to the GPU
+        if self.pin and x.nbytes + y.nbytes < 0.25 * torch.cuda.mem_get_info(self.device)[0]:
+            self.x, self.y, self.pin = x.to(self.device), y.to(self.device), False  # small sets live on the GPU
 
     def _indices(self) -> torch.Tensor:
         n = len(self.y)
@@ -342,7 +344,7 @@ class Batches:
         idx = self._indices()
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            b = idx[start : start + self.batch_size]
+            b = idx[start : start + self.batch_size].to(self.x.device)
             xb, yb = self.x[b], self.y[b]
             if self.pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()

@@ -80,11 +80,14 @@ class KDLoss(nn.Module):
                 self.adapters.append(nn.Conv2d(cs, ct, 1, bias=False))
 
     def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        use_teacher = self.alpha > 0 or len(self.adapters) > 0  # alpha 0 without features: plain CE, no teacher pass
+        if use_teacher:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
         logits = student(x)
-        loss = self.alpha * kd_term(logits, t_logits, self.temperature)
-        loss = loss + (1 - self.alpha) * F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = (1 - self.alpha) * F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.alpha > 0:
+            loss = loss + self.alpha * kd_term(logits, t_logits, self.temperature)
         for adapter, s, t in zip(self.adapters, self.s_names, self.t_names, strict=True):
             loss = loss + self.feature_weight * F.mse_loss(adapter(self.s_feat.out[s]), self.t_feat.out[t])
         return loss, logits

@@ -13,6 +13,7 @@ With ``distill.compare_no_kd=true`` the same student is also trained with plain 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class Config(FitConfig):
     feature_layers: list[str]  # "student_layer[:teacher_layer]" pairs
     feature_weight: float  # weight of the feature (MSE through 1x1 adapter) loss
     compare_no_kd: bool  # also train the student without KD and record both accuracies
+    seed: int | None  # seed of the student's training (shuffle, augmentation, registry init); null: root seed
 
     def check(self) -> list[str]:
         errs = super().check()
@@ -130,7 +132,9 @@ def _load_student(ctx: StageContext, cfg: Config) -> tuple[nn.Module, dict, dict
 
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
-    splits = ctx.splits()
+    splits = ctx.splits()  # the data split stays the root seed's (the teacher's)
+    if cfg.seed is not None:  # repeat the student's training on other seeds from the same teacher and start
+        ctx = dataclasses.replace(ctx, rt=dataclasses.replace(ctx.rt, seed=cfg.seed))
     teacher = (ctx.inputs["teacher"].model()[0] if cfg.teacher is None
                else _load_teacher_file(cfg.teacher, ctx.trusted_target))
     teacher = freeze_teacher(teacher, ctx.rt)
@@ -150,7 +154,7 @@ def run(ctx: StageContext) -> dict:
     student = student.cpu()
     save_checkpoint(ctx.out_dir / "model.pt", student.state_dict(), student_cfg,
                     shapes=shapes or (module_shapes(student) if cfg.student in STUDENT_STAGES else {}))
-    metrics = {"test_acc": test_acc, "val_acc": res.best_val_acc, "teacher_test_acc": teacher_acc,
+    metrics = {"test_acc": test_acc, "val_acc": res.best_val_acc, "teacher_test_acc": teacher_acc, "seed": ctx.rt.seed,
                "student": cfg.student, "params": count_params(student), "macs": count_macs(student, size),
                "history": res.history, **res.resume_info()}
     log.info("distill: student test acc %.2f%% (teacher %.2f%%)", test_acc, teacher_acc)
