@@ -109,6 +109,18 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     return {"weight_bits": quant.resolve_weight_bits(view.settings["qat"].weight_bits)[0]}
 
 
+DIVERGED_POINTS = 5.0  # QAT that ends this far below its calibrated (PTQ) start is reported as diverged
+
+
+def divergence_note(test_acc: float, ptq_acc: float) -> str | None:
+    """A warning when QAT ended far below its calibrated start (it diverged), else None."""
+    if test_acc >= ptq_acc - DIVERGED_POINTS:
+        return None
+    return (f"training ended {ptq_acc - test_acc:.1f} points below its calibrated start (PTQ {ptq_acc:.2f}%): "
+            "it diverged; lower qat.lr (training with frozen batch norm needs about 1e-3 on a converged model) "
+            "or set qat.select=best")
+
+
 def _epoch_hook(cfg: Config):
     def hook(epoch: int, model: nn.Module) -> None:
         if epoch >= cfg.freeze_bn_epoch:
@@ -159,6 +171,9 @@ def run(ctx: StageContext) -> dict:
     save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
                     extra={"quant": dataclasses.asdict(qspec)})
     log.info("qat: test accuracy %.2f%% (FP32 input %.2f%%, PTQ %.2f%%)", test_acc, fp32_acc, ptq_acc)
+    note = divergence_note(test_acc, ptq_acc)
+    if note:
+        log.warning("qat: %s", note)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
             "quantized_layers": n_quantized, "float_ops": floats, "weight_bits_reason": bits_reason,

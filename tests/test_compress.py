@@ -215,3 +215,11 @@ def test_qat_with_auto_settings_runs_and_records_why(cfg_factory, tmp_path):
     m = done["qat"].metrics
     assert m["quant"]["weight_bits"] in (7, 8) and m["weight_bits_reason"].startswith("auto: ")
     assert "conv1" in m["quant"]["float_layers"]  # resnet8 at width 0.5: an 8-channel stem
+
+
+def test_qat_that_ends_far_below_its_calibrated_start_is_called_diverged():
+    from stages.qat import divergence_note
+
+    assert divergence_note(84.0, 85.0) is None and divergence_note(80.5, 85.0) is None
+    note = divergence_note(10.0, 85.21)
+    assert note.startswith("training ended 75.2 points below") and "qat.lr" in note and "qat.select=best" in note

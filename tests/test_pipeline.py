@@ -163,3 +163,22 @@ def test_cuda_requested_without_gpu(cfg_factory, tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(PipelineError, match="device=cuda but no CUDA GPU"):
         run_pipeline(cfg_factory("device=cuda"), tmp_path / "run")
+
+
+def test_kd_seeds_compares_kd_with_no_kd_per_seed_from_one_shared_start(tmp_path):
+    """pipeline.tools.kd_seeds: 2 seeds x (KD, no KD), parallel jobs; upstream built once, seeds recorded."""
+    out = tmp_path / "kd"
+    args = [sys.executable, "-m", "pipeline.tools.kd_seeds", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
+            "--", "experiment=tiny", "distill.epochs=1", f"paths.outputs={tmp_path}/outputs"]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "over 2 seeds" in res.stdout and "gain" in res.stdout
+    summary = json.loads((out / "kd_seeds.json").read_text())
+    assert [r["seed"] for r in summary["rows"]] == [0, 1]
+    arts = [json.loads((out / f"seed{s}-{k}" / "artifacts.json").read_text()) for s in (0, 1) for k in ("kd", "no_kd")]
+    assert len({a["prune"]["key"] for a in arts}) == 1  # the same teacher and pruned start for every job
+    assert len({a["distill"]["key"] for a in arts}) == 4
+    assert len(list((tmp_path / "outputs" / "artifacts" / "prune").glob("*/model.pt"))) == 1
+    metrics = [json.loads((Path(a["distill"]["path"]) / "metrics.json").read_text()) for a in arts]
+    assert [m["seed"] for m in metrics] == [0, 0, 1, 1]
+    assert summary["rows"][1]["no_kd"] == metrics[3]["test_acc"]

@@ -180,3 +180,16 @@ def test_kd_loss_matches_a_hand_computation():
     assert torch.equal(logits, student(x))
     loss.backward()
     assert student.weight.grad is not None and teacher.weight.grad is None  # the teacher gets no gradient
+
+
+def test_kd_loss_with_alpha_zero_is_cross_entropy_without_a_teacher_pass():
+    from pipeline.distillation import KDLoss
+
+    class NoTeacher(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("alpha 0 must not run the teacher")
+
+    torch.manual_seed(0)
+    student, x, y = torch.nn.Linear(4, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    loss, _ = KDLoss(NoTeacher(), alpha=0.0, temperature=4.0)(student, x, y)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(student(x), y).item(), rel=1e-6)

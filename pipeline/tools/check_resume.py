@@ -40,14 +40,15 @@ def _state(out: Path, stage: str) -> tuple[dict, dict]:
     return torch.load(path, weights_only=True)["state_dict"], json.loads((path.parent / "metrics.json").read_text())
 
 
-def check(stage: str, root: Path) -> bool:
-    overrides = ["experiment=tiny", f"stage={stage}", "data.train_subset=3000", f"{stage}.epochs=4", "progress=false"]
+def check(stage: str, root: Path, kill_after: int = 2, extra: list[str] | None = None) -> bool:
+    overrides = ["experiment=tiny", f"stage={stage}", "data.train_subset=3000", f"{stage}.epochs=4", "progress=false",
+                 *(extra or [])]
     ref, victim = root / f"{stage}-ref", root / f"{stage}-victim"
     _run(overrides, ref)
     p = _run(overrides, victim, wait=False)
-    while True:  # wait for the stage's own resume checkpoint after its 2nd epoch
+    while True:  # wait for the stage's own resume checkpoint after epoch `kill_after`
         hits = glob.glob(f"{victim}/artifacts/{stage}/*.work/**/last.pt", recursive=True)
-        with_epoch = [h for h in hits if torch.load(h, weights_only=True)["epoch"] >= 2] if hits else []
+        with_epoch = [h for h in hits if torch.load(h, weights_only=True)["epoch"] >= kill_after] if hits else []
         if with_epoch:
             break
         if p.poll() is not None:
@@ -58,7 +59,7 @@ def check(stage: str, root: Path) -> bool:
     _run(overrides, victim)
     (a, _), (b, metrics) = _state(ref, stage), _state(victim, stage)
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"{stage}: killed after epoch 2, resumed_at_epoch={metrics.get('resumed_at_epoch')}, "
+    print(f"{stage}: killed after epoch {kill_after}, resumed_at_epoch={metrics.get('resumed_at_epoch')}, "
           f"bit-identical to the uninterrupted run: {same}")
     return same
 
@@ -68,10 +69,13 @@ def main() -> None:
     ap.add_argument("--stage", action="append", choices=["train", "prune", "distill", "qat"],
                     help="training stage to check (repeatable; default: all four)")
     ap.add_argument("--outputs", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--kill-after", type=int, default=2, help="kill once this epoch's checkpoint exists")
+    ap.add_argument("overrides", nargs="*", help="more pipeline overrides, e.g. qat.distill_alpha=0.5")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.outputs or tmp)
-        ok = [check(s, root) for s in args.stage or ["train", "prune", "distill", "qat"]]
+        stages = args.stage or ["train", "prune", "distill", "qat"]
+        ok = [check(s, root, args.kill_after, args.overrides) for s in stages]
     sys.exit(0 if all(ok) else 1)
 
 
