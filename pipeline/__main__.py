@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 speaks; errors from any rank
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         done = run_pipeline(cfg, run_dir)
     except PipelineError as e:
@@ -81,6 +85,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     report = run_dir / "report.md"
+    if not main_rank:
+        return
     if report.is_file():
         print(f"report: {report}")
         bundle = run_dir / "deploy"

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -80,6 +81,11 @@ class Runtime:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        # DDP copies every gradient into its bucket (gradient_as_bucket_view is off), and warns when the
+        # gradient's strides differ from the bucket's. With channels_last that happens for 1x1 kernels,
+        # whose strides of size-1 dimensions differ ([C, 1, 1, 1] vs [C, 1, C, C]) in the same memory
+        # order: the copy is the same either way, so the warning (every step, every rank) is silenced.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
