@@ -17,6 +17,7 @@ REQUIRED = {  # options that need a value the user must give
     ("model", "custom"): ["model.target=torchvision.models.resnet18"],
     ("experiment", "cifar10_full"): ["data.root=/nonexistent"],
     ("experiment", "cifar10_speed"): ["data.root=/nonexistent"],
+    ("experiment", "cifar10_converged"): ["data.root=/nonexistent"],
 }
 
 

@@ -143,6 +143,9 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
            f"paths.outputs={tmp_path}/o", f"hydra.run.dir={tmp_path}/r"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    printed = [line for line in out.stdout.splitlines() if line.startswith("distill: ")]
+    assert len(printed) == 1, out.stdout  # only rank 0 speaks
+    assert "Grad strides do not match" not in out.stderr  # 1x1 shortcut kernels under channels_last
     for stage in ("train", "prune", "distill"):  # rank 0 alone wrote, same layout as one process
         arts = list((tmp_path / "o/artifacts" / stage).glob("*/manifest.json"))
         assert len(arts) == 1, stage
