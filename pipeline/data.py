@@ -4,7 +4,8 @@ Three sources (``data.source``):
 - ``embedded``: the class-balanced CIFAR-10 subset shipped in ``pipeline/assets``;
 - ``cifar10``: torchvision's CIFAR-10 binary format at ``data.root``;
 - ``imagefolder``: any ``train/`` + ``test/`` tree of class folders (RGB or grayscale, any size),
-  resized to ``data.image_size`` and cached as a tensor file in ``paths.cache``.
+  decoded once in parallel into a store in ``paths.cache`` (``pipeline.imagestore``) and read by
+  rows, so a data set larger than memory trains too.
 A stratified validation split is held out from train for model selection; the test split is only
 used for the final report.
 """
@@ -26,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import atomic_write_bytes, file_sha256, stable_hash
+from pipeline import imagestore
+from pipeline.artifacts import file_sha256, stable_hash
 from pipeline.config import not_in_key
 from pipeline.errors import PipelineError
+from pipeline.imagestore import ImageStore, center_crop
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,14 @@ class DataConfig:
     val_fraction: float  # held out from train for model selection
     mean: list[float]  # per-channel normalisation
     std: list[float]
-    augment: bool  # random crop (pad 4) + horizontal flip on training batches
+    augment: bool  # random crop + horizontal flip on training batches
     crop_padding: int
     train_subset: int | None  # keep only the first N training images (quick runs)
+    resize: Literal["squash", "shorter"]  # imagefolder: squash to a square, or shorter side + center crop
+    crop_fraction: float  # resize=shorter: image_size is this fraction of the stored square (224 of 256)
+    train_crop: Literal["pad", "resized"]  # pad: CIFAR pad + random crop; resized: RandomResizedCrop
+    rrc_scale: list[float]  # train_crop=resized: range of the crop's share of the image area
+    decode_workers: int = not_in_key()  # processes decoding an image folder the first time (0: one per core)
 
     def check(self) -> list[str]:
         errs = []
@@ -68,6 +76,12 @@ class DataConfig:
             errs.append(f"num_classes: {self.num_classes}; a classifier needs at least 2 classes")
         if self.crop_padding < 0:
             errs.append(f"crop_padding: {self.crop_padding} must be >= 0")
+        if not 0.0 < self.crop_fraction <= 1.0:
+            errs.append(f"crop_fraction: {self.crop_fraction} must be in (0, 1]")
+        if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
+            errs.append(f"rrc_scale: {self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
+        if self.decode_workers < 0:
+            errs.append(f"decode_workers: {self.decode_workers} must be >= 0 (0: one per core)")
         if self.train_subset is not None and self.train_subset < 1:
             errs.append(f"train_subset: {self.train_subset} must be a positive number of images (or null: all)")
         return errs
@@ -75,7 +89,7 @@ class DataConfig:
 
 @dataclass
 class Splits:
-    """uint8 images (N, 3, H, W) and int64 labels for each split."""
+    """uint8 images (N, 3, H, W) (a tensor, or ``Images`` read from a store) and int64 labels per split."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -154,52 +168,108 @@ def _list_imagefolder(split_dir: Path, classes: list[str] | None) -> tuple[list[
     return files, labels, classes
 
 
-def _read_image(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
+class Images:
+    """uint8 images (N, 3, S, S) of an ``ImageStore``, by row: what ``Splits`` hold for image folders.
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:
-        raise PipelineError(
-            f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file"
-        ) from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    Stands in for the uint8 tensor where the pipeline uses one: ``len``, ``.shape``, ``.nbytes``;
+    indexing (tensor, list, slice or int) reads those rows from disk and returns a tensor, center-cropped
+    to S when the store keeps a larger square (``data.resize=shorter``); ``full`` returns the whole
+    stored square for random resized crops; ``subset`` is a lazy view; ``.to(device)`` reads everything.
+    """
+
+    def __init__(self, store: ImageStore, rows: np.ndarray, size: int):
+        self.store, self.rows, self.size = store, np.asarray(rows, dtype=np.int64), size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), 3, self.size, self.size))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * 3 * self.size * self.size
+
+    def _rows(self, key) -> np.ndarray:
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        return self.rows[key]
+
+    def subset(self, key) -> Images:
+        return Images(self.store, self._rows(key), self.size)
+
+    def full(self, key) -> torch.Tensor:
+        rows = self._rows(key)
+        return torch.from_numpy(self.store.rows(np.atleast_1d(rows)))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows = self._rows(key)
+        out = self.store.rows(np.atleast_1d(rows))
+        if self.store.side != self.size:
+            out = np.ascontiguousarray(center_crop(out, self.size))
+        t = torch.from_numpy(out)
+        return t[0] if np.ndim(rows) == 0 else t
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        out = torch.empty(tuple(self.shape), dtype=torch.uint8, device=device)
+        for s in range(0, len(self), 1024):
+            out[s : s + 1024] = self[s : s + 1024].to(device)
+        return out
 
 
-def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple[torch.Tensor, ...]:
+def _take(x: torch.Tensor | Images, idx: torch.Tensor) -> torch.Tensor | Images:
+    return x.subset(idx) if isinstance(x, Images) else x[idx]
+
+
+_TMP_CACHES: list[str] = []
+
+
+def _scratch_cache() -> Path:
+    """A cache folder for callers that gave none, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _TMP_CACHES:
+        _TMP_CACHES.append(tempfile.mkdtemp(prefix="pipeline-images-"))
+        atexit.register(shutil.rmtree, _TMP_CACHES[0], True)
+    return Path(_TMP_CACHES[0])
+
+
+def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
     train_files, train_labels, classes = _list_imagefolder(root / "train", None)
     test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
-    files = train_files + test_files
-    key = stable_hash([_manifest_hash(root, files, train_labels + test_labels, classes), cfg.image_size])
-    cache = cache_dir / f"imagefolder-{key}.pt" if cache_dir else None
-    if cache is not None and cache.is_file():
+    files, labels = train_files + test_files, train_labels + test_labels
+    how = [cfg.image_size, cfg.resize] + ([cfg.crop_fraction] if cfg.resize == "shorter" else [])
+    key = stable_hash([_manifest_hash(root, files, labels, classes), *how])
+    folder = (cache_dir or _scratch_cache()) / f"imagefolder-{key}"
+    store = None
+    if (folder / imagestore.META_FILE).is_file():
         try:
-            blob = torch.load(cache, weights_only=True)
-            log.info("data: loaded decoded images from cache %s", cache)
-            return (blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes)
-        except Exception:
-            log.warning("data: cache %s unreadable; decoding again", cache)
-    from tqdm import tqdm
+            store = ImageStore(folder)
+            log.info("data: decoded images from the store %s", folder)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("data: store %s unreadable (%s); decoding again", folder, e)
+            import shutil
 
-    bar = tqdm(files, desc="decode images", unit="img", mininterval=1.0, disable=not progress)
-    images = [_read_image(f, cfg.image_size) for f in bar]
+            shutil.rmtree(folder, ignore_errors=True)
+    if store is None:
+        imagestore.remove_partials(folder)
+        workers = cfg.decode_workers or os.cpu_count() or 1
+        try:
+            imagestore.build(folder, files, {"classes": classes, "labels": labels, "n_train": len(train_files)},
+                             cfg.image_size, cfg.resize, cfg.crop_fraction, workers, progress)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        store = ImageStore(folder)
     n = len(train_files)
-    blob = {
-        "train_x": torch.stack(images[:n]), "train_y": torch.tensor(train_labels),
-        "test_x": torch.stack(images[n:]), "test_y": torch.tensor(test_labels),
-    }
-    if cache is not None:
-        buf = io.BytesIO()
-        torch.save(blob, buf)
-        atomic_write_bytes(cache, buf.getvalue())
-    return (blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes)
+    y = torch.tensor(store.meta["labels"], dtype=torch.int64)
+    return (Images(store, np.arange(n), cfg.image_size), y[:n],
+            Images(store, np.arange(n, store.n), cfg.image_size), y[n:], classes)
 
 
 def _manifest_hash(root: Path, files: list[Path], labels: list[int], classes: list[str]) -> str:
@@ -261,7 +331,7 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None, progr
         train_x, train_y, test_x, test_y, classes = _load_cifar10(cfg)
     else:
         train_x, train_y, test_x, test_y, classes = _load_imagefolder(cfg, cache_dir, progress)
-    if train_x.shape[-1] != cfg.image_size or train_x.shape[-2] != cfg.image_size:
+    if not isinstance(train_x, Images) and train_x.shape[-1] != cfg.image_size:
         train_x = F.interpolate(train_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
         test_x = F.interpolate(test_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
     if len(classes) != cfg.num_classes:
@@ -272,9 +342,9 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None, progr
     if cfg.train_subset:  # class-balanced: the first N/num_classes images of every class
         per_class = max(1, cfg.train_subset // len(classes))
         keep = torch.cat([torch.nonzero(train_y == c).flatten()[:per_class] for c in range(len(classes))])
-        train_x, train_y = train_x[keep], train_y[keep]
+        train_x, train_y = _take(train_x, keep), train_y[keep]
     tr, va = _stratified_split(train_y, cfg.val_fraction, seed)
-    splits = Splits(train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y, classes)
+    splits = Splits(_take(train_x, tr), train_y[tr], _take(train_x, va), train_y[va], test_x, test_y, classes)
     log.info("data: %s train / %s val / %s test images, %s classes, %sx%s",
              len(tr), len(va), len(test_y), len(classes), cfg.image_size, cfg.image_size)
     _CACHE[key] = splits
@@ -299,18 +369,48 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     return padded.gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
+def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float],
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample RandomResizedCrop to ``size`` + horizontal flip of a uint8 batch, as one ``roi_align``.
+
+    torchvision's sampling: area share in ``scale``, aspect ratio in [3/4, 4/3] (log-uniform), ten tries
+    per image, else the whole image. Returns float pixels (0-255), bilinear with adaptive averaging.
+    """
+    from torchvision.ops import roi_align
+
+    b, _, h, w = x.shape
+    tries = 10
+    area = torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator) * (h * w)
+    ratio = torch.exp(torch.empty(b, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
+    cw, ch = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
+    ok = (cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h)
+    pick = ok.float().argmax(1)  # the first try that fits
+    rows = torch.arange(b)
+    cw = torch.where(ok.any(1), cw[rows, pick], torch.full((b,), float(w)))
+    ch = torch.where(ok.any(1), ch[rows, pick], torch.full((b,), float(h)))
+    u = torch.rand(b, 2, generator=generator)
+    x0, y0 = (u[:, 0] * (w - cw + 1)).floor(), (u[:, 1] * (h - ch + 1)).floor()
+    flip = torch.rand(b, generator=generator) < 0.5
+    boxes = torch.stack([rows.float(), x0, y0, x0 + cw, y0 + ch], 1).to(x.device)
+    out = roi_align(x.float(), boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
+
+
 class Batches:
     """Iterate normalised float batches from uint8 tensors; augmentation happens on tensors.
 
     With ``world_size > 1`` each rank sees its own shard of every epoch's permutation.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean: list[float],
+    def __init__(self, x: torch.Tensor | Images, y: torch.Tensor, batch_size: int, mean: list[float],
                  std: list[float], *, shuffle: bool = False, augment: bool = False,
                  padding: int = 4, drop_last: bool = False, device: torch.device | str = "cpu",
-                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 train_crop: str = "pad", rrc_scale: tuple[float, float] = (0.08, 1.0)):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
+        self.resized_crop, self.rrc_scale = augment and train_crop == "resized", tuple(rrc_scale)
+        self._size = x.size if isinstance(x, Images) else x.shape[-1]  # output side of random resized crops
         self.drop_last, self.device, self.channels_last = drop_last, torch.device(device), channels_last
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
@@ -319,7 +419,8 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # augmentation: per rank
         self.epoch = 0
         self.pin = self.device.type == "cuda"  # page-locked batches copy asynchronously to the GPU
-        if self.pin and x.nbytes + y.nbytes < 0.25 * torch.cuda.mem_get_info(self.device)[0]:
+        whole = not (self.resized_crop and isinstance(x, Images) and x.store.side != x.size)  # crops need L x L
+        if self.pin and whole and x.nbytes + y.nbytes < 0.25 * torch.cuda.mem_get_info(self.device)[0]:
             self.x, self.y, self.pin = x.to(self.device), y.to(self.device), False  # small sets live on the GPU
 
     def _indices(self) -> torch.Tensor:
@@ -344,12 +445,17 @@ class Batches:
         idx = self._indices()
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            b = idx[start : start + self.batch_size].to(self.x.device)
-            xb, yb = self.x[b], self.y[b]
+            b = idx[start : start + self.batch_size]
+            if isinstance(self.x, torch.Tensor):
+                b = b.to(self.x.device)
+            full = self.resized_crop and isinstance(self.x, Images)
+            xb, yb = (self.x.full(b) if full else self.x[b]), self.y[b.to(self.y.device)]
             if self.pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-            if self.augment:
+            if self.resized_crop:
+                xb = random_resized_crop_flip(xb, self._size, self.rrc_scale, self.generator)
+            elif self.augment:
                 xb = random_crop_flip(xb, self.padding, self.generator)
             xb = (xb.float() - self.mean) * self.inv_std
             if self.channels_last:
@@ -360,4 +466,5 @@ class Batches:
 def batches(splits_x: torch.Tensor, splits_y: torch.Tensor, cfg: DataConfig, batch_size: int,
             **kw) -> Batches:
     """Shorthand that takes normalisation from the data config."""
-    return Batches(splits_x, splits_y, batch_size, cfg.mean, cfg.std, padding=cfg.crop_padding, **kw)
+    return Batches(splits_x, splits_y, batch_size, cfg.mean, cfg.std, padding=cfg.crop_padding,
+                   train_crop=cfg.train_crop, rrc_scale=tuple(cfg.rrc_scale), **kw)

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # metadata_props keys (values are strings; lists and dicts as JSON)
 META_CLASSES, META_MEAN, META_STD, META_SIZE = "classes", "mean", "std", "input_size"
+META_RESIZE = "resize"  # {"mode": "squash" | "shorter", "crop_fraction": f}: how images reach input_size
 META_LAYOUT, META_PRECISION, META_SOURCE = "input_layout", "precision", "source_stage"
 META_ROW, META_COMMIT = "report_row", "git_commit"
 LAYOUT_FLOAT = "NCHW float32, normalised: (pixel / 255 - mean) / std"
@@ -118,7 +119,8 @@ def model_card(rep: dict, chosen: dict, fallback: dict | None, classes: list[str
 
 
 def write_bundle(out: Path, rep: dict, onnx_files: dict[str, Path], classes: list[str], mean: list[float],
-                 std: list[float], size: int, config_yaml: str, reproduce: str, commit: str | None) -> Path:
+                 std: list[float], size: int, config_yaml: str, reproduce: str, commit: str | None,
+                 resize: dict | None = None) -> Path:
     """Write ``out`` (replacing it): the recommended row's ONNX and the baseline, with metadata and card."""
     rows = {r["name"]: r for r in rep["rows"]}
     chosen = rows.get(rep["best"]) or rows[rep["baseline"]]
@@ -134,6 +136,7 @@ def write_bundle(out: Path, rep: dict, onnx_files: dict[str, Path], classes: lis
         src = onnx_files[row["name"]]
         layout = LAYOUT_UINT8 if src.name.endswith("_uint8.onnx") else LAYOUT_FLOAT
         meta = {META_CLASSES: classes, META_MEAN: mean, META_STD: std, META_SIZE: str(size), META_LAYOUT: layout,
+                META_RESIZE: resize or {"mode": "squash", "crop_fraction": 1.0},
                 META_PRECISION: row["precision"], META_SOURCE: row["stage"],
                 META_ROW: {k: row[k] for k in ("name", "accuracy", "accuracy_delta_vs_baseline", "throughput_ips",
                                                "speedup_vs_baseline", "latency_ms_p50", "batch_size")},

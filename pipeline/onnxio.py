@@ -133,6 +133,13 @@ def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.
     return ((x_uint8.float() - m) / s).numpy()
 
 
+def predict_images(sess, images, mean: list[float], std: list[float], batch_size: int = 256) -> np.ndarray:
+    """Logits of uint8 images (a tensor or a store view), normalised batch by batch (bounded memory)."""
+    outs = [predict(sess, normalise(images[i : i + batch_size], mean, std), batch_size)
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs)
+
+
 def predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]

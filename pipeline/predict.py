@@ -6,8 +6,9 @@
 
 The model's ``metadata_props`` (written by the pipeline's bundle) give class names, mean, std and
 input size; ``--labels/--mean/--std/--size`` replace them (and are needed for a bare ONNX file).
-Images are converted to RGB and resized (bilinear) to the model's input size, as the pipeline's
-image-folder loader does, so predictions equal what validate measured.
+Images are converted to RGB and brought to the model's input size the way the pipeline's image-folder
+loader did for this model (its ``resize`` metadata: squashed, or shorter side + center crop), so
+predictions equal what validate measured.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Predictor:
                                 f"{flag} (a bare ONNX file needs --labels, --mean and --std)")
 
         self.classes = [str(c) for c in need(labels, deploy.META_CLASSES, "--labels a,b,c")]
+        how = json.loads(meta[deploy.META_RESIZE]) if deploy.META_RESIZE in meta else {}
+        self.resize, self.crop_fraction = how.get("mode", "squash"), float(how.get("crop_fraction", 1.0))
         shape = inp.shape
         spatial = shape[1] if self.uint8 else shape[2]
         self.size = int(size or meta.get(deploy.META_SIZE, 0) or
@@ -72,14 +75,17 @@ class Predictor:
         """uint8 HWC RGB pixels at the model's size, and a note when the image had to be resized."""
         from PIL import Image, UnidentifiedImageError
 
+        from pipeline.imagestore import center_crop, prepare
+
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 note = None
                 if im.size != (self.size, self.size):
-                    note = f"resized from {im.size[0]}x{im.size[1]} to {self.size}x{self.size}"
-                    im = im.resize((self.size, self.size), Image.BILINEAR)
-                return np.asarray(im, dtype=np.uint8), note
+                    how = "resized" if self.resize == "squash" else "resized and center-cropped"
+                    note = f"{how} from {im.size[0]}x{im.size[1]} to {self.size}x{self.size}"
+                chw = np.asarray(prepare(im, self.size, self.resize, self.crop_fraction), np.uint8).transpose(2, 0, 1)
+                return np.ascontiguousarray(center_crop(chw, self.size).transpose(1, 2, 0)), note
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise PipelineError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
 

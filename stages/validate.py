@@ -113,7 +113,8 @@ def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dic
     reproduce = (f'python -m pipeline --config-path "{out.absolute()}" --config-name config '
                  f"hydra.run.dir={shown(ctx.run_dir)}_reproduced")
     deploy.write_bundle(out, rep, files, classes, ctx.data_cfg.mean, ctx.data_cfg.std, ctx.data_cfg.image_size,
-                        ctx.config_yaml, reproduce, git_commit())
+                        ctx.config_yaml, reproduce, git_commit(),
+                        {"mode": ctx.data_cfg.resize, "crop_fraction": ctx.data_cfg.crop_fraction})
     log.info("validate: deployment bundle written to %s", out)
     info = {"path": str(out), "model": rep["best"],
             "predict": f"python -m pipeline.predict {shown(out)} <image or folder>"}
@@ -159,7 +160,8 @@ def _providers(choice: str) -> tuple[list[str], str]:
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     splits = ctx.splits()
-    x = onnxio.normalise(splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
+    timing_n = max([cfg.batch_size, 256, *cfg.serving_batch_sizes])
+    x = onnxio.normalise(splits.test_x[:timing_n], ctx.data_cfg.mean, ctx.data_cfg.std)  # timing inputs
     y = splits.test_y.numpy()
     providers, note = _providers(cfg.provider)
     names = {src: row_name(src, art.metrics) for src, art in ctx.inputs.items()}
@@ -175,7 +177,8 @@ def run(ctx: StageContext) -> dict:
         path = art.path / "model.onnx"
         sess = onnxio.session(path, cfg.threads, cfg.graph_optimization, providers)
         sessions[name] = sess
-        acc = float((onnxio.predict(sess, x).argmax(1) == y).mean() * 100)
+        acc = float((onnxio.predict_images(sess, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std).argmax(1)
+                     == y).mean() * 100)
         m = art.metrics
         rows.append({"name": name, "stage": src, "precision": m["precision"], "accuracy": acc,
                      "params": m["params"], "macs": m["macs"], "size_mb": m["size_mb"],

@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import Batches, DataConfig, load_splits, random_crop_flip
+from pipeline.data import Batches, DataConfig, Images, batches, load_splits, random_crop_flip, random_resized_crop_flip
 from pipeline.errors import PipelineError
 
 
 def _cfg(**kw) -> DataConfig:
     base = dict(source="embedded", root=None, download=False, image_size=32, num_classes=10,
-                val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4, train_subset=None)
+                val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4, train_subset=None,
+                resize="squash", crop_fraction=0.875, train_crop="pad", rrc_scale=[0.08, 1.0], decode_workers=1)
     base.update(kw)
     return DataConfig(**base)
 
@@ -61,7 +62,7 @@ def test_imagefolder_any_size_and_grayscale(tmp_path, mode):
                val_fraction=0.2)
     s = load_splits(cfg, seed=0, cache_dir=tmp_path / "cache")
     assert s.train_x.shape[1:] == (3, 16, 16) and s.classes == ["cat", "dog"]
-    assert len(s.test_y) == 10 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(s.test_y) == 10 and len(list((tmp_path / "cache").glob("imagefolder-*/meta.json"))) == 1
 
 
 def test_imagefolder_errors(tmp_path):
@@ -84,3 +85,37 @@ def test_wrong_num_classes_says_which_value(tmp_path):
     _write_tree(tmp_path / "d", [8, 8])
     with pytest.raises(PipelineError, match="data.num_classes=2"):
         load_splits(_cfg(source="imagefolder", root=str(tmp_path / "d"), num_classes=10), 0)
+
+
+def test_parallel_decode_store_equals_one_process_and_reads_by_row(tmp_path):
+    _write_tree(tmp_path / "data", [20, 48, 33, 40, 64, 17, 90, 25])
+    base = dict(source="imagefolder", root=str(tmp_path / "data"), num_classes=2, image_size=16, val_fraction=0.25)
+    one = load_splits(_cfg(**base, decode_workers=1), 0, tmp_path / "c1")
+    two = load_splits(_cfg(**base, decode_workers=2), 0, tmp_path / "c2")
+    for a, b in ((one.train_x, two.train_x), (one.val_x, two.val_x), (one.test_x, two.test_x)):
+        assert torch.equal(a[:], b[:])
+    assert isinstance(one.train_x, Images)
+    assert not list((tmp_path / "c2").glob("*.partial-*"))  # the finished store was renamed into place
+    idx = torch.tensor([3, 0, 2])
+    assert torch.equal(one.train_x[idx], torch.stack([one.train_x[3], one.train_x[0], one.train_x[2]]))
+    assert one.train_x.nbytes == len(one.train_x) * 3 * 16 * 16
+
+
+def test_random_resized_crop_keeps_the_whole_image_at_full_scale_and_is_seeded():
+    x = torch.randint(0, 255, (6, 3, 20, 20), dtype=torch.uint8)
+    out = random_resized_crop_flip(x, 20, (1.0, 1.0), torch.Generator().manual_seed(0))
+    for i in range(6):  # no aspect ratio but 1 fits the whole area: the whole image, maybe flipped
+        assert torch.equal(out[i], x[i].float()) or torch.equal(out[i], x[i].flip(-1).float())
+    a = random_resized_crop_flip(x, 8, (0.08, 1.0), torch.Generator().manual_seed(1))
+    b = random_resized_crop_flip(x, 8, (0.08, 1.0), torch.Generator().manual_seed(1))
+    assert a.shape == (6, 3, 8, 8) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
+
+
+def test_resized_crop_batches_draw_from_the_stored_square(tmp_path):
+    _write_tree(tmp_path / "data", [40, 64, 33])
+    cfg = _cfg(source="imagefolder", root=str(tmp_path / "data"), num_classes=2, image_size=16, val_fraction=0.0,
+               resize="shorter", crop_fraction=0.5, train_crop="resized")
+    s = load_splits(cfg, 0, tmp_path / "cache")
+    assert s.train_x[:].shape[-1] == 16 and s.train_x.full([0]).shape[-1] == 32
+    xb, yb = next(iter(batches(s.train_x, s.train_y, cfg, 4, shuffle=True, augment=True, seed=0)))
+    assert xb.shape == (4, 3, 16, 16) and xb.dtype == torch.float32 and len(yb) == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import deploy, onnxio
 from pipeline.data import EMBEDDED, load_splits
@@ -156,3 +157,28 @@ def test_no_bundle_when_deploy_is_off(cfg_factory, tmp_path):
                              "validate.serving_batch_sizes=[]", "validate.concurrency=[]"), run)
     rep = json.loads((run / "report.json").read_text())
     assert not (run / "deploy").exists() and "deploy" not in rep and rep["serving"] == {}
+
+
+def test_predict_equals_validate_for_photos_resized_by_the_shorter_side(fp32_onnx, tmp_path):
+    """data.resize=shorter (ImageNet-style): the bundle says so and the predictor crops like the store."""
+    from pipeline.tools import data_config
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, (w, h) in enumerate([(50, 37), (41, 77)]):
+            d = tmp_path / "photos" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (h + i, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    dc = data_config("data=photos", f"data.root={tmp_path / 'photos'}", "data.image_size=32", "data.num_classes=2",
+                     "data.val_fraction=0", "data.crop_fraction=0.8", f"data.mean={MEAN}", f"data.std={STD}")
+    s = load_splits(dc, 0, tmp_path / "cache")
+    assert s.test_x.shape[1:] == (3, 32, 32) and s.test_x.full([0]).shape[-1] == 40  # stored 40, evaluated 32
+    deploy.write_metadata(fp32_onnx, tmp_path / "m.onnx", {
+        deploy.META_CLASSES: [f"c{i}" for i in range(10)], deploy.META_MEAN: MEAN, deploy.META_STD: STD,
+        deploy.META_SIZE: "32", deploy.META_RESIZE: {"mode": "shorter", "crop_fraction": 0.8}})
+    pred = Predictor(tmp_path / "m.onnx")
+    files = sorted((tmp_path / "photos" / "test").rglob("*.png"))
+    x = pred.to_input(np.stack([pred.load(f)[0] for f in files]))
+    np.testing.assert_array_equal(x, onnxio.normalise(s.test_x[:], MEAN, STD))
+    assert "center-cropped from 50x37 to 32x32" in pred.load(files[0])[1]
