@@ -105,10 +105,14 @@ def _lr_lambda(cfg: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data_cfg: DataConfig,
-             rt: Runtime, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; reduced across ranks."""
+             rt: Runtime, batch_size: int | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; reduced across ranks.
+
+    The default batch holds 256 images of 32x32 pixels' worth (16 at 224 px: bounded activation memory).
+    """
     if len(y) == 0:
         return float("nan")
+    batch_size = batch_size or max(16, min(256, 256 * 32 * 32 // (x.shape[-1] * x.shape[-2])))
     was_training = model.training
     model.to(rt.device).eval()
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)

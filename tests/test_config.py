@@ -14,6 +14,7 @@ from tests.conftest import CONF
 REQUIRED = {  # options that need a value the user must give
     ("data", "cifar10"): ["data.root=/nonexistent"],
     ("data", "imagefolder"): ["data.root=/nonexistent"],
+    ("data", "photos"): ["data.root=/nonexistent"],
     ("model", "custom"): ["model.target=torchvision.models.resnet18"],
     ("experiment", "cifar10_full"): ["data.root=/nonexistent"],
     ("experiment", "cifar10_speed"): ["data.root=/nonexistent"],
