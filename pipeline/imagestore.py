@@ -69,14 +69,18 @@ def read_rgb(path: Path, image_size: int, resize: str, crop_fraction: float) -> 
     return arr.transpose(2, 0, 1)
 
 
-def _decode_chunk(data_path: str, n: int, side: int, start: int, files: Sequence[str], image_size: int,
-                  resize: str, crop_fraction: float) -> int:
-    """Worker: decode ``files`` into rows ``start ...`` of the raw file (opened as a writable memmap)."""
-    out = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, 3, side, side))
-    for i, f in enumerate(files):
-        out[start + i] = read_rgb(Path(f), image_size, resize, crop_fraction)
-    out.flush()
-    del out
+def _decode_chunk(data_path: str, side: int, start: int, files: Sequence[str], image_size: int, resize: str,
+                  crop_fraction: float) -> int:
+    """Worker: decode ``files`` into rows ``start ...`` of the raw file (positioned writes, no memory map)."""
+    row = 3 * side * side
+    fd = os.open(data_path, os.O_WRONLY)
+    try:
+        for i, f in enumerate(files):
+            arr = np.ascontiguousarray(read_rgb(Path(f), image_size, resize, crop_fraction))
+            if os.pwrite(fd, memoryview(arr.reshape(-1)), (start + i) * row) != row:
+                raise OSError(f"short write to {data_path}")
+    finally:
+        os.close(fd)
     return len(files)
 
 
@@ -92,8 +96,8 @@ def build(folder: Path, files: Sequence[Path], meta: dict, image_size: int, resi
     try:
         with open(data_path, "wb") as fh:  # sparse file of the final size
             fh.truncate(n * 3 * side * side)
-        jobs = [(str(data_path), n, side, s, [str(f) for f in files[s : s + chunk]], image_size, resize,
-                 crop_fraction) for s in range(0, n, chunk)]
+        jobs = [(str(data_path), side, s, [str(f) for f in files[s : s + chunk]], image_size, resize, crop_fraction)
+                for s in range(0, n, chunk)]
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="decode images", unit="img", mininterval=1.0, disable=not progress)
@@ -103,7 +107,9 @@ def build(folder: Path, files: Sequence[Path], meta: dict, image_size: int, resi
         else:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            # fork where there is one (workers need only PIL and numpy; torch's DataLoader forks too)
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
                 for done in pool.map(_decode_chunk, *zip(*jobs, strict=True)):
                     bar.update(done)
         bar.close()
