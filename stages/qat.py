@@ -105,10 +105,19 @@ def spec(cfg: Config, model: nn.Module) -> quant.QuantSpec:
 
 
 def key_extra(view: GraphView, node: str) -> dict | None:
-    """``weight_bits=auto`` means another model on another CPU: the key holds the resolved bits."""
-    return {"weight_bits": quant.resolve_weight_bits(view.settings["qat"].weight_bits)[0]}
+    """``auto`` settings mean another model on another CPU: the key holds the resolved bits and, for
+    ``float_layers=[auto]``, the rule's version and the CPU architecture it resolves for."""
+    import platform
+
+    cfg: Config = view.settings["qat"]
+    extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0]}
+    if "auto" in cfg.float_layers:
+        extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(),
+                                      quant.resolve_weight_bits("auto")[0]]  # 8: VNNI-class CPU
+    return extra
 
 
+FLOAT_AUTO_RULE = 3  # version of quant.narrow_convs' rule (2: widen to the block; 3: none with VNNI)
 DIVERGED_POINTS = 5.0  # QAT that ends this far below its calibrated (PTQ) start is reported as diverged
 
 
