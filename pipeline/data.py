@@ -12,6 +12,7 @@ used for the final report.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -200,8 +201,7 @@ class Images:
         return Images(self.store, self._rows(key), self.size)
 
     def full(self, key) -> torch.Tensor:
-        rows = self._rows(key)
-        return torch.from_numpy(self.store.rows(np.atleast_1d(rows)))
+        return torch.from_numpy(self.store.rows(np.atleast_1d(self._rows(key))))
 
     def __getitem__(self, key) -> torch.Tensor:
         rows = self._rows(key)
@@ -222,19 +222,16 @@ def _take(x: torch.Tensor | Images, idx: torch.Tensor) -> torch.Tensor | Images:
     return x.subset(idx) if isinstance(x, Images) else x[idx]
 
 
-_TMP_CACHES: list[str] = []
-
-
+@functools.cache
 def _scratch_cache() -> Path:
-    """A cache folder for callers that gave none, removed when the process exits."""
+    """A cache folder for callers that gave none (one per process), removed when the process exits."""
     import atexit
     import shutil
     import tempfile
 
-    if not _TMP_CACHES:
-        _TMP_CACHES.append(tempfile.mkdtemp(prefix="pipeline-images-"))
-        atexit.register(shutil.rmtree, _TMP_CACHES[0], True)
-    return Path(_TMP_CACHES[0])
+    path = tempfile.mkdtemp(prefix="pipeline-images-")
+    atexit.register(shutil.rmtree, path, True)
+    return Path(path)
 
 
 def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple:

@@ -133,11 +133,16 @@ def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.
     return ((x_uint8.float() - m) / s).numpy()
 
 
-def predict_images(sess, images, mean: list[float], std: list[float], batch_size: int = 256) -> np.ndarray:
-    """Logits of uint8 images (a tensor or a store view), normalised batch by batch (bounded memory)."""
-    outs = [predict(sess, normalise(images[i : i + batch_size], mean, std), batch_size)
-            for i in range(0, len(images), batch_size)]
-    return np.concatenate(outs)
+def predict_images(sessions: dict, images, mean: list[float], std: list[float],
+                   batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Logits of every session on uint8 images (a tensor or a store view), in one pass over the images:
+    each batch is read and normalised once for all sessions (bounded memory)."""
+    outs: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    for i in range(0, len(images), batch_size):
+        x = normalise(images[i : i + batch_size], mean, std)
+        for name, sess in sessions.items():
+            outs[name].append(predict(sess, x, batch_size))
+    return {name: np.concatenate(o) for name, o in outs.items()}
 
 
 def predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -44,20 +44,26 @@ class QuantSpec:
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
 
-def resolve_weight_bits(setting: int | str) -> tuple[int, str]:
-    """``qat.weight_bits`` (7, 8 or auto) -> bits and why. u8 x s8 products summed in pairs saturate int16 on
-    x86 without VNNI with full 8-bit weights (ORT's reduce_range); VNNI and ARM dot products do not."""
+def int8_dot_product() -> str | None:
+    """Why this CPU has INT8 dot-product kernels (ARM, or x86 with VNNI/AMX), or None (x86 without them)."""
     import platform
 
     from pipeline.onnxio import cpu_info
 
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "ARM dot-product kernels do not saturate"
+    found = set(cpu_info()["flags"]) & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return f"this CPU has {', '.join(sorted(found))}" if found else None
+
+
+def resolve_weight_bits(setting: int | str) -> tuple[int, str]:
+    """``qat.weight_bits`` (7, 8 or auto) -> bits and why. u8 x s8 products summed in pairs saturate int16 on
+    x86 without VNNI with full 8-bit weights (ORT's reduce_range); VNNI and ARM dot products do not."""
     if setting != "auto":
         return int(setting), f"qat.weight_bits={setting}"
-    flags = set(cpu_info()["flags"])
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return 8, "auto: ARM dot-product kernels do not saturate"
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        return 8, f"auto: this CPU has {', '.join(sorted(flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}))}"
+    why = int8_dot_product()
+    if why:
+        return 8, f"auto: {why}"
     return 7, "auto: no VNNI, so 7-bit weights avoid int16 saturation of u8 x s8 pairs"
 
 
@@ -72,11 +78,12 @@ def narrow_convs(model: nn.Module) -> list[str]:
     """
     import platform
 
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or resolve_weight_bits("auto")[0] == 8:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or int8_dot_product():
         return []  # ARM, and x86 with VNNI/AMX: narrow INT8 convs are not slower (measured: 2.19x all-INT8 vs
         # 1.65x with the narrow ResNet-20 blocks FP32 on an AVX-512 VNNI EPYC)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    narrow = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CONV]
+    conv_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [n for n, _ in conv_modules]
+    narrow = [n for n, m in conv_modules if m.out_channels < NARROW_CONV]
     out: list[str] = []
     for name in narrow:
         while "." in name and sum(c == name or c.startswith(name + ".") for c in convs) < 2:

@@ -105,17 +105,19 @@ def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
                         f"{cfg.min_top1_agreement})")
     agreement = metrics["parity"]["top1_agreement"]
     if agreement < cfg.min_top1_agreement:
-        why = (f" ({requantized_note(cov)})" if cov and cov["int8_kernels"] > cov["quantized_layers"]
-               else "; the exported model is wrong")
+        note = requantized_note(cov) if cov else None
+        why = f" ({note})" if note else "; the exported model is wrong"
         failures.append(
             f"{node}: ONNX Runtime agrees with PyTorch on only {agreement:.2f}% of top-1 predictions "
             f"(export.min_top1_agreement={cfg.min_top1_agreement}){why}")
     return failures
 
 
-def requantized_note(cov: dict) -> str:
-    """Why ORT runs more INT8 kernels than were quantized: it quantized layers meant to stay FP32."""
+def requantized_note(cov: dict) -> str | None:
+    """Why ORT runs more INT8 kernels than were quantized (it quantized layers meant to stay FP32), or None."""
     n = cov["int8_kernels"] - cov["quantized_layers"]
+    if n <= 0:
+        return None
     return (f"ONNX Runtime quantized {n} layer(s) kept FP32 by qat.float_layers itself: its WeightBiasQuantization "
             "makes a lone float Conv/Gemm between DequantizeLinear and QuantizeLinear per-tensor INT8, which QAT "
             "did not train for; keep whole blocks FP32 instead (e.g. qat.float_layers=[conv1,layer1])")
@@ -219,8 +221,8 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized, the rest kept FP32)",
                  ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
                  cov["quantized_layers"])
-        if cov["int8_kernels"] > cov["quantized_layers"]:
-            log.warning("%s: %s", ctx.node, requantized_note(cov))
+        if note := requantized_note(cov):
+            log.warning("%s: %s", ctx.node, note)
     return metrics, got
 
 

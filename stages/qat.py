@@ -112,8 +112,7 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     cfg: Config = view.settings["qat"]
     extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0]}
     if "auto" in cfg.float_layers:
-        extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(),
-                                      quant.resolve_weight_bits("auto")[0]]  # 8: VNNI-class CPU
+        extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
     return extra
 
 
