@@ -59,6 +59,7 @@ class DataConfig:
     crop_fraction: float  # resize=shorter: image_size is this fraction of the stored square (224 of 256)
     train_crop: Literal["pad", "resized"]  # pad: CIFAR pad + random crop; resized: RandomResizedCrop
     rrc_scale: list[float]  # train_crop=resized: range of the crop's share of the image area
+    cutout: int  # side of a square set to the mean in every augmented training image (0: off)
     decode_workers: int = not_in_key()  # processes decoding an image folder the first time (0: one per core)
 
     def check(self) -> list[str]:
@@ -81,6 +82,8 @@ class DataConfig:
             errs.append(f"crop_fraction: {self.crop_fraction} must be in (0, 1]")
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
             errs.append(f"rrc_scale: {self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
+        if not 0 <= self.cutout < self.image_size:
+            errs.append(f"cutout: {self.cutout} must be in [0, image_size) pixels (0: off)")
         if self.decode_workers < 0:
             errs.append(f"decode_workers: {self.decode_workers} must be >= 0 (0: one per core)")
         if self.train_subset is not None and self.train_subset < 1:
@@ -393,6 +396,19 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, flo
     return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor, 2017): zero a ``size`` square at a random centre of every normalised
+    image (zero = the mean colour); squares are clipped at the border, as in the paper."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=generator).to(x.device)
+    cx = torch.randint(0, w, (b, 1), generator=generator).to(x.device)
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y = ((ys - cy) >= -(size // 2)) & ((ys - cy) < size - size // 2)  # (b, h)
+    in_x = ((xs - cx) >= -(size // 2)) & ((xs - cx) < size - size // 2)  # (b, w)
+    keep = ~(in_y[:, :, None] & in_x[:, None, :])
+    return x * keep[:, None].to(x.dtype)
+
+
 class Batches:
     """Iterate normalised float batches from uint8 tensors; augmentation happens on tensors.
 
@@ -403,8 +419,9 @@ class Batches:
                  std: list[float], *, shuffle: bool = False, augment: bool = False,
                  padding: int = 4, drop_last: bool = False, device: torch.device | str = "cpu",
                  channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 train_crop: str = "pad", rrc_scale: tuple[float, float] = (0.08, 1.0)):
+                 train_crop: str = "pad", rrc_scale: tuple[float, float] = (0.08, 1.0), cutout: int = 0):
         self.x, self.y = x, y
+        self.cutout = cutout if augment else 0
         self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
         self.resized_crop, self.rrc_scale = augment and train_crop == "resized", tuple(rrc_scale)
         self._size = x.size if isinstance(x, Images) else x.shape[-1]  # output side of random resized crops
@@ -455,6 +472,8 @@ class Batches:
             elif self.augment:
                 xb = random_crop_flip(xb, self.padding, self.generator)
             xb = (xb.float() - self.mean) * self.inv_std
+            if self.cutout:
+                xb = cutout(xb, self.cutout, self.generator)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb
@@ -464,4 +483,4 @@ def batches(splits_x: torch.Tensor, splits_y: torch.Tensor, cfg: DataConfig, bat
             **kw) -> Batches:
     """Shorthand that takes normalisation from the data config."""
     return Batches(splits_x, splits_y, batch_size, cfg.mean, cfg.std, padding=cfg.crop_padding,
-                   train_crop=cfg.train_crop, rrc_scale=tuple(cfg.rrc_scale), **kw)
+                   train_crop=cfg.train_crop, rrc_scale=tuple(cfg.rrc_scale), cutout=cfg.cutout, **kw)

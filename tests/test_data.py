@@ -7,14 +7,24 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import Batches, DataConfig, Images, batches, load_splits, random_crop_flip, random_resized_crop_flip
+from pipeline.data import (
+    Batches,
+    DataConfig,
+    Images,
+    batches,
+    cutout,
+    load_splits,
+    random_crop_flip,
+    random_resized_crop_flip,
+)
 from pipeline.errors import PipelineError
 
 
 def _cfg(**kw) -> DataConfig:
     base = dict(source="embedded", root=None, download=False, image_size=32, num_classes=10,
                 val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4, train_subset=None,
-                resize="squash", crop_fraction=0.875, train_crop="pad", rrc_scale=[0.08, 1.0], decode_workers=1)
+                resize="squash", crop_fraction=0.875, train_crop="pad", rrc_scale=[0.08, 1.0], cutout=0,
+                decode_workers=1)
     base.update(kw)
     return DataConfig(**base)
 
@@ -26,6 +36,20 @@ def test_crop_flip_keeps_pixels_and_shape():
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
     out = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_cutout_blanks_one_clipped_square_per_image_and_only_when_augmenting():
+    x = torch.ones(64, 3, 32, 32)
+    out = cutout(x, 16, torch.Generator().manual_seed(0))
+    blanked = (out == 0).all(1).sum((1, 2))  # pixels zeroed in all channels, per image
+    assert (blanked <= 256).all() and (blanked >= 64).all()  # a corner centre keeps a quarter of the square
+    assert (blanked == 256).any() and (blanked < 256).any()  # inside, and clipped at the border
+    assert torch.equal(out, cutout(x, 16, torch.Generator().manual_seed(0)))  # seeded
+    y = torch.zeros(8, dtype=torch.long)
+    xb, _ = next(iter(Batches(torch.full((8, 3, 8, 8), 200, dtype=torch.uint8), y, 8, [0.0] * 3, [1.0] * 3,
+                              augment=False, cutout=4)))
+    assert (xb != 0).all()  # evaluation batches are never cut
+    assert "cutout" in _cfg(cutout=32).check()[0]
 
 
 def test_embedded_splits_are_balanced_and_disjoint():
