@@ -118,6 +118,28 @@ def _(w_q, scales, zero_points, axis):
     return torch.empty(w_q.shape, dtype=torch.float32, device=w_q.device)
 
 
+@torch.library.custom_op("qdq::requant", mutates_args=())
+def _requant_op(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                out_scale: float) -> torch.Tensor:
+    fq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)  # same math as in QAT
+    return fq * (out_scale / scale)
+
+
+@_requant_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, out_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qdq::dequantize", mutates_args=())
+def _dequant_tensor_op(q: torch.Tensor, scale: float, zero_point: int, qmin: int) -> torch.Tensor:
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+@_dequant_tensor_op.register_fake
+def _(q, scale, zero_point, qmin):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
 def onnx_translations() -> dict:
     """onnxscript translations of the custom ops to QuantizeLinear / DequantizeLinear."""
     from onnxscript import ir
@@ -132,7 +154,19 @@ def onnx_translations() -> dict:
     def dequant(w_q, scales, zero_points, axis: int):
         return op.DequantizeLinear(w_q, scales, zero_points, axis=axis)
 
-    return {torch.ops.qdq.fake_quant.default: fake_quant, torch.ops.qdq.dequantize_per_channel.default: dequant}
+    def requant(x, scale: float, zero_point: int, qmin: int, qmax: int, out_scale: float):
+        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
+        zp = op.Cast(op.Constant(value_int=zero_point), to=zp_type)
+        return op.DequantizeLinear(op.QuantizeLinear(x, op.Constant(value_float=scale), zp),
+                                   op.Constant(value_float=out_scale), zp)
+
+    def dequant_tensor(q, scale: float, zero_point: int, qmin: int):
+        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
+        return op.DequantizeLinear(q, op.Constant(value_float=scale),
+                                   op.Cast(op.Constant(value_int=zero_point), to=zp_type))
+
+    return {torch.ops.qdq.fake_quant.default: fake_quant, torch.ops.qdq.dequantize_per_channel.default: dequant,
+            torch.ops.qdq.requant.default: requant, torch.ops.qdq.dequantize.default: dequant_tensor}
 
 
 # ---------------------------------------------------------------- QAT modules
@@ -178,6 +212,59 @@ class ActQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
 
+class FixedQuant(ActQuant):
+    """Fake-quant of [0, hi] in 255 steps (no observer), read back ``out_factor`` times smaller.
+
+    It clips like ReLU6 (ORT folds the Clip into the QuantizeLinear) and, with ``out_factor=1/6``, divides
+    by 6 for free: the export is QuantizeLinear(scale) -> DequantizeLinear(scale * out_factor).
+    """
+
+    def __init__(self, spec: QuantSpec, hi: float, out_factor: float = 1.0):
+        super().__init__(spec)
+        self.out_factor = out_factor
+        self.scale.fill_(hi / 255.0)
+        self.zero_point.fill_(self.qmin)  # 0 -> the lowest code (uint8 0, int8 -128)
+        self.min_val.fill_(0.0)
+        self.max_val.fill_(hi)
+        self.observe, self.enabled = False, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            return torch.ops.qdq.requant(x, self.const_scale, self.const_zero_point, self.qmin, self.qmax,
+                                         self.const_scale * self.out_factor)
+        fq = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return fq * self.out_factor
+
+
+class QHardSwish(nn.Module):
+    """Hardswish ``x * relu6(x + 3) / 6`` (or its gate, Hardsigmoid ``relu6(x + 3) / 6``) on ORT INT8 kernels.
+
+    The 3 is a quantized constant behind DequantizeLinear (so ``x + 3`` is a QLinearAdd), ReLU6 is the
+    range of the requantization that follows and /6 its read-back scale (``FixedQuant``), and the product
+    with ``x`` is a QLinearMul. Left whole, ORT runs Hardswish in float between DequantizeLinear and
+    QuantizeLinear.
+    """
+
+    def __init__(self, spec: QuantSpec, gate_only: bool):
+        super().__init__()
+        self.gate_only, self.export_mode = gate_only, False
+        self.gate = FixedQuant(spec, 6.0, 1.0 / 6.0)
+        self.qmin = self.gate.qmin
+        self.three_code = self.gate.qmax  # 3.0 = the top code at scale 3 / (qmax - qmin)
+        self.three_scale = 3.0 / (self.gate.qmax - self.gate.qmin)
+        self.three_zp = self.gate.qmin
+        self.register_buffer("three_q", torch.tensor(self.three_code, dtype=torch.uint8 if self.qmin == 0
+                                                     else torch.int8), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            three = torch.ops.qdq.dequantize(self.three_q, self.three_scale, self.three_zp, self.qmin)
+        else:
+            three = x.new_tensor(3.0)
+        g = self.gate(F.relu6(x + three))
+        return g if self.gate_only else x * g
+
+
 def _weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = 2 ** (bits - 1) - 1
     amax = w.detach().abs().amax(dim=tuple(range(1, w.dim())))
@@ -203,9 +290,11 @@ def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
 class QConvBn(nn.Module):
     """Conv2d (+ BatchNorm folded into the fake-quantized weight) (+ ReLU/ReLU6)."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec,
+                 shift: float = 0.0):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
+        self.shift = shift  # added to the output before the activation (Hardsigmoid = ReLU6(y + 3) / 6)
         self.bits = spec.weight_bits
         self.bn_frozen = False
         object.__setattr__(self, "in_quant", None)  # the ActQuant feeding it (not a submodule)
@@ -213,11 +302,13 @@ class QConvBn(nn.Module):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.conv.weight, self.conv.bias
         if self.bn is None:
+            if self.shift:
+                b = (b if b is not None else w.new_zeros(w.shape[0])) + self.shift
             return w, b
         bn = self.bn
         sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         bias = (b if b is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
-        return w * sf.reshape(-1, 1, 1, 1), bias * sf + bn.bias
+        return w * sf.reshape(-1, 1, 1, 1), bias * sf + bn.bias + self.shift
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
@@ -233,7 +324,7 @@ class QConvBn(nn.Module):
             y = y / sf.reshape(1, -1, 1, 1)
             if self.conv.bias is not None:
                 y = y + self.conv.bias.reshape(1, -1, 1, 1)
-            y = bn(y)
+            y = bn(y) + self.shift
         else:
             w, b = self.folded()
             y = self._conv(x, fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0])
@@ -297,7 +388,8 @@ class DeployConv(nn.Module):
 
 # Coverage is a table, as in ONNX Runtime's quantizer registry: the ops below get an ActQuant on their output
 # (ORT fuses DequantizeLinear -> op -> QuantizeLinear into an INT8 kernel, or moves the QDQ pair through
-# shape-only ops). Every other op (Hardswish, SiLU, GELU, LayerNorm, a BatchNorm that follows no conv, attention,
+# shape-only ops); Hardswish/Hardsigmoid become Add + Mul on quantized tensors (QHardSwish), SiLU Sigmoid * x.
+# Every other op (GELU, LayerNorm, a BatchNorm that follows no conv, attention,
 # anything unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
 _ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
 _PASS_MODULES = (nn.Dropout, nn.Identity, StochasticDepth)  # no op in the exported (eval) graph
@@ -359,6 +451,19 @@ def _is_act(node: fx.Node | None, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _ACTS)
     return node.op == "call_function" and node.target in (F.relu, torch.relu)
+
+
+def _is_hard(node: fx.Node | None, gm: fx.GraphModule) -> str | None:
+    """"Hardswish" / "Hardsigmoid" for those activations (module or function), else None."""
+    if node is None:
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return "Hardswish" if isinstance(mod, nn.Hardswish) else "Hardsigmoid" if isinstance(mod, nn.Hardsigmoid) \
+            else None
+    if node.op == "call_function":
+        return {F.hardswish: "Hardswish", F.hardsigmoid: "Hardsigmoid"}.get(node.target)
+    return None
 
 
 def _float_test(prefixes: tuple[str, ...]):
@@ -430,16 +535,20 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             if nxt is not None and nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.BatchNorm2d):
                 bn, last = gm.get_submodule(nxt.target), nxt
                 nxt = _only_user(last)
+            shift = 0.0
             if _is_act(nxt, gm):
                 act = gm.get_submodule(nxt.target) if nxt.op == "call_module" else nn.ReLU()
                 last = nxt
+            elif _is_hard(nxt, gm) == "Hardsigmoid" and not is_float(node):
+                act, shift, last = nn.ReLU6(), 3.0, nxt  # ReLU6(y + 3) / 6: the 3 in the bias, /6 in the scale
+                node.meta["fixed_quant"] = (6.0, 1.0 / 6.0)
             if is_float(node):  # its BN and activation stay FP32 with it
                 cur = last
                 while cur is not node:
                     cur.meta["float"] = True
                     cur = cur.args[0]
                 continue
-            q = QConvBn(mod, bn, act, spec)
+            q = QConvBn(mod, bn, act, spec, shift)
             gm.add_submodule(node.target, q)
             if last is not node:
                 last.replace_all_uses_with(node)
@@ -450,6 +559,24 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                     cur = prev
         elif isinstance(mod, nn.Linear) and not is_float(node):
             gm.add_submodule(node.target, QLinear(mod, spec))
+    gm.recompile()
+
+    # 1b. Hardswish / Hardsigmoid not folded into a conv -> QHardSwish (QLinearAdd + QLinearMul in ORT)
+    for node in list(graph.nodes):
+        hard = _is_hard(node, gm)
+        if hard is None or is_float(node):
+            continue
+        q = QHardSwish(spec, gate_only=hard == "Hardsigmoid")
+        if node.op == "call_module":
+            gm.add_submodule(node.target, q)
+        else:
+            name = f"{node.name}_q"
+            gm.add_submodule(name, q)
+            with graph.inserting_after(node):
+                new = graph.call_module(name, (node.args[0],))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
     gm.recompile()
 
     # 2. classify every op (the table above), then insert ActQuant where ORT's QDQ fusion needs one
@@ -477,6 +604,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
                 kind[node] = "quant_after"
+            elif isinstance(mod, QHardSwish):  # the gate is quantized inside; x * gate needs its own
+                kind[node] = "pass" if mod.gate_only else "quant_after"
+                src = node.args[0]
+                if src.op == "call_module" and isinstance(gm.get_submodule(src.target), QLinear):
+                    kind[src] = "quant_after"  # QLinearAdd needs a quantized input (a head's Linear)
             elif isinstance(mod, (QLinear, *_PASS_MODULES)):
                 kind[node] = "pass"
             elif isinstance(mod, _QUANT_AFTER_MODULES):
@@ -505,7 +637,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             return
         name = f"act_quant_{count}"
         count += 1
-        gm.add_submodule(name, ActQuant(spec))
+        fixed = node.meta.get("fixed_quant")
+        gm.add_submodule(name, FixedQuant(spec, *fixed) if fixed else ActQuant(spec))
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u in users)
@@ -603,4 +736,6 @@ def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
     for m in dep.modules():
         if isinstance(m, ActQuant):  # Python constants: baked into the graph as initializers
             m.export_mode, m.const_scale, m.const_zero_point = True, float(m.scale), int(m.zero_point)
+        elif isinstance(m, QHardSwish):
+            m.export_mode = True
     return dep

@@ -60,19 +60,55 @@ def test_teacher_checkpoint_that_does_not_fit(cfg_factory, tmp_path):
 
 
 def test_ops_without_int8_kernels_stay_float_and_are_listed(tmp_path):
-    """MobileNetV3: Hardswish has no INT8 kernel in ORT; it runs float between DQ and Q, the convs in INT8."""
+    """GELU has no INT8 kernel in ORT: it runs float between DQ and Q, listed by op, the convs in INT8."""
     torch.manual_seed(0)
-    model = build_model({"name": "mobilenet_v3_small", "num_classes": 10}).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.GELU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
     gm = quant.prepare_qat(model, SPEC)
-    floats = quant.float_ops(gm)
-    assert any(k.startswith("Hardswish (no INT8 kernel") for k in floats), floats
+    assert quant.float_ops(gm) == {"GELU (no INT8 kernel in ONNX Runtime)": ["_2"]}
     x = torch.randn(8, 3, 32, 32)
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
     cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
-    n_conv = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
-    assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == n_conv and cov["float_kernels"] == 0, cov
+    assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == 3 and cov["float_kernels"] == 0, cov
+
+
+def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
+    """MobileNetV3: Hardswish = QLinearAdd (x + an INT8 3) + QLinearMul, the ReLU6 clip and the /6 in the
+    requantization; an SE gate's Hardsigmoid folds into its conv (bias + 3, ReLU6, /6). Nothing stays
+    float, ORT leaves no DequantizeLinear, and it computes what PyTorch's export form computes."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = build_model({"name": "mobilenet_v3_small", "num_classes": 10}).eval()
+    for m in model.modules():  # spread the BN statistics so the activations are not all in one bin
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+    gm = quant.prepare_qat(model, SPEC)
+    assert quant.float_ops(gm) == {}
+    hs = [m for m in gm.modules() if isinstance(m, quant.QHardSwish)]
+    assert len(hs) == 19 and not any(m.gate_only for m in hs)  # the 9 SE gates went into their convs
+    assert sum(isinstance(m, quant.QConvBn) and m.shift == 3.0 for m in gm.modules()) == 9
+    x = torch.randn(16, 3, 32, 32)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    dep = quant.to_deploy(gm)
+    with torch.no_grad():
+        ref, fq, fl = dep(x).numpy(), gm(x).numpy(), model(x).numpy()
+    assert np.abs(ref - fq).max() <= 1e-3 * np.abs(ref).max()  # export form == QAT form
+    assert np.corrcoef(ref.ravel(), fl.ravel())[0, 1] > 0.9  # and both still approximate the float model
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    with torch.no_grad():
+        onnxio.session(tmp_path / "q.onnx", 1, opt_level="all", optimized_path=tmp_path / "o.onnx")
+    ops = onnxio.op_counts(tmp_path / "o.onnx")
+    assert ops["QLinearMul"] == 19 + 9 and ops["DequantizeLinear"] == 0, ops  # Hardswish x19, SE x9
+    assert not {"HardSwish", "HardSigmoid", "Clip", "Add", "Mul", "Conv"} & set(ops), ops
+    sess = onnxio.session(tmp_path / "q.onnx", 1)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
     torch.testing.assert_close(torch.from_numpy(got), gm(x).detach(), rtol=0.05, atol=0.05)
 
