@@ -265,6 +265,64 @@ class QHardSwish(nn.Module):
         return g if self.gate_only else x * g
 
 
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` used as self-attention (ViT), written in ops that ``torch.fx`` traces.
+
+    Left whole, the module is one opaque float op between DequantizeLinear and QuantizeLinear. Unrolled,
+    its q/k/v/out projections become ``QLinear`` (INT8 MatMul in ORT), ``q @ k^T`` and ``attn @ v`` become
+    QLinearMatMul and the softmax QLinearSoftmax. The 1/sqrt(head_dim) scaling is folded into q's weights.
+    Same outputs as the module (``need_weights`` is ignored: the weights are not returned).
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e, h = mha.embed_dim, mha.num_heads
+        self.num_heads, self.head_dim, self.dropout = h, e // h, float(mha.dropout)
+        w, b = mha.in_proj_weight.detach(), mha.in_proj_bias
+        self.q, self.k, self.v = (nn.Linear(e, e, bias=b is not None) for _ in range(3))
+        with torch.no_grad():
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                f = self.head_dim**-0.5 if i == 0 else 1.0
+                lin.weight.copy_(w[i * e : (i + 1) * e] * f)
+                if b is not None:
+                    lin.bias.copy_(b.detach()[i * e : (i + 1) * e] * f)
+        self.out_proj = mha.out_proj
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                key_padding_mask=None, need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        x = query
+        shape = (x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+        q = self.q(x).reshape(shape).transpose(1, 2)  # (b, h, n, d)
+        k = self.k(x).reshape(shape).permute(0, 2, 3, 1)  # (b, h, d, n)
+        v = self.v(x).reshape(shape).transpose(1, 2)
+        attn = torch.matmul(q, k).softmax(dim=-1)
+        if self.dropout and self.training:
+            attn = F.dropout(attn, self.dropout)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(x.shape)
+        return self.out_proj(out), None
+
+
+def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
+    """A copy of ``model`` with its self-attention ``nn.MultiheadAttention`` modules (batch_first, no extra
+    k/v) replaced by ``SelfAttention`` (``model`` itself when it has none: the caller's float model is kept)."""
+    import copy
+
+    copied = False
+    for name, mod in list(model.named_modules()):
+        if not (isinstance(mod, nn.MultiheadAttention) and mod.batch_first and mod._qkv_same_embed_dim
+                and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in float_layers):
+            continue
+        if not copied:
+            model, copied = copy.deepcopy(model), True
+            mod = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SelfAttention(mod))
+    return model
+
+
 def _weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = 2 ** (bits - 1) - 1
     amax = w.detach().abs().amax(dim=tuple(range(1, w.dim())))
@@ -399,10 +457,11 @@ _ADD = {operator.add, torch.add, operator.iadd}
 _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
-                      torch.reshape, torch.squeeze, torch.unsqueeze} | _ADD | _MUL
+                      torch.reshape, torch.squeeze, torch.unsqueeze, torch.matmul, operator.matmul, F.softmax,
+                      torch.softmax} | _ADD | _MUL
 _PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the exported graph
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
-                        "unsqueeze", "contiguous", "sigmoid", "mul", "add"}
+                        "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
 
 
@@ -490,6 +549,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     from them into the quantized part get an ``ActQuant`` for their quantized users only.
     """
     model = model.cpu().eval()
+    model = _unroll_attention(model, spec.float_layers)
     try:
         tracer = _Tracer()
         gm = fx.GraphModule(model, tracer.trace(model))

@@ -269,3 +269,48 @@ def test_qat_that_ends_far_below_its_calibrated_start_is_called_diverged():
     assert divergence_note(84.0, 85.0) is None and divergence_note(80.5, 85.0) is None
     note = divergence_note(10.0, 85.21)
     assert note.startswith("training ended 75.2 points below") and "qat.lr" in note and "qat.select=best" in note
+
+
+class _TinyViTBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 32, 8, stride=8)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        a, _ = self.attn(t, t, t, need_weights=False)
+        return self.head((t + a).mean(1))
+
+
+def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
+    """nn.MultiheadAttention (ViT) is unrolled: same outputs, q/k/v/out projections and both attention matmuls
+    on INT8 kernels, softmax as QLinearSoftmax; the caller's float model keeps its module."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _TinyViTBlock().eval()
+    x = torch.randn(8, 3, 32, 32)
+    t = model.embed(x).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        ref = model.attn(t, t, t, need_weights=False)[0]
+        assert torch.allclose(quant.SelfAttention(model.attn)(t)[0], ref, atol=1e-5)
+    gm = quant.prepare_qat(model, SPEC)
+    assert isinstance(model.attn, torch.nn.MultiheadAttention)  # not modified in place
+    assert quant.float_ops(gm) == {}
+    assert len(quant.quantized_layers(gm)) == 1 + 4 + 1  # embed, q/k/v/out, head
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    dep = quant.to_deploy(gm)
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    onnxio.session(tmp_path / "q.onnx", 1, opt_level="all", optimized_path=tmp_path / "o.onnx")
+    ops = onnxio.op_counts(tmp_path / "o.onnx")
+    assert ops["QLinearMatMul"] == 2 and ops["QLinearSoftmax"] == 1 and "Softmax" not in ops, ops
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    assert cov["int8_kernels"] == 1 + 4 + 2 + 1 and cov["float_kernels"] == 0, cov
+    sess = onnxio.session(tmp_path / "q.onnx", 1)
+    with torch.no_grad():
+        want = dep(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
