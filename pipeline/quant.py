@@ -310,6 +310,12 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Mod
 
     copied = False
     for name, mod in list(model.named_modules()):
+        if getattr(mod, "fused_attn", False) is True and not any(name == p or name.startswith(p + ".")
+                                                                  for p in float_layers):
+            if not copied:  # timm's Attention: its explicit path (q @ k^T, softmax, @ v) instead of SDPA
+                model, copied = copy.deepcopy(model), True
+            model.get_submodule(name).fused_attn = False
+            continue
         if not (isinstance(mod, nn.MultiheadAttention) and mod.batch_first and mod._qkv_same_embed_dim
                 and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None):
             continue
@@ -681,6 +687,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             kind[node] = "quant_after"
             if node.target in _ADD and _is_act(_only_user(node), gm):
                 kind[node] = "pass"  # quantize after the activation that follows the add
+            if node.target in ("softmax", F.softmax, torch.softmax):
+                node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
         else:
             kind[node] = "float"
         if kind.get(node) in ("quant_after", "input") and not is_tensor(node):
