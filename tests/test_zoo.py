@@ -75,3 +75,52 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
     assert cov["float_kernels"] == 0 and cov["int8_kernels"] == len(quant.quantized_layers(gm))
     with torch.no_grad():
         assert model(x).shape == (4, 10)  # the float model is left as it was
+
+
+# What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
+# back to float is a regression. The first group runs in CI; `pytest -m zoo` runs the rest (about 4 min).
+FLOATS = {
+    "resnet18": set(), "mobilenet_v3_small": set(), "convnext_tiny": {"LayerNorm", "layer_norm", "GELU"},
+    "vit_b_16": {"LayerNorm", "GELU", "expand", "getitem"},  # class token; attention is INT8
+    "timm:mobilenetv3_small_100": {"linear"}, "timm:resnet18": set(),
+    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem", "maybe_add_mask"},
+}
+FLOATS_ZOO = {
+    "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(), "efficientnet_b0": set(),
+    "regnet_x_400mf": set(), "shufflenet_v2_x1_0": {"getitem"}, "densenet121": {"BatchNorm2d"},
+    "swin_t": {"LayerNorm", "GELU", "shifted_window_attention", "_get_relative_position_bias", "_patch_merging_pad"},
+    "timm:efficientnet_b0": set(),
+}
+
+
+@pytest.mark.parametrize("name", [*FLOATS, *(pytest.param(n, marks=pytest.mark.zoo) for n in FLOATS_ZOO)])
+def test_zoo_model_quantizes_to_int8_kernels_that_match_pytorch(name, tmp_path):
+    """Every zoo model: QAT form -> QDQ ONNX whose quantized layers all run on ORT INT8 kernels, only the
+    expected ops stay float, and ORT computes what the PyTorch export form computes."""
+    import numpy as np
+    import torch
+
+    from pipeline import onnxio, quant
+    from pipeline.models import build_model
+    from pipeline.weights import classifier_name
+
+    torch.manual_seed(0)
+    family = "timm" if name.startswith("timm:") else "auto"
+    model = build_model({"name": name.removeprefix("timm:"), "num_classes": 10, "image_size": 32,
+                         "family": family, "small_input": family == "auto"}).eval()
+    torch.nn.init.normal_(model.get_submodule(classifier_name(model)).weight, std=0.2)  # no all-zero heads
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    floats = {k.split(" (")[0] for k in quant.float_ops(gm)}
+    assert floats <= FLOATS.get(name, FLOATS_ZOO.get(name)), floats
+    x = torch.randn(32, 3, 32, 32)
+    quant.calibrate(gm, [(x[i : i + 8], None) for i in range(0, 32, 8)])
+    dep = quant.to_deploy(gm.eval())
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    assert cov["int8_kernels"] >= len(quant.quantized_layers(gm)) > 0, cov
+    sess = onnxio.session(tmp_path / "q.onnx", 1)
+    with torch.no_grad():
+        want = dep(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()
