@@ -475,10 +475,10 @@ _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module 
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping timm's BatchNormAct2d whole so it can be split into BN + activation."""
+    """torch.fx's tracer, keeping timm's BatchNormAct2d (split later into BN + activation) and Linear whole."""
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__name__ in _NORM_ACT or super().is_leaf_module(m, qualname)
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
+        return type(m).__name__ in _NORM_ACT or isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
 
 
 def _split_norm_act(gm: fx.GraphModule) -> None:
