@@ -237,15 +237,32 @@ def _scratch_cache() -> Path:
     return Path(path)
 
 
-def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple:
-    root = Path(cfg.root).expanduser()
+_SCANS: dict[str, tuple] = {}  # root -> the last scan of it in this process (see _scan_imagefolder)
+
+
+def _scan_imagefolder(root: Path, reuse: bool = False) -> tuple:
+    """(train files, train labels, test files, test labels, classes, manifest hash) of an image folder.
+
+    ``fingerprint`` always scans (artifact keys follow the files on disk) and leaves its scan here; loading
+    the splits right after reuses it (``reuse``) instead of listing and stat-ing every image a second time.
+    """
     if not root.is_dir():
         raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
+    if reuse and str(root) in _SCANS:
+        return _SCANS[str(root)]
     train_files, train_labels, classes = _list_imagefolder(root / "train", None)
     test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
+    digest = _manifest_hash(root, train_files + test_files, train_labels + test_labels, classes)
+    _SCANS[str(root)] = (train_files, train_labels, test_files, test_labels, classes, digest)
+    return _SCANS[str(root)]
+
+
+def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple:
+    root = Path(cfg.root).expanduser()
+    train_files, train_labels, test_files, test_labels, classes, digest = _scan_imagefolder(root, reuse=True)
     files, labels = train_files + test_files, train_labels + test_labels
     how = [cfg.image_size, cfg.resize] + ([cfg.crop_fraction] if cfg.resize == "shorter" else [])
-    key = stable_hash([_manifest_hash(root, files, labels, classes), *how])
+    key = stable_hash([digest, *how])
     folder = (cache_dir or _scratch_cache()) / f"imagefolder-{key}"
     store = None
     if (folder / imagestore.META_FILE).is_file():
@@ -292,11 +309,7 @@ def fingerprint(cfg: DataConfig) -> str:
         return file_sha256(EMBEDDED)
     root = Path(cfg.root).expanduser()
     if cfg.source == "imagefolder":
-        if not root.is_dir():
-            raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
-        train_files, train_labels, classes = _list_imagefolder(root / "train", None)
-        test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
-        return _manifest_hash(root, train_files + test_files, train_labels + test_labels, classes)
+        return _scan_imagefolder(root)[-1]
     batches_dir = root / "cifar-10-batches-py"
     files = sorted(p for p in batches_dir.glob("*") if p.is_file()) if batches_dir.is_dir() else []
     if not files and not cfg.download:

@@ -143,3 +143,21 @@ def test_resized_crop_batches_draw_from_the_stored_square(tmp_path):
     assert s.train_x[:].shape[-1] == 16 and s.train_x.full([0]).shape[-1] == 32
     xb, yb = next(iter(batches(s.train_x, s.train_y, cfg, 4, shuffle=True, augment=True, seed=0)))
     assert xb.shape == (4, 3, 16, 16) and xb.dtype == torch.float32 and len(yb) == 4
+
+
+def test_loading_reuses_the_fingerprint_scan_of_an_image_folder(tmp_path, monkeypatch):
+    """An image folder is listed and stat-ed once per run: fingerprint scans, loading the splits reuses it."""
+    from pipeline import data as data_mod
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = _cfg(source="imagefolder", root=str(tmp_path), num_classes=2, val_fraction=0.0)
+    before = data_mod.fingerprint(cfg)
+    monkeypatch.setattr(data_mod, "_list_imagefolder", lambda *a: pytest.fail("listed the folder again"))
+    assert len(load_splits(cfg, seed=0, cache_dir=tmp_path / "cache").train_y) == 6
+    monkeypatch.undo()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "3.png")
+    assert data_mod.fingerprint(cfg) != before  # a new scan every time the key is computed

@@ -83,7 +83,7 @@ def _image_folder(root: Path, per_class: int = 4) -> None:
 
 def _folder_cfg(root: Path) -> DataConfig:
     return DataConfig("imagefolder", str(root), False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, False, 0, None, "squash",
-                      0.875, "pad", [0.08, 1.0], 1)
+                      0.875, "pad", [0.08, 1.0], 0, 1)
 
 
 def test_data_fingerprint_sees_added_and_moved_files(tmp_path):
@@ -158,7 +158,7 @@ def _noisy_setup():
     x = torch.randint(0, 255, (192, 3, 8, 8), generator=g, dtype=torch.uint8)
     splits = Splits(x, y, x[:32], y[:32], x[:32], y[:32], ["a", "b"])
     dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, True, 2, None, "squash", 0.875, "pad",
-                    [0.08, 1.0], 1)  # augmented
+                    [0.08, 1.0], 0, 1)  # augmented
     cfg = FitConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                     schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, select="last")
     return splits, dc, cfg
