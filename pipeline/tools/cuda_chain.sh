@@ -2,7 +2,7 @@
 # The full CIFAR-10 chain of experiment=cifar10_converged on one GPU, in one go:
 #   bash pipeline/tools/cuda_chain.sh <cifar10-jpg folder> <results folder> [pipeline overrides...]
 # 1. env.txt: GPU, CPU, versions; bench_train.txt: the train loop vs a bare AMP loop (target >= 0.80)
-# 2. the baseline (120 epochs) and its pruned model, then in parallel on the same GPU:
+# 2. the baseline (200 epochs) and its pruned model, then in parallel on the same GPU:
 #    - the chain to validate (distill seed 0, QAT, export, validate at 2 ORT threads)
 #    - a second pruning budget (prune.target_macs=1.2e7) through the same chain
 #    - KD vs no KD on seeds 0, 1, 2 (pipeline.tools.kd_seeds)
