@@ -314,3 +314,25 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
         want = dep(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_hardswish_rewrite_matches_ort_for_both_activation_types(tmp_path, act_dtype):
+    """The QLinearAdd constant and the [0, 6] requantization use the activation type's own codes."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.Hardswish(),
+                                torch.nn.Conv2d(16, 16, 1), torch.nn.Hardsigmoid()).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec(act_dtype, 8, 0.01, ()))
+    assert quant.float_ops(gm) == {}
+    x = torch.randn(4, 3, 32, 32) * 2
+    quant.calibrate(gm, [(x, None)])
+    dep = quant.to_deploy(gm.eval())
+    with torch.no_grad():
+        want, ref = dep(x).numpy(), model(x).numpy()
+    assert np.abs(want - ref).max() < 0.05  # still Hardsigmoid(conv(Hardswish(...))), within quantization error
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    sess = onnxio.session(tmp_path / "q.onnx", 1)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6  # at most one output step (of 1/255) apart
