@@ -88,9 +88,9 @@ def narrow_convs(model: nn.Module) -> list[str]:
     narrow = [n for n, m in conv_modules if m.out_channels < NARROW_CONV]
     out: list[str] = []
     for name in narrow:
-        while "." in name and sum(c == name or c.startswith(name + ".") for c in convs) < 2:
+        while "." in name and sum(_inside(c, (name,)) for c in convs) < 2:
             name = name.rsplit(".", 1)[0]
-        if not any(name == o or name.startswith(o + ".") for o in out):
+        if not _inside(name, tuple(out)):
             out = [o for o in out if not o.startswith(name + ".")] + [name]
     return out
 
@@ -147,25 +147,23 @@ def onnx_translations() -> dict:
     from onnxscript import ir
     from onnxscript import opset18 as op
 
+    def zero_point_of(zero_point: int, qmin: int):  # UINT8 or INT8, as the activations are
+        return op.Cast(op.Constant(value_int=zero_point), to=ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8)
+
     def fake_quant(x, scale: float, zero_point: int, qmin: int, qmax: int):
-        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
-        s = op.Constant(value_float=scale)
-        zp = op.Cast(op.Constant(value_int=zero_point), to=zp_type)
+        s, zp = op.Constant(value_float=scale), zero_point_of(zero_point, qmin)
         return op.DequantizeLinear(op.QuantizeLinear(x, s, zp), s, zp)
 
     def dequant(w_q, scales, zero_points, axis: int):
         return op.DequantizeLinear(w_q, scales, zero_points, axis=axis)
 
     def requant(x, scale: float, zero_point: int, qmin: int, qmax: int, out_scale: float):
-        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
-        zp = op.Cast(op.Constant(value_int=zero_point), to=zp_type)
+        zp = zero_point_of(zero_point, qmin)
         return op.DequantizeLinear(op.QuantizeLinear(x, op.Constant(value_float=scale), zp),
                                    op.Constant(value_float=out_scale), zp)
 
     def dequant_tensor(q, scale: float, zero_point: int, qmin: int):
-        zp_type = ir.DataType.UINT8 if qmin >= 0 else ir.DataType.INT8
-        return op.DequantizeLinear(q, op.Constant(value_float=scale),
-                                   op.Cast(op.Constant(value_int=zero_point), to=zp_type))
+        return op.DequantizeLinear(q, op.Constant(value_float=scale), zero_point_of(zero_point, qmin))
 
     return {torch.ops.qdq.fake_quant.default: fake_quant, torch.ops.qdq.dequantize_per_channel.default: dequant,
             torch.ops.qdq.requant.default: requant, torch.ops.qdq.dequantize.default: dequant_tensor}
@@ -251,16 +249,14 @@ class QHardSwish(nn.Module):
         super().__init__()
         self.gate_only, self.export_mode = gate_only, False
         self.gate = FixedQuant(spec, 6.0, 1.0 / 6.0)
-        self.qmin = self.gate.qmin
-        self.three_code = self.gate.qmax  # 3.0 = the top code at scale 3 / (qmax - qmin)
-        self.three_scale = 3.0 / (self.gate.qmax - self.gate.qmin)
-        self.three_zp = self.gate.qmin
-        self.register_buffer("three_q", torch.tensor(self.three_code, dtype=torch.uint8 if self.qmin == 0
-                                                     else torch.int8), persistent=False)
+        qmin, qmax = self.gate.qmin, self.gate.qmax  # 3.0 = the top code, zero point the lowest code
+        self.register_buffer("three_q", torch.tensor(qmax, dtype=torch.uint8 if qmin == 0 else torch.int8),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.export_mode:
-            three = torch.ops.qdq.dequantize(self.three_q, self.three_scale, self.three_zp, self.qmin)
+            qmin, qmax = self.gate.qmin, self.gate.qmax
+            three = torch.ops.qdq.dequantize(self.three_q, 3.0 / (qmax - qmin), qmin, qmin)
         else:
             three = x.new_tensor(3.0)
         g = self.gate(F.relu6(x + three))
@@ -305,29 +301,34 @@ class SelfAttention(nn.Module):
         return self.out_proj(out), None
 
 
+def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
+    """``name`` is one of the modules named in ``prefixes`` or lies inside one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _unrollable_mha(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.MultiheadAttention) and mod.batch_first and mod._qkv_same_embed_dim
+            and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None)
+
+
 def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
     """A copy of ``model`` with its self-attention ``nn.MultiheadAttention`` modules (batch_first, no extra
-    k/v) replaced by ``SelfAttention`` (``model`` itself when it has none: the caller's float model is kept)."""
+    k/v) replaced by ``SelfAttention`` and timm's ``Attention`` on its explicit path (q @ k^T, softmax, @ v)
+    instead of SDPA; ``model`` itself when there is none (the caller's float model is kept)."""
     import copy
 
-    copied = False
-    for name, mod in list(model.named_modules()):
-        if getattr(mod, "fused_attn", False) is True and not any(name == p or name.startswith(p + ".")
-                                                                  for p in float_layers):
-            if not copied:  # timm's Attention: its explicit path (q @ k^T, softmax, @ v) instead of SDPA
-                model, copied = copy.deepcopy(model), True
-            model.get_submodule(name).fused_attn = False
-            continue
-        if not (isinstance(mod, nn.MultiheadAttention) and mod.batch_first and mod._qkv_same_embed_dim
-                and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None):
-            continue
-        if any(name == p or name.startswith(p + ".") for p in float_layers):
-            continue
-        if not copied:
-            model, copied = copy.deepcopy(model), True
-            mod = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SelfAttention(mod))
+    names = [n for n, m in model.named_modules() if (getattr(m, "fused_attn", False) is True or _unrollable_mha(m))
+             and not _inside(n, float_layers)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.MultiheadAttention):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SelfAttention(mod))
+        else:
+            mod.fused_attn = False
     return model
 
 
@@ -536,16 +537,13 @@ def _is_hard(node: fx.Node | None, gm: fx.GraphModule) -> str | None:
 def _float_test(prefixes: tuple[str, ...]):
     """node -> True when it lies inside one of the modules named in ``prefixes`` (kept in FP32)."""
 
-    def inside(name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in prefixes)
-
     def is_float(node: fx.Node) -> bool:
         if node.meta.get("float"):
             return True
         names = list(node.meta.get("nn_module_stack", {}))
         if node.op == "call_module":
             names.append(str(node.target))
-        return any(inside(n) for n in names)
+        return any(_inside(n, prefixes) for n in names)
 
     return is_float
 
