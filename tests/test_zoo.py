@@ -118,9 +118,8 @@ def test_zoo_model_quantizes_to_int8_kernels_that_match_pytorch(name, tmp_path):
     onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
     cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] >= len(quant.quantized_layers(gm)) > 0, cov
-    sess = onnxio.session(tmp_path / "q.onnx", 1)
     with torch.no_grad():
         want = dep(x).numpy()
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()
