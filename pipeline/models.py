@@ -226,6 +226,12 @@ def build_model(cfg: dict) -> nn.Module:
 # ---------------------------------------------------------------- pruned shapes
 
 
+def is_attention(m: nn.Module) -> bool:
+    """Attention with one fused q/k/v linear and ``num_heads`` / ``head_dim`` (timm's ``Attention``)."""
+    return (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+            and isinstance(getattr(m, "head_dim", None), int))
+
+
 def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     """Channel counts of every conv / linear / norm layer (what structured pruning changes)."""
     shapes = {}
@@ -238,6 +244,8 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
             shapes[name] = {"out": m.num_features}
         elif isinstance(m, nn.Identity) and name:
             shapes[name] = {"identity": 1}  # a block removed by depth pruning (or an Identity already)
+        elif is_attention(m):  # timm-style attention: head count and width (pruned with the qkv linear)
+            shapes[name] = {"heads": {"num_heads": m.num_heads, "head_dim": m.head_dim}}
         else:  # any other layer with its own tensors (LayerNorm, ConvNeXt's layer_scale, ...): their shapes
             own = {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
                    if t is not None}
@@ -269,6 +277,10 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
             raise PipelineError(f"pruned shape for unknown layer {name!r}; the checkpoint is from another model")
         if "identity" in s:
             replace_with_identity(model, name)
+        elif "heads" in s:
+            m.num_heads, m.head_dim = s["heads"]["num_heads"], s["heads"]["head_dim"]
+            if hasattr(m, "attn_dim"):
+                m.attn_dim = m.num_heads * m.head_dim
         elif isinstance(m, nn.Conv2d):
             m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
             kh, kw = m.kernel_size

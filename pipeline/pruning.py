@@ -6,15 +6,17 @@ fraction *removed*.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.models import count_macs, replace_with_identity
+from pipeline.models import apply_shapes, count_macs, is_attention, replace_with_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class ChannelPlan:
     steps: int
     step_epochs: int
     round_to: int | None
+    whole_heads: bool  # attention: remove whole heads instead of narrowing every head
 
     @classmethod
     def of(cls, settings: object) -> ChannelPlan:
@@ -72,14 +75,20 @@ def classifier(model: nn.Module) -> nn.Module | None:
 
 
 def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> list[nn.Module]:
-    """Layers whose output channels are never pruned: ``exclude``, the classifier, optionally the stem."""
+    """Layers whose output channels are never pruned: ``exclude``, the classifier, optionally the stem.
+
+    The stem (patch embedding) is always kept when the model has ``nn.MultiheadAttention``: its embedding
+    width is fixed by the module's ``embed_dim`` / ``num_heads`` (torchvision's ViT also reads ``hidden_dim``).
+    """
     named = dict(model.named_modules())
     kept = [named[n] for n in exclude]
     if (fc := classifier(model)) is not None:
         kept.append(fc)
-    if keep_first_conv:
+    if keep_first_conv or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         kept.append(next(m for m in model.modules() if isinstance(m, nn.Conv2d)))
     return kept
+
+
 
 
 def _importance(name: str):
@@ -97,6 +106,15 @@ def _importance(name: str):
 KNOWN_UNPRUNABLE = {"swin_": "its analysis of Swin's shifted-window attention does not finish (out of memory)"}
 
 
+@contextlib.contextmanager
+def _quiet_token_warning() -> Iterator[None]:
+    """Torch-Pruning warns that it will prune free parameters (a ViT's class token and position embedding)
+    along their last dimension: that is their embedding dimension, so the warning says nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*prune the last non-singleton dimension")
+        yield
+
+
 def dependency_problem(model: nn.Module, image_size: int, name: str = "") -> str | None:
     """Why Torch-Pruning cannot build this model's dependency graph, or None when it can."""
     import torch_pruning as tp
@@ -105,7 +123,8 @@ def dependency_problem(model: nn.Module, image_size: int, name: str = "") -> str
         if name.startswith(prefix):
             return why
     try:
-        tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+        with _quiet_token_warning():
+            tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
     except Exception as e:  # a graph pattern Torch-Pruning does not handle
         return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
     return None
@@ -122,25 +141,34 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     example = torch.zeros(1, 3, image_size, image_size)
     base_macs = count_macs(model, image_size)
     by_macs = plan.target_macs is not None
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
-        pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
-        ignored_layers=kept_layers(model, plan.exclude, plan.keep_first_conv), round_to=plan.round_to,
-    )
+    attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # timm-style: heads via the qkv linear
+    with _quiet_token_warning():
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
+            pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
+            ignored_layers=kept_layers(model, plan.exclude, plan.keep_first_conv), round_to=plan.round_to,
+            num_heads={qkv: a.num_heads for qkv, a in attention.items()}, prune_num_heads=plan.whole_heads,
+            prune_head_dims=not plan.whole_heads, head_pruning_ratio=0.95 if by_macs else plan.ratio,
+        )
+
+    def prune_step() -> None:
+        if grads is not None:
+            grads(model)
+        pruner.step()
+        for qkv, attn in attention.items():  # the forward pass reads the head count and width (softmax
+            heads = pruner.num_heads[qkv]    # scale kept: the weights were trained with it)
+            apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": qkv.out_features // (3 * heads)}}})
+
     for step in range(plan.steps):
         if by_macs:  # small increments until this step's share of the MACs budget is met
             goal = base_macs - (base_macs - plan.target_macs) * (step + 1) / plan.steps
             while count_macs(model, image_size) > goal and pruner.current_step < pruner.iterative_steps:
-                if grads is not None:
-                    grads(model)
-                pruner.step()
+                prune_step()
             if count_macs(model, image_size) > goal:
                 raise PipelineError(f"prune.target_macs={plan.target_macs:.4g} cannot be reached with the kept "
                                     "layers; raise it or exclude fewer layers")
         else:
-            if grads is not None:
-                grads(model)
-            pruner.step()
+            prune_step()
         log.info("prune: step %d/%d, MACs %.3g -> %.3g", step + 1, plan.steps, base_macs,
                  count_macs(model, image_size))
         if step < plan.steps - 1 and finetune is not None:

@@ -48,6 +48,7 @@ class Config(FitConfig):
     steps: int  # 1 = one-shot; N = iterative, fine-tuning step_epochs between steps
     step_epochs: int
     round_to: int | None  # keep channel counts multiples of this (ORT's FP32 conv blocks are 8 wide)
+    whole_heads: bool  # attention: remove whole heads instead of narrowing every head
     taylor_batches: int  # batches of gradients for taylor importance
 
     def check(self) -> list[str]:

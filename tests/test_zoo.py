@@ -36,6 +36,51 @@ def test_models_the_pruner_cannot_analyse_fail_early_with_the_ways_out(cfg_facto
     Runner(cfg_factory("model.name=shufflenet_v2_x0_5", "prune.method=magnitude"), tmp_path)
 
 
+@pytest.mark.parametrize("whole_heads", [False, True])
+def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
+    """timm ViT attention pruned through its qkv linear (narrower heads, or fewer): the module learns its
+    new head count, the checkpoint's shapes rebuild it, and the pruned model still runs on INT8 kernels."""
+    import torch
+
+    from pipeline import onnxio, quant
+    from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    cfg = {"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    before = count_macs(model, 32)
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, True, [], 1, 0, 8, whole_heads), 32)
+    attn = model.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim) == ((1, 64) if whole_heads else (3, 32))
+    assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.proj.in_features
+    assert count_macs(model, 32) < 0.8 * before
+    fresh = apply_shapes(build_model(cfg), module_shapes(model))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))
+    gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    quant.calibrate(gm, [(x, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
+
+
+def test_torchvision_vit_keeps_its_embedding_width_when_the_stem_may_be_pruned():
+    """nn.MultiheadAttention ties the embedding width to embed_dim / num_heads: the patch embedding is kept,
+    the MLPs are pruned, and the model still runs."""
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    model = build_model({"name": "vit_b_16", "num_classes": 10, "image_size": 32, "small_input": True}).eval()
+    channel_prune(model, ChannelPlan(0.3, None, "l1", False, False, [], 1, 0, 8, False), 32)
+    assert model.conv_proj.out_channels == 768 and model.encoder.layers[0].mlp[0].out_features < 3072
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("name,match", [
     ("inception_v3", "needs inputs of at least 75x75"),
     ("googlenet", "needs inputs of at least 75x75"),
