@@ -301,6 +301,90 @@ class SelfAttention(nn.Module):
         return self.out_proj(out), None
 
 
+def window_attention_bias(attn: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
+                          n_windows: int) -> torch.Tensor:
+    """Swin's relative position bias (and shifted-window mask) added to q @ k^T: float between
+    DequantizeLinear and QuantizeLinear (the mask's -100 would leave the logits few INT8 steps)."""
+    _, heads, n, _ = attn.shape
+    bias = table[index].view(n, n, heads).permute(2, 0, 1)
+    if mask is None:
+        return attn + bias
+    return (attn.view(-1, n_windows, heads, n, n) + (bias + mask.unsqueeze(1))).view(-1, heads, n, n)
+
+
+torch.fx.wrap("window_attention_bias")  # one node in the traced graph
+
+
+class WindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (Swin) for one input size, written in ops that ``torch.fx`` traces.
+
+    Left whole it is one opaque float function. Here padding, the cyclic shift and the window partition
+    are one token gather (and its inverse after the projection), q/k/v/proj become ``QLinear``, q @ k^T and
+    attn @ v QLinearMatMul; the position bias + shift mask and softmax input stay float. Same outputs as the
+    module for inputs of ``hw`` (height, width).
+    """
+
+    def __init__(self, swa: nn.Module, hw: tuple[int, int]):
+        super().__init__()
+        (ws0, ws1), h = swa.window_size, swa.num_heads
+        c = swa.qkv.in_features
+        H, W = hw
+        hp, wp = H + (ws0 - H % ws0) % ws0, W + (ws1 - W % ws1) % ws1
+        s0 = 0 if ws0 >= hp else swa.shift_size[0]  # as torchvision: no shift when one window covers the map
+        s1 = 0 if ws1 >= wp else swa.shift_size[1]
+        self.hw, self.c, self.heads, self.n = hw, c, h, ws0 * ws1
+        self.n_windows = (hp // ws0) * (wp // ws1)
+        self.pad = (hp, wp) != (H, W)
+        w, b = swa.qkv.weight.detach(), swa.qkv.bias
+        self.q, self.k, self.v = (nn.Linear(c, c, bias=b is not None) for _ in range(3))
+        with torch.no_grad():
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                f = (c // h) ** -0.5 if i == 0 else 1.0
+                lin.weight.copy_(w[i * c : (i + 1) * c] * f)
+                if b is not None:
+                    lin.bias.copy_(b.detach()[i * c : (i + 1) * c] * f)
+        self.proj = swa.proj
+        self.relative_position_bias_table = swa.relative_position_bias_table
+        self.register_buffer("relative_position_index", swa.relative_position_index.clone(), persistent=False)
+        # token of the (padded, shifted) map at every windowed position; H * W is the zero padding token
+        src = torch.full((hp, wp), H * W, dtype=torch.long)
+        src[:H, :W] = torch.arange(H * W).view(H, W)
+        src = torch.roll(src, shifts=(-s0, -s1), dims=(0, 1))
+        idx = src.view(hp // ws0, ws0, wp // ws1, ws1).permute(0, 2, 1, 3).reshape(-1)
+        real = idx < H * W
+        inv = torch.empty(H * W, dtype=torch.long)
+        inv[idx[real]] = torch.arange(idx.numel())[real]
+        self.register_buffer("token_index", idx, persistent=False)
+        self.register_buffer("inverse_index", inv, persistent=False)
+        mask = None
+        if s0 or s1:  # torchvision's shifted-window mask: -100 between tokens from different regions
+            region = torch.zeros(hp, wp)
+            count = 0
+            for hs in ((0, -ws0), (-ws0, -s0), (-s0, None)):
+                for wsl in ((0, -ws1), (-ws1, -s1), (-s1, None)):
+                    region[hs[0] : hs[1], wsl[0] : wsl[1]] = count
+                    count += 1
+            region = region.view(hp // ws0, ws0, wp // ws1, ws1).permute(0, 2, 1, 3).reshape(self.n_windows, -1)
+            diff = region.unsqueeze(1) - region.unsqueeze(2)
+            mask = torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (H, W), c, n, h = self.hw, self.c, self.n, self.heads
+        t = x.reshape(-1, H * W, c)
+        if self.pad:
+            t = F.pad(t, (0, 0, 0, 1))  # the zero token the padded positions read
+        t = torch.index_select(t, 1, self.token_index).reshape(-1, n, c)
+        q = self.q(t).reshape(-1, n, h, c // h).transpose(1, 2)
+        k = self.k(t).reshape(-1, n, h, c // h).permute(0, 2, 3, 1)
+        v = self.v(t).reshape(-1, n, h, c // h).transpose(1, 2)
+        attn = window_attention_bias(torch.matmul(q, k), self.relative_position_bias_table,
+                                     self.relative_position_index, self.mask, self.n_windows)
+        out = torch.matmul(attn.softmax(dim=-1), v).transpose(1, 2).reshape(-1, n, c)
+        out = self.proj(out).reshape(-1, self.n_windows * n, c)
+        return torch.index_select(out, 1, self.inverse_index).reshape(-1, H, W, c)
+
+
 def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
     """``name`` is one of the modules named in ``prefixes`` or lies inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
@@ -311,22 +395,41 @@ def _unrollable_mha(mod: nn.Module) -> bool:
             and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None)
 
 
-def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
+def _is_window_attention(mod: nn.Module) -> bool:
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    return type(mod) is ShiftedWindowAttention  # not V2 (cosine attention, a position MLP)
+
+
+def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_size: int) -> nn.Module:
     """A copy of ``model`` with its self-attention ``nn.MultiheadAttention`` modules (batch_first, no extra
-    k/v) replaced by ``SelfAttention`` and timm's ``Attention`` on its explicit path (q @ k^T, softmax, @ v)
+    k/v) replaced by ``SelfAttention``, Swin's window attention by ``WindowAttention`` (for the input sizes
+    an ``image_size`` image gives it) and timm's ``Attention`` on its explicit path (q @ k^T, softmax, @ v)
     instead of SDPA; ``model`` itself when there is none (the caller's float model is kept)."""
     import copy
 
-    names = [n for n, m in model.named_modules() if (getattr(m, "fused_attn", False) is True or _unrollable_mha(m))
+    names = [n for n, m in model.named_modules()
+             if (getattr(m, "fused_attn", False) is True or _unrollable_mha(m) or _is_window_attention(m))
              and not _inside(n, float_layers)]
     if not names:
         return model
     model = copy.deepcopy(model)
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: sizes.__setitem__(n, tuple(i[0].shape[1:3])))
+        for n in names if _is_window_attention(model.get_submodule(n))]
+    if hooks:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+        for hook in hooks:
+            hook.remove()
     for name in names:
         mod = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
         if isinstance(mod, nn.MultiheadAttention):
-            parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SelfAttention(mod))
+        elif _is_window_attention(mod):
+            setattr(model.get_submodule(parent), child, WindowAttention(mod, sizes[name]))
         else:
             mod.fused_attn = False
     return model
@@ -467,7 +570,7 @@ _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze, torch.matmul, operator.matmul, F.softmax,
-                      torch.softmax} | _ADD | _MUL
+                      torch.softmax, torch.index_select} | _ADD | _MUL
 _PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the exported graph
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
@@ -555,7 +658,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     from them into the quantized part get an ``ActQuant`` for their quantized users only.
     """
     model = model.cpu().eval()
-    model = _unroll_attention(model, spec.float_layers)
+    model = _unroll_attention(model, spec.float_layers, image_size)
     try:
         tracer = _Tracer()
         gm = fx.GraphModule(model, tracer.trace(model))

@@ -81,6 +81,41 @@ def test_torchvision_vit_keeps_its_embedding_width_when_the_stem_may_be_pruned()
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (14, 14), (7, 7)])  # padded + shifted, shifted, one window (no shift)
+def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_path):
+    """Swin's window attention as a token gather + QLinear q/k/v/proj + QLinearMatMul: same outputs as
+    torchvision's function, and on INT8 kernels in ORT."""
+    import torch
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from pipeline import onnxio, quant
+
+    torch.manual_seed(0)
+    swa = ShiftedWindowAttention(32, [7, 7], [3, 3], num_heads=2).eval()
+    torch.nn.init.normal_(swa.relative_position_bias_table, std=1.0)
+    x = torch.randn(2, *hw, 32)
+    ours = quant.WindowAttention(swa, hw).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), swa(x), rtol=1e-5, atol=1e-5)
+
+    class Block(torch.nn.Module):  # image -> (B, H, W, C) tokens -> window attention -> logits
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn = torch.nn.Conv2d(3, 32, 1), swa
+
+        def forward(self, img):
+            return self.attn(self.embed(img).permute(0, 2, 3, 1)).mean(dim=(1, 2))
+
+    gm = quant.prepare_qat(Block().eval(), quant.QuantSpec("uint8", 8, 0.01, ()), hw[0])
+    assert {n.split(".")[-1] for n in quant.quantized_layers(gm)} == {"embed", "q", "k", "v", "proj"}
+    assert "shifted_window_attention" not in str(quant.float_ops(gm))
+    img = torch.randn(8, 3, *hw)
+    quant.calibrate(gm, [(img, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), img[:2], tmp_path / "w.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "w.onnx")
+    assert cov["float_kernels"] == 0 and cov["int8_ops"].get("QLinearMatMul") == 2, cov
+
+
 @pytest.mark.parametrize("name,match", [
     ("inception_v3", "needs inputs of at least 75x75"),
     ("googlenet", "needs inputs of at least 75x75"),
@@ -133,7 +168,7 @@ FLOATS = {
 FLOATS_ZOO = {
     "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(), "efficientnet_b0": set(),
     "regnet_x_400mf": set(), "shufflenet_v2_x1_0": {"getitem"}, "densenet121": {"BatchNorm2d"},
-    "swin_t": {"LayerNorm", "GELU", "shifted_window_attention", "_get_relative_position_bias", "_patch_merging_pad"},
+    "swin_t": {"LayerNorm", "GELU", "window_attention_bias", "pad", "_patch_merging_pad"},  # window attention INT8
     "timm:efficientnet_b0": set(),
 }
 
