@@ -558,9 +558,9 @@ class DeployConv(nn.Module):
 
 # Coverage is a table, as in ONNX Runtime's quantizer registry: the ops below get an ActQuant on their output
 # (ORT fuses DequantizeLinear -> op -> QuantizeLinear into an INT8 kernel, or moves the QDQ pair through
-# shape-only ops); Hardswish/Hardsigmoid become Add + Mul on quantized tensors (QHardSwish), SiLU Sigmoid * x.
-# Every other op (GELU, LayerNorm, a BatchNorm that follows no conv, attention,
-# anything unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
+# shape-only ops); Hardswish/Hardsigmoid become Add + Mul on quantized tensors (QHardSwish), SiLU Sigmoid * x, a
+# BatchNorm after no conv a depthwise QConvBn. Every other op (GELU, LayerNorm, Swin's position bias, anything
+# unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
 _ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
 _PASS_MODULES = (nn.Dropout, nn.Identity, StochasticDepth)  # no op in the exported (eval) graph
 _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6,
@@ -728,6 +728,23 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                     cur = prev
         elif isinstance(mod, nn.Linear) and not is_float(node):
             gm.add_submodule(node.target, QLinear(mod, spec))
+    gm.recompile()
+
+    # 1a. a BatchNorm that follows no conv (DenseNet's pre-activation BN -> ReLU) -> a depthwise 1x1 QConvBn
+    #     (unit weights, the BN folded in, the ReLU fused): one QLinearConv instead of float BN between DQ and Q
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), nn.BatchNorm2d) \
+                or is_float(node):
+            continue
+        conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
+        nn.init.ones_(conv.weight)
+        conv.weight.requires_grad_(False)
+        act, nxt = None, _only_user(node)
+        if _is_act(nxt, gm):
+            act = gm.get_submodule(nxt.target) if nxt.op == "call_module" else nn.ReLU()
+            nxt.replace_all_uses_with(node)
+            graph.erase_node(nxt)
+        gm.add_submodule(node.target, QConvBn(conv, bn, act, spec))
     gm.recompile()
 
     # 1b. Hardswish / Hardsigmoid not folded into a conv -> QHardSwish (QLinearAdd + QLinearMul in ORT)

@@ -116,6 +116,41 @@ def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_p
     assert cov["float_kernels"] == 0 and cov["int8_ops"].get("QLinearMatMul") == 2, cov
 
 
+def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
+    """DenseNet's BN -> ReLU -> conv (a BN that follows no conv): the BN becomes a depthwise 1x1 QLinearConv with
+    the ReLU fused, so nothing stays float, and it computes what the float model does."""
+    import torch
+
+    from pipeline import onnxio, quant
+
+    torch.manual_seed(0)
+
+    class PreAct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.norm, self.relu, self.conv = torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.conv(self.relu(self.norm(torch.cat([y, y * 0.5], 1)))).mean(dim=(2, 3))
+
+    model = PreAct().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5), model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-0.2, 0.2)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    assert quant.float_ops(gm) == {} and "norm" in quant.quantized_layers(gm)
+    x = torch.randn(16, 3, 8, 8)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0.05, atol=0.05)
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "p.onnx", 18, quant.onnx_translations())
+    cov = onnxio.kernel_coverage(tmp_path / "p.onnx")
+    assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
+
+
 @pytest.mark.parametrize("name,match", [
     ("inception_v3", "needs inputs of at least 75x75"),
     ("googlenet", "needs inputs of at least 75x75"),
@@ -167,7 +202,7 @@ FLOATS = {
 }
 FLOATS_ZOO = {
     "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(), "efficientnet_b0": set(),
-    "regnet_x_400mf": set(), "shufflenet_v2_x1_0": {"getitem"}, "densenet121": {"BatchNorm2d"},
+    "regnet_x_400mf": set(), "shufflenet_v2_x1_0": {"getitem"}, "densenet121": set(),
     "swin_t": {"LayerNorm", "GELU", "window_attention_bias", "pad", "_patch_merging_pad"},  # window attention INT8
     "timm:efficientnet_b0": set(),
 }
