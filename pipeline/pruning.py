@@ -79,16 +79,48 @@ def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> 
 
     The stem (patch embedding) is always kept when the model has ``nn.MultiheadAttention``: its embedding
     width is fixed by the module's ``embed_dim`` / ``num_heads`` (torchvision's ViT also reads ``hidden_dim``).
+    ShuffleNetV2 keeps every conv whose output is channel-shuffled (and its stem): only the inside of each
+    block's branch is pruned.
     """
     named = dict(model.named_modules())
     kept = [named[n] for n in exclude]
     if (fc := classifier(model)) is not None:
         kept.append(fc)
-    if keep_first_conv or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    shuffled = _shuffled_convs(model)
+    if keep_first_conv or shuffled or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         kept.append(next(m for m in model.modules() if isinstance(m, nn.Conv2d)))
-    return kept
+    return kept + shuffled
 
 
+def _shuffled_convs(model: nn.Module) -> list[nn.Module]:
+    """ShuffleNetV2 (torchvision): the convs whose outputs are concatenated and channel-shuffled."""
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, InvertedResidual):
+            out += [c for c in m.branch1 if isinstance(c, nn.Conv2d)]
+            out += [c for c in m.branch2 if isinstance(c, nn.Conv2d)][-1:]
+    return out
+
+
+@contextlib.contextmanager
+def _traceable_shuffle() -> Iterator[None]:
+    """torchvision's channel shuffle (view to 5-D, transpose, view back) as the channel permutation it is, while
+    Torch-Pruning analyses the model: its reshape analysis divides by zero on the 5-D view. The convs around the
+    shuffle are kept (``_shuffled_convs``), so the permutation never meets a pruned channel."""
+    import torchvision.models.shufflenetv2 as shufflenet
+
+    def by_index(x: torch.Tensor, groups: int) -> torch.Tensor:
+        c = x.shape[1]
+        return x[:, torch.arange(c, device=x.device).view(groups, c // groups).t().reshape(-1)]
+
+    original = shufflenet.channel_shuffle
+    shufflenet.channel_shuffle = by_index
+    try:
+        yield
+    finally:
+        shufflenet.channel_shuffle = original
 
 
 def _importance(name: str):
@@ -123,7 +155,7 @@ def dependency_problem(model: nn.Module, image_size: int, name: str = "") -> str
         if name.startswith(prefix):
             return why
     try:
-        with _quiet_token_warning():
+        with _quiet_token_warning(), _traceable_shuffle():
             tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
     except Exception as e:  # a graph pattern Torch-Pruning does not handle
         return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
@@ -142,7 +174,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     base_macs = count_macs(model, image_size)
     by_macs = plan.target_macs is not None
     attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # timm-style: heads via the qkv linear
-    with _quiet_token_warning():
+    with _quiet_token_warning(), _traceable_shuffle():
         pruner = tp.pruner.BasePruner(
             model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
             pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
@@ -154,7 +186,8 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     def prune_step() -> None:
         if grads is not None:
             grads(model)
-        pruner.step()
+        with _traceable_shuffle():
+            pruner.step()
         for qkv, attn in attention.items():  # the forward pass reads the head count and width (softmax
             heads = pruner.num_heads[qkv]    # scale kept: the weights were trained with it)
             apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": qkv.out_features // (3 * heads)}}})

@@ -30,10 +30,34 @@ def test_modern_cnn_runs_the_whole_chain(cfg_factory, tmp_path, name):
 
 
 def test_models_the_pruner_cannot_analyse_fail_early_with_the_ways_out(cfg_factory, tmp_path):
-    with pytest.raises(PipelineError, match=r"prune.method: channel pruning cannot analyse shufflenet_v2_x0_5 .*"
+    with pytest.raises(PipelineError, match=r"prune.method: channel pruning cannot analyse swin_t .*"
                                             r"use prune.method=magnitude"):
-        Runner(cfg_factory("model.name=shufflenet_v2_x0_5"), tmp_path)
-    Runner(cfg_factory("model.name=shufflenet_v2_x0_5", "prune.method=magnitude"), tmp_path)
+        Runner(cfg_factory("model.name=swin_t"), tmp_path)
+    Runner(cfg_factory("model.name=swin_t", "prune.method=magnitude"), tmp_path)
+
+
+def test_shufflenet_prunes_inside_its_branches_and_reloads():
+    """ShuffleNetV2: the channel shuffle is analysed as the permutation it is, the convs around it are kept,
+    the branches' inner channels are pruned, and the recorded shapes rebuild the model."""
+    import torch
+
+    from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
+    from pipeline.pruning import ChannelPlan, channel_prune, dependency_problem
+
+    cfg = {"name": "shufflenet_v2_x0_5", "num_classes": 10, "image_size": 32, "small_input": True}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert dependency_problem(model, 32, cfg["name"]) is None
+    before = count_macs(model, 32)
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, [], 1, 0, 8, False), 32)
+    block = model.stage2[1]
+    assert block.branch2[0].out_channels < 24 == block.branch2[5].out_channels  # inner pruned, output kept
+    assert count_macs(model, 32) < 0.9 * before
+    fresh = apply_shapes(build_model(cfg), module_shapes(model))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
 @pytest.mark.parametrize("whole_heads", [False, True])
