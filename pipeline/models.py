@@ -216,8 +216,13 @@ def build_model(cfg: dict) -> nn.Module:
         return CifarResNet(CIFAR_RESNET_DEPTHS[mc.name], mc.num_classes, mc.width)
     import torchvision
 
-    extra = {"image_size": mc.image_size} if mc.name.startswith(("vit_", "maxvit_")) else {}
-    model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra)
+    extra = ({"image_size": mc.image_size} if mc.name.startswith("vit_") else
+             {"input_size": (mc.image_size, mc.image_size)} if mc.name.startswith("maxvit_") else {})
+    try:
+        model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra)
+    except ValueError as e:  # a size the architecture cannot take (MaxViT: multiples of 224 px)
+        raise PipelineError(f"{mc.name} cannot be built for data.image_size={mc.image_size} "
+                            f"({str(e).splitlines()[0]}); choose another data.image_size") from None
     if mc.small_input:
         _small_input_stem(model, mc.name)
     return model

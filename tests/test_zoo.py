@@ -178,6 +178,8 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
 @pytest.mark.parametrize("name,match", [
     ("inception_v3", "needs inputs of at least 75x75"),
     ("googlenet", "needs inputs of at least 75x75"),
+    ("maxvit_t", r"maxvit_t cannot be built for data.image_size=32 \(Input size \(8, 8\) of block 0 is not "
+                 r"divisible by partition size 7.*choose another data.image_size"),
 ])
 def test_models_that_need_large_inputs_say_so(cfg_factory, tmp_path, name, match):
     with pytest.raises(PipelineError, match=match):
