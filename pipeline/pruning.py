@@ -79,48 +79,76 @@ def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> 
 
     The stem (patch embedding) is always kept when the model has ``nn.MultiheadAttention``: its embedding
     width is fixed by the module's ``embed_dim`` / ``num_heads`` (torchvision's ViT also reads ``hidden_dim``).
-    ShuffleNetV2 keeps every conv whose output is channel-shuffled (and its stem): only the inside of each
-    block's branch is pruned.
+    So it is for ShuffleNetV2 and Swin, with the layers ``_architecture_kept`` names.
     """
     named = dict(model.named_modules())
     kept = [named[n] for n in exclude]
     if (fc := classifier(model)) is not None:
         kept.append(fc)
-    shuffled = _shuffled_convs(model)
-    if keep_first_conv or shuffled or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    fixed = _architecture_kept(model)
+    if keep_first_conv or fixed or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         kept.append(next(m for m in model.modules() if isinstance(m, nn.Conv2d)))
-    return kept + shuffled
+    return kept + fixed
 
 
-def _shuffled_convs(model: nn.Module) -> list[nn.Module]:
-    """ShuffleNetV2 (torchvision): the convs whose outputs are concatenated and channel-shuffled."""
-    from torchvision.models.shufflenetv2 import InvertedResidual
+def _architecture_kept(model: nn.Module) -> list[nn.Module]:
+    """Layers whose outputs must keep their width for torchvision's forward code:
+    ShuffleNetV2's convs whose outputs are concatenated and channel-shuffled (the inside of each branch is
+    pruned), and everything that writes Swin's token stream (attention qkv/proj, patch merging, the MLPs'
+    second linear: its forward derives the head width from the stream width), so Swin's MLPs are pruned."""
+    from torchvision.models import shufflenetv2
+    from torchvision.models import swin_transformer as swin
 
     out = []
     for m in model.modules():
-        if isinstance(m, InvertedResidual):
+        if isinstance(m, shufflenetv2.InvertedResidual):
             out += [c for c in m.branch1 if isinstance(c, nn.Conv2d)]
             out += [c for c in m.branch2 if isinstance(c, nn.Conv2d)][-1:]
+        elif isinstance(m, swin.ShiftedWindowAttention):
+            out += [m.qkv, m.proj]
+        elif isinstance(m, (swin.PatchMerging, swin.PatchMergingV2)):
+            out.append(m.reduction)
+        elif isinstance(m, swin.SwinTransformerBlock):
+            out += [lin for lin in m.mlp.modules() if isinstance(lin, nn.Linear)][-1:]
     return out
 
 
 @contextlib.contextmanager
-def _traceable_shuffle() -> Iterator[None]:
-    """torchvision's channel shuffle (view to 5-D, transpose, view back) as the channel permutation it is, while
-    Torch-Pruning analyses the model: its reshape analysis divides by zero on the 5-D view. The convs around the
-    shuffle are kept (``_shuffled_convs``), so the permutation never meets a pruned channel."""
-    import torchvision.models.shufflenetv2 as shufflenet
+def _analysable() -> Iterator[None]:
+    """torchvision code Torch-Pruning cannot analyse, in analysable forms while it traces the model:
+    ShuffleNetV2's channel shuffle (a 5-D view, where its reshape analysis divides by zero) as the channel
+    permutation it is; Swin's window attention and patch merging (its analysis ran out of 24 GB) as the
+    same layers on the same widths without the window bookkeeping. The layers around them are kept
+    (``_architecture_kept``), so only the dependencies these forms show matter."""
+    from torchvision.models import shufflenetv2
+    from torchvision.models import swin_transformer as swin
 
-    def by_index(x: torch.Tensor, groups: int) -> torch.Tensor:
+    def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         c = x.shape[1]
         return x[:, torch.arange(c, device=x.device).view(groups, c // groups).t().reshape(-1)]
 
-    original = shufflenet.channel_shuffle
-    shufflenet.channel_shuffle = by_index
+    def attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.qkv(x)[..., : x.shape[-1]])
+
+    def merging(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x[..., ::2, ::2, :]
+        return self.reduction(self.norm(torch.cat([x, x, x, x], -1)))
+
+    def merging_v2(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x[..., ::2, ::2, :]
+        return self.norm(self.reduction(torch.cat([x, x, x, x], -1)))
+
+    patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
+               (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
+               (swin.PatchMergingV2, "forward", merging_v2)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, form in patches:
+        setattr(owner, name, form)
     try:
         yield
     finally:
-        shufflenet.channel_shuffle = original
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 def _importance(name: str):
@@ -134,10 +162,6 @@ def _importance(name: str):
     }[name]()
 
 
-# families whose dependency analysis does not finish (measured: Swin-T exhausted 24 GB in Torch-Pruning 1.6.1)
-KNOWN_UNPRUNABLE = {"swin_": "its analysis of Swin's shifted-window attention does not finish (out of memory)"}
-
-
 @contextlib.contextmanager
 def _quiet_token_warning() -> Iterator[None]:
     """Torch-Pruning warns that it will prune free parameters (a ViT's class token and position embedding)
@@ -147,15 +171,12 @@ def _quiet_token_warning() -> Iterator[None]:
         yield
 
 
-def dependency_problem(model: nn.Module, image_size: int, name: str = "") -> str | None:
+def dependency_problem(model: nn.Module, image_size: int) -> str | None:
     """Why Torch-Pruning cannot build this model's dependency graph, or None when it can."""
     import torch_pruning as tp
 
-    for prefix, why in KNOWN_UNPRUNABLE.items():
-        if name.startswith(prefix):
-            return why
     try:
-        with _quiet_token_warning(), _traceable_shuffle():
+        with _quiet_token_warning(), _analysable():
             tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
     except Exception as e:  # a graph pattern Torch-Pruning does not handle
         return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
@@ -174,7 +195,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     base_macs = count_macs(model, image_size)
     by_macs = plan.target_macs is not None
     attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # timm-style: heads via the qkv linear
-    with _quiet_token_warning(), _traceable_shuffle():
+    with _quiet_token_warning(), _analysable():
         pruner = tp.pruner.BasePruner(
             model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
             pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
@@ -186,7 +207,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     def prune_step() -> None:
         if grads is not None:
             grads(model)
-        with _traceable_shuffle():
+        with _analysable():
             pruner.step()
         for qkv, attn in attention.items():  # the forward pass reads the head count and width (softmax
             heads = pruner.num_heads[qkv]    # scale kept: the weights were trained with it)

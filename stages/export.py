@@ -218,7 +218,8 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
         cov["quantized_layers"] = len(quant.quantized_layers(model))  # the rest: qat.float_layers
         metrics["int8_coverage"] = cov
         metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why
-        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized, the rest kept FP32)",
+        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers; "
+                 "attention's activation matmuls count as kernels too, FP32 ones are qat.float_layers)",
                  ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
                  cov["quantized_layers"])
         if note := requantized_note(cov):

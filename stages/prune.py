@@ -89,7 +89,7 @@ def check(view: GraphView) -> list[str]:
                  "the shape of their input (identity shortcut) can be dropped"
                  for n, (a, b) in shapes.items() if a != b]
     if cfg.method == "channel" and not errs and (
-            why := pruning.dependency_problem(model, view.data.image_size, view.model.name or "")):
+            why := pruning.dependency_problem(model, view.data.image_size)):
         errs.append(f"prune.method: channel pruning cannot analyse {model_name} (Torch-Pruning: {why}); use "
                     "prune.method=magnitude, or leave prune out with pipeline=[train,distill,qat,export,validate] "
                     "distill.student=train")
