@@ -581,10 +581,21 @@ _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module 
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping timm's BatchNormAct2d (split later into BN + activation) and Linear whole."""
+    """torch.fx's tracer, keeping timm's BatchNormAct2d (split later into BN + activation) and Linear whole;
+    ``failed_in`` names the innermost module whose tracing raised (for the error message)."""
+
+    failed_in: tuple[str, str] | None = None  # (qualified name, class name)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
         return type(m).__name__ in _NORM_ACT or isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
 
 
 def _split_norm_act(gm: fx.GraphModule) -> None:
@@ -659,13 +670,15 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     """
     model = model.cpu().eval()
     model = _unroll_attention(model, spec.float_layers, image_size)
+    tracer = _Tracer()
     try:
-        tracer = _Tracer()
         gm = fx.GraphModule(model, tracer.trace(model))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PipelineError(f"cannot trace the model for quantization ({type(e).__name__}: {first}); "
-                            "models with data-dependent control flow need another qat.source") from None
+        where = f" in module {tracer.failed_in[0]!r} ({tracer.failed_in[1]})" if tracer.failed_in else ""
+        raise PipelineError(f"cannot trace the model for quantization{where} ({type(e).__name__}: {first}); "
+                            "models with data-dependent control flow need another qat.source, or that module "
+                            "rewritten without Python branches on tensor values") from None
     _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)

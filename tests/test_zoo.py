@@ -196,6 +196,20 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
     assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
 
 
+def test_a_model_fx_cannot_trace_is_one_line_naming_the_module():
+    from pipeline import quant
+
+    class Gate(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # a Python branch on a tensor value
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(torch.nn.ReLU(), Gate()))
+    with pytest.raises(PipelineError, match=r"^cannot trace the model for quantization in module '1.1' \(Gate\) "
+                                            r"\(TraceError: .*\); models with data-dependent control flow need "
+                                            r"another qat.source"):
+        quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+
+
 @pytest.mark.parametrize("name,match", [
     ("inception_v3", "needs inputs of at least 75x75"),
     ("googlenet", "needs inputs of at least 75x75"),
