@@ -263,6 +263,21 @@ class QHardSwish(nn.Module):
         return g if self.gate_only else x * g
 
 
+def _split_qkv(weight: torch.Tensor, bias: torch.Tensor | None, q_scale: float) -> tuple[nn.Linear, ...]:
+    """q, k and v linears from one fused projection (rows q | k | v), the attention scale folded into q, so
+    each is its own QLinear (one INT8 MatMul) and no float slicing sits between them."""
+    e = weight.shape[1]
+    out = []
+    with torch.no_grad():
+        for i, f in enumerate((q_scale, 1.0, 1.0)):
+            lin = nn.Linear(e, e, bias=bias is not None)
+            lin.weight.copy_(weight[i * e : (i + 1) * e] * f)
+            if bias is not None:
+                lin.bias.copy_(bias[i * e : (i + 1) * e] * f)
+            out.append(lin)
+    return tuple(out)
+
+
 class SelfAttention(nn.Module):
     """``nn.MultiheadAttention`` used as self-attention (ViT), written in ops that ``torch.fx`` traces.
 
@@ -276,14 +291,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         e, h = mha.embed_dim, mha.num_heads
         self.num_heads, self.head_dim, self.dropout = h, e // h, float(mha.dropout)
-        w, b = mha.in_proj_weight.detach(), mha.in_proj_bias
-        self.q, self.k, self.v = (nn.Linear(e, e, bias=b is not None) for _ in range(3))
-        with torch.no_grad():
-            for i, lin in enumerate((self.q, self.k, self.v)):
-                f = self.head_dim**-0.5 if i == 0 else 1.0
-                lin.weight.copy_(w[i * e : (i + 1) * e] * f)
-                if b is not None:
-                    lin.bias.copy_(b.detach()[i * e : (i + 1) * e] * f)
+        self.q, self.k, self.v = _split_qkv(mha.in_proj_weight, mha.in_proj_bias, self.head_dim**-0.5)
         self.out_proj = mha.out_proj
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -335,14 +343,7 @@ class WindowAttention(nn.Module):
         self.hw, self.c, self.heads, self.n = hw, c, h, ws0 * ws1
         self.n_windows = (hp // ws0) * (wp // ws1)
         self.pad = (hp, wp) != (H, W)
-        w, b = swa.qkv.weight.detach(), swa.qkv.bias
-        self.q, self.k, self.v = (nn.Linear(c, c, bias=b is not None) for _ in range(3))
-        with torch.no_grad():
-            for i, lin in enumerate((self.q, self.k, self.v)):
-                f = (c // h) ** -0.5 if i == 0 else 1.0
-                lin.weight.copy_(w[i * c : (i + 1) * c] * f)
-                if b is not None:
-                    lin.bias.copy_(b.detach()[i * c : (i + 1) * c] * f)
+        self.q, self.k, self.v = _split_qkv(swa.qkv.weight, swa.qkv.bias, (c // h) ** -0.5)
         self.proj = swa.proj
         self.relative_position_bias_table = swa.relative_position_bias_table
         self.register_buffer("relative_position_index", swa.relative_position_index.clone(), persistent=False)
