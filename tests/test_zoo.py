@@ -57,12 +57,24 @@ def test_swin_prunes_its_mlps_and_keeps_its_token_width():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def _rebuilt_from_shapes(cfg: dict, pruned: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """A fresh model resized by the pruned model's recorded shapes and given its weights (as a checkpoint is
+    loaded); asserts it computes what the pruned model does on ``x``."""
+    from pipeline.models import apply_shapes, build_model, module_shapes
+
+    fresh = apply_shapes(build_model(cfg), module_shapes(pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), pruned(x))
+    return fresh
+
+
 def test_shufflenet_prunes_inside_its_branches_and_reloads():
     """ShuffleNetV2: the channel shuffle is analysed as the permutation it is, the convs around it are kept,
     the branches' inner channels are pruned, and the recorded shapes rebuild the model."""
     import torch
 
-    from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
+    from pipeline.models import build_model, count_macs
     from pipeline.pruning import ChannelPlan, channel_prune, dependency_problem
 
     cfg = {"name": "shufflenet_v2_x0_5", "num_classes": 10, "image_size": 32, "small_input": True}
@@ -74,11 +86,7 @@ def test_shufflenet_prunes_inside_its_branches_and_reloads():
     block = model.stage2[1]
     assert block.branch2[0].out_channels < 24 == block.branch2[5].out_channels  # inner pruned, output kept
     assert count_macs(model, 32) < 0.9 * before
-    fresh = apply_shapes(build_model(cfg), module_shapes(model))
-    fresh.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(x), model(x))
+    _rebuilt_from_shapes(cfg, model, torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize("whole_heads", [False, True])
@@ -88,7 +96,7 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     import torch
 
     from pipeline import onnxio, quant
-    from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
+    from pipeline.models import build_model, count_macs
     from pipeline.pruning import ChannelPlan, channel_prune
 
     cfg = {"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32}
@@ -100,11 +108,8 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     assert (attn.num_heads, attn.head_dim) == ((1, 64) if whole_heads else (3, 32))
     assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.proj.in_features
     assert count_macs(model, 32) < 0.8 * before
-    fresh = apply_shapes(build_model(cfg), module_shapes(model))
-    fresh.load_state_dict(model.state_dict())
     x = torch.randn(8, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(x), model(x))
+    fresh = _rebuilt_from_shapes(cfg, model, x)
     gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
     quant.calibrate(gm, [(x, None)])
     onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
