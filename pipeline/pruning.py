@@ -204,11 +204,16 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
             prune_head_dims=not plan.whole_heads, head_pruning_ratio=0.95 if by_macs else plan.ratio,
         )
 
-    def prune_step() -> None:
+    def prune_step(goal: float | None = None) -> None:
+        """One pruner step; with a MACs ``goal``, group by group until it is met (with round_to a whole step is
+        coarse: the first one takes every layer down to the next multiple, 16 -> 8 channels)."""
         if grads is not None:
             grads(model)
         with _analysable():
-            pruner.step()
+            for group in pruner.step(interactive=True):
+                group.prune()
+                if goal is not None and count_macs(model, image_size) <= goal:
+                    break
         for qkv, attn in attention.items():  # the forward pass reads the head count and width (softmax
             heads = pruner.num_heads[qkv]    # scale kept: the weights were trained with it)
             apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": qkv.out_features // (3 * heads)}}})
@@ -217,7 +222,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
         if by_macs:  # small increments until this step's share of the MACs budget is met
             goal = base_macs - (base_macs - plan.target_macs) * (step + 1) / plan.steps
             while count_macs(model, image_size) > goal and pruner.current_step < pruner.iterative_steps:
-                prune_step()
+                prune_step(goal)
             if count_macs(model, image_size) > goal:
                 raise PipelineError(f"prune.target_macs={plan.target_macs:.4g} cannot be reached with the kept "
                                     "layers; raise it or exclude fewer layers")

@@ -166,6 +166,19 @@ def test_dropped_blocks_are_rebuilt_from_the_recorded_shapes():
     torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
+def test_target_macs_is_met_closely_despite_round_to():
+    """round_to=8 takes every layer down a multiple at the first pruner step (16 -> 8 channels): ResNet-56
+    went from 1.26e8 straight to 4.8e7 MACs for a 5.9e7 target. The last step now stops at the target."""
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    model = build_model({"name": "resnet56", "num_classes": 10})
+    plan = ChannelPlan(ratio=0.0, target_macs=5.9e7, importance="l1", global_pruning=False, keep_first_conv=True,
+                       exclude=[], steps=1, step_epochs=0, round_to=8, whole_heads=False)
+    channel_prune(model, plan, 32)
+    assert 0.9 * 5.9e7 < count_macs(model, 32) <= 5.9e7
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["channel", "magnitude"])
 def test_prune_shrinks_and_reloads(cfg_factory, tmp_path, method):

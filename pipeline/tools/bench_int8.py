@@ -1,7 +1,7 @@
 """Benchmark: INT8 throughput of our QDQ export vs FP32 vs ORT's own static quantization.
 
     python -m pipeline.tools.bench_int8 --model resnet18 --batch 32
-    python -m pipeline.tools.bench_int8 --model resnet20 --target-macs 1.2e7 --prune-stem \
+    python -m pipeline.tools.bench_int8 --model resnet20 --target-macs 9.7e6 --prune-stem \
         --float-layers conv1,layer1 [--drop-blocks layer1.1,layer1.2]  # pruned like stage=prune
 
 Builds the model (untrained weights: speed does not depend on them), optionally channel-prunes it
