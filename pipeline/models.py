@@ -231,6 +231,50 @@ def build_model(cfg: dict) -> nn.Module:
 # ---------------------------------------------------------------- pruned shapes
 
 
+class HeadAttention(nn.Module):
+    """Self-attention with its own head count and width, in timm's ``Attention`` layout (one ``qkv`` linear,
+    one ``proj``). ``nn.MultiheadAttention`` ties both to ``embed_dim``; channel pruning puts this in its place
+    so heads can be narrowed or dropped. Called as the module it replaces: ``attn(x, x, x, need_weights=False)``
+    returns ``(out, None)`` (self-attention only: other keys or values are an error)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.dropout = dropout
+        self.fused_attn = True  # scaled_dot_product_attention; False: the explicit path quantization traces
+        self.qkv = nn.Linear(embed_dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, embed_dim)
+
+    @classmethod
+    def of(cls, mha: nn.MultiheadAttention) -> HeadAttention:
+        """The same function as a self-attention ``nn.MultiheadAttention`` (batch_first, with biases)."""
+        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, float(mha.dropout))
+        with torch.no_grad():
+            new.qkv.weight.copy_(mha.in_proj_weight)
+            new.qkv.bias.copy_(mha.in_proj_bias)
+            new.proj.weight.copy_(mha.out_proj.weight)
+            new.proj.bias.copy_(mha.out_proj.bias)
+        return new
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                need_weights: bool = False, **_: Any) -> tuple[torch.Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise PipelineError("HeadAttention is self-attention: it was given other keys or values; exclude "
+                                "this attention from pruning with prune.exclude")
+        b, n, _ = query.shape
+        q, k, v = self.qkv(query).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.dropout if self.training else 0.0
+        if self.fused_attn:
+            x = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        else:
+            attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+            if drop:  # no dropout node otherwise: it would sit float between the softmax and the matmul
+                attn = nn.functional.dropout(attn, drop)
+            x = attn @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim)), None
+
+
 def is_attention(m: nn.Module) -> bool:
     """Attention with one fused q/k/v linear and ``num_heads`` / ``head_dim`` (timm's ``Attention``)."""
     return (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
@@ -249,8 +293,9 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
             shapes[name] = {"out": m.num_features}
         elif isinstance(m, nn.Identity) and name:
             shapes[name] = {"identity": 1}  # a block removed by depth pruning (or an Identity already)
-        elif is_attention(m):  # timm-style attention: head count and width (pruned with the qkv linear)
-            shapes[name] = {"heads": {"num_heads": m.num_heads, "head_dim": m.head_dim}}
+        elif is_attention(m):  # timm-style attention: head count, width, softmax scale (pruned with the qkv linear)
+            shapes[name] = {"heads": {"num_heads": m.num_heads, "head_dim": m.head_dim,
+                                      **({"scale": float(m.scale)} if hasattr(m, "scale") else {})}}
         else:  # any other layer with its own tensors (LayerNorm, ConvNeXt's layer_scale, ...): their shapes
             own = {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
                    if t is not None}
@@ -267,10 +312,15 @@ def unknown_layer_errors(key: str, wanted: list[str], model: nn.Module, model_na
             for n in wanted if n not in known]
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in the place of the submodule ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def replace_with_identity(model: nn.Module, name: str) -> None:
     """Replace the submodule ``name`` (e.g. a residual block) by ``nn.Identity``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    replace_module(model, name, nn.Identity())
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
@@ -283,9 +333,15 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
         if "identity" in s:
             replace_with_identity(model, name)
         elif "heads" in s:
+            if isinstance(m, nn.MultiheadAttention):  # pruning had put a HeadAttention in its place
+                m = HeadAttention.of(m)
+                replace_module(model, name, m)
+                modules = dict(model.named_modules())
             m.num_heads, m.head_dim = s["heads"]["num_heads"], s["heads"]["head_dim"]
             if hasattr(m, "attn_dim"):
                 m.attn_dim = m.num_heads * m.head_dim
+            if "scale" in s["heads"]:  # absent in checkpoints from before it was recorded: the built scale
+                m.scale = s["heads"]["scale"]
         elif isinstance(m, nn.Conv2d):
             m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
             kh, kw = m.kernel_size
@@ -363,7 +419,8 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: int) -> int:
-    """Multiply-accumulates of one forward pass at batch 1 (convs and linears)."""
+    """Multiply-accumulates of one forward pass at batch 1: convs and linears, with the projections of
+    ``nn.MultiheadAttention`` (it runs them as functions, so its Linear submodule is never called)."""
     total = 0
 
     def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
@@ -372,8 +429,13 @@ def count_macs(model: nn.Module, image_size: int) -> int:
             total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, nn.Linear):
             total += out.numel() * m.in_features
+        elif isinstance(m, nn.MultiheadAttention):  # q and out projections per query, k / v per key / value
+            q, k, v = (*inp, *[inp[0]] * 3)[:3]
+            e = m.embed_dim
+            total += q.numel() // e * 2 * e * e + k.numel() // m.kdim * m.kdim * e + v.numel() // m.vdim * m.vdim * e
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
     was_training = model.training
     model.eval()
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.models import apply_shapes, count_macs, is_attention, replace_with_identity
+from pipeline.models import HeadAttention, apply_shapes, count_macs, is_attention, replace_module, replace_with_identity
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> 
     if (fc := classifier(model)) is not None:
         kept.append(fc)
     fixed = _architecture_kept(model)
-    if keep_first_conv or fixed or any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    if keep_first_conv or fixed or any(isinstance(m, (nn.MultiheadAttention, HeadAttention)) for m in model.modules()):
         kept.append(next(m for m in model.modules() if isinstance(m, nn.Conv2d)))
     return kept + fixed
 
@@ -194,12 +194,14 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     example = torch.zeros(1, 3, image_size, image_size)
     base_macs = count_macs(model, image_size)
     by_macs = plan.target_macs is not None
-    attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # timm-style: heads via the qkv linear
+    kept = kept_layers(model, plan.exclude, plan.keep_first_conv)
+    split_attention(model, plan.exclude)
+    attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # heads via the qkv linear
     with _quiet_token_warning(), _analysable():
         pruner = tp.pruner.BasePruner(
             model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
             pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,
-            ignored_layers=kept_layers(model, plan.exclude, plan.keep_first_conv), round_to=plan.round_to,
+            ignored_layers=kept, round_to=plan.round_to,
             num_heads={qkv: a.num_heads for qkv, a in attention.items()}, prune_num_heads=plan.whole_heads,
             prune_head_dims=not plan.whole_heads, head_pruning_ratio=0.95 if by_macs else plan.ratio,
         )
@@ -214,9 +216,9 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
                 group.prune()
                 if goal is not None and count_macs(model, image_size) <= goal:
                     break
-        for qkv, attn in attention.items():  # the forward pass reads the head count and width (softmax
-            heads = pruner.num_heads[qkv]    # scale kept: the weights were trained with it)
-            apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": qkv.out_features // (3 * heads)}}})
+        for qkv, attn in attention.items():  # the forward pass reads the head count and width
+            heads = pruner.num_heads[qkv]
+            _set_heads(attn, heads, qkv.out_features // (3 * heads))
 
     for step in range(plan.steps):
         if by_macs:  # small increments until this step's share of the MACs budget is met
@@ -233,6 +235,30 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
         if step < plan.steps - 1 and finetune is not None:
             finetune(model, plan.step_epochs, f"step{step + 1}")
     return model
+
+
+def split_attention(model: nn.Module, exclude: list[str]) -> None:
+    """Self-attention ``nn.MultiheadAttention`` modules (torchvision's ViT) as ``HeadAttention``, whose heads can
+    be pruned: the module ties their width to the embedding width. Those inside ``exclude`` stay."""
+    for name, m in list(model.named_modules()):
+        if (isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim
+                and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
+                and not any(name == p or name.startswith(p + ".") for p in exclude)):
+            replace_module(model, name, HeadAttention.of(m))
+
+
+def _set_heads(attn: nn.Module, heads: int, head_dim: int) -> None:
+    """Tell pruned attention its head count and width. The softmax scale the weights were trained with is
+    folded into the q rows of ``qkv``, so ``scale`` is 1/sqrt(head_dim) again: timm's fused path
+    (scaled_dot_product_attention) uses that, its explicit path (quantization) ``scale``, and both agree."""
+    if hasattr(attn, "scale") and attn.head_dim != head_dim:
+        new_scale = head_dim**-0.5
+        with torch.no_grad():
+            attn.qkv.weight[: heads * head_dim] *= attn.scale / new_scale
+            if attn.qkv.bias is not None:
+                attn.qkv.bias[: heads * head_dim] *= attn.scale / new_scale
+        attn.scale = new_scale
+    apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": head_dim}}})
 
 
 def magnitude_prune(model: nn.Module, ratio: float, steps: int, global_pruning: bool, kept: list[nn.Module],

@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
+from pipeline.models import replace_module
 
 
 @dataclass
@@ -426,11 +427,10 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
             hook.remove()
     for name in names:
         mod = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
         if isinstance(mod, nn.MultiheadAttention):
-            setattr(model.get_submodule(parent), child, SelfAttention(mod))
+            replace_module(model, name, SelfAttention(mod))
         elif _is_window_attention(mod):
-            setattr(model.get_submodule(parent), child, WindowAttention(mod, sizes[name]))
+            replace_module(model, name, WindowAttention(mod, sizes[name]))
         else:
             mod.fused_attn = False
     return model

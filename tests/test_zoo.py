@@ -102,6 +102,9 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     cfg = {"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32}
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    with torch.no_grad():  # logits large enough for the softmax scale to matter
+        for block in model.blocks:
+            block.attn.qkv.weight *= 8
     before = count_macs(model, 32)
     channel_prune(model, ChannelPlan(0.5, None, "l1", False, True, [], 1, 0, 8, whole_heads), 32)
     attn = model.blocks[0].attn
@@ -109,6 +112,7 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.proj.in_features
     assert count_macs(model, 32) < 0.8 * before
     x = torch.randn(8, 3, 32, 32)
+    _fused_and_explicit_attention_agree(model, x)  # training uses the first, quantization the second
     fresh = _rebuilt_from_shapes(cfg, model, x)
     gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
     quant.calibrate(gm, [(x, None)])
@@ -116,19 +120,45 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
 
 
-def test_torchvision_vit_keeps_its_embedding_width_when_the_stem_may_be_pruned():
-    """nn.MultiheadAttention ties the embedding width to embed_dim / num_heads: the patch embedding is kept,
-    the MLPs are pruned, and the model still runs."""
-    import torch
-
-    from pipeline.models import build_model
-    from pipeline.pruning import ChannelPlan, channel_prune
-
-    model = build_model({"name": "vit_b_16", "num_classes": 10, "image_size": 32, "small_input": True}).eval()
-    channel_prune(model, ChannelPlan(0.3, None, "l1", False, False, [], 1, 0, 8, False), 32)
-    assert model.conv_proj.out_channels == 768 and model.encoder.layers[0].mlp[0].out_features < 3072
+def _fused_and_explicit_attention_agree(model: torch.nn.Module, x: torch.Tensor) -> None:
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
     with torch.no_grad():
-        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        fused = model(x)
+        for m in attention:
+            m.fused_attn = False
+        torch.testing.assert_close(model(x), fused)
+        for m in attention:
+            m.fused_attn = True
+
+
+def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path):
+    """torchvision's ViT: nn.MultiheadAttention becomes HeadAttention (same outputs, same MACs), whose heads
+    are narrowed; the embedding width (fixed by the model's hidden_dim) and the patch embedding are kept, the
+    MLPs pruned; the recorded shapes rebuild the model, which runs on INT8 kernels."""
+    from pipeline import onnxio, quant
+    from pipeline.models import HeadAttention, build_model, count_macs
+    from pipeline.pruning import ChannelPlan, channel_prune, split_attention
+
+    cfg = {"name": "vit_b_16", "num_classes": 10, "image_size": 32, "small_input": True}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before, macs = model(x), count_macs(model, 32)
+        split_attention(model, [])
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+    assert count_macs(model, 32) == macs  # the projections the module runs as functions are counted too
+    channel_prune(model, ChannelPlan(0.3, None, "l1", False, False, [], 1, 0, 8, False), 32)
+    attn = model.encoder.layers[0].self_attention
+    assert isinstance(attn, HeadAttention) and (attn.num_heads, attn.head_dim) == (12, 40)
+    assert model.conv_proj.out_channels == 768 and model.encoder.layers[0].mlp[0].out_features < 3072
+    assert count_macs(model, 32) < 0.7 * macs
+    _fused_and_explicit_attention_agree(model, x)
+    fresh = _rebuilt_from_shapes(cfg, model, x)
+    gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    quant.calibrate(gm, [(x, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), x, tmp_path / "q.onnx", 18, quant.onnx_translations())
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (14, 14), (7, 7)])  # padded + shifted, shifted, one window (no shift)
