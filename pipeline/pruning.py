@@ -239,11 +239,11 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
 
 def split_attention(model: nn.Module, exclude: list[str]) -> None:
     """Self-attention ``nn.MultiheadAttention`` modules (torchvision's ViT) as ``HeadAttention``, whose heads can
-    be pruned: the module ties their width to the embedding width. Those inside ``exclude`` stay."""
+    be pruned: the module ties their width to the embedding width. Those in, or with a part in, ``exclude`` stay."""
     for name, m in list(model.named_modules()):
         if (isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim
                 and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
-                and not any(name == p or name.startswith(p + ".") for p in exclude)):
+                and not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in exclude)):
             replace_module(model, name, HeadAttention.of(m))
 
 

@@ -131,6 +131,19 @@ def _fused_and_explicit_attention_agree(model: torch.nn.Module, x: torch.Tensor)
             m.fused_attn = True
 
 
+def test_split_attention_leaves_excluded_and_unsupported_attention_alone():
+    from pipeline.models import HeadAttention
+    from pipeline.pruning import split_attention
+
+    mha = torch.nn.MultiheadAttention
+    model = torch.nn.Sequential(mha(16, 2, batch_first=True), mha(16, 2, batch_first=True), mha(16, 2))
+    split_attention(model, ["1.out_proj"])  # a part of the second excluded; the third is not batch_first
+    assert [type(m) for m in model] == [HeadAttention, mha, mha]
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(PipelineError, match="self-attention"):
+        model[0](x, torch.randn(2, 5, 16), x)
+
+
 def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path):
     """torchvision's ViT: nn.MultiheadAttention becomes HeadAttention (same outputs, same MACs), whose heads
     are narrowed; the embedding width (fixed by the model's hidden_dim) and the patch embedding are kept, the
