@@ -237,24 +237,25 @@ class HeadAttention(nn.Module):
     so heads can be narrowed or dropped. Called as the module it replaces: ``attn(x, x, x, need_weights=False)``
     returns ``(out, None)`` (self-attention only: other keys or values are an error)."""
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
         self.scale = head_dim**-0.5
         self.dropout = dropout
         self.fused_attn = True  # scaled_dot_product_attention; False: the explicit path quantization traces
-        self.qkv = nn.Linear(embed_dim, 3 * self.attn_dim)
-        self.proj = nn.Linear(self.attn_dim, embed_dim)
+        self.qkv = nn.Linear(embed_dim, 3 * self.attn_dim, bias=bias)
+        self.proj = nn.Linear(self.attn_dim, embed_dim, bias=bias)
 
     @classmethod
     def of(cls, mha: nn.MultiheadAttention) -> HeadAttention:
-        """The same function as a self-attention ``nn.MultiheadAttention`` (batch_first, with biases)."""
-        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, float(mha.dropout))
+        """The same function as ``mha`` used as self-attention (``is_plain_mha``)."""
+        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, float(mha.dropout), mha.in_proj_bias is not None)
         with torch.no_grad():
             new.qkv.weight.copy_(mha.in_proj_weight)
-            new.qkv.bias.copy_(mha.in_proj_bias)
             new.proj.weight.copy_(mha.out_proj.weight)
-            new.proj.bias.copy_(mha.out_proj.bias)
+            if new.qkv.bias is not None:
+                new.qkv.bias.copy_(mha.in_proj_bias)
+                new.proj.bias.copy_(mha.out_proj.bias)
         return new
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -273,6 +274,13 @@ class HeadAttention(nn.Module):
                 attn = nn.functional.dropout(attn, drop)
             x = attn @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim)), None
+
+
+def is_plain_mha(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` in the form self-attention uses (ViT): batch_first, one in-projection, no extra
+    key/value biases or zero attention."""
+    return (isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim
+            and m.in_proj_weight is not None and m.bias_k is None and not m.add_zero_attn)
 
 
 def is_attention(m: nn.Module) -> bool:

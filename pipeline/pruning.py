@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.models import HeadAttention, apply_shapes, count_macs, is_attention, replace_module, replace_with_identity
+from pipeline.models import (
+    HeadAttention,
+    apply_shapes,
+    count_macs,
+    is_attention,
+    is_plain_mha,
+    replace_module,
+    replace_with_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +249,8 @@ def split_attention(model: nn.Module, exclude: list[str]) -> None:
     """Self-attention ``nn.MultiheadAttention`` modules (torchvision's ViT) as ``HeadAttention``, whose heads can
     be pruned: the module ties their width to the embedding width. Those in, or with a part in, ``exclude`` stay."""
     for name, m in list(model.named_modules()):
-        if (isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim
-                and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn
-                and not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in exclude)):
+        if is_plain_mha(m) and not any(name == p or name.startswith(p + ".") or p.startswith(name + ".")
+                                       for p in exclude):
             replace_module(model, name, HeadAttention.of(m))
 
 

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
-from pipeline.models import replace_module
+from pipeline.models import is_plain_mha, replace_module
 
 
 @dataclass
@@ -392,11 +392,6 @@ def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _unrollable_mha(mod: nn.Module) -> bool:
-    return (isinstance(mod, nn.MultiheadAttention) and mod.batch_first and mod._qkv_same_embed_dim
-            and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_weight is not None)
-
-
 def _is_window_attention(mod: nn.Module) -> bool:
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
@@ -411,7 +406,7 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
     import copy
 
     names = [n for n, m in model.named_modules()
-             if (getattr(m, "fused_attn", False) is True or _unrollable_mha(m) or _is_window_attention(m))
+             if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or _is_window_attention(m))
              and not _inside(n, float_layers)]
     if not names:
         return model
