@@ -88,8 +88,32 @@ def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:
         "baseline": baseline, "rows": rows, "environment": env,
         "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_speedup": cfg.min_speedup,
                   "passed": {n: v for n, v in ok.items()}, "failures": failures},
-        "best": best["name"] if best else None, "best_reason": why,
+        "best": best["name"] if best else None, "best_reason": why, "int8_vs_fp32_input": _int8_vs_input(rows),
     }
+
+
+def _int8_vs_input(rows: list[dict]) -> list[dict]:
+    """Each INT8 row's throughput over its FP32 input's (the model it was quantized from), where both were timed."""
+    by_name = {r["name"]: r for r in rows}
+    return [{"name": r["name"], "fp32_input": r["fp32_input"],
+             "ratio": r["throughput_ips"] / by_name[r["fp32_input"]]["throughput_ips"]}
+            for r in rows if r.get("fp32_input") in by_name]
+
+
+def int8_markdown(rep: dict) -> list[str]:
+    """One line on whether INT8 pays on this machine, and what to do where it does not."""
+    pairs = rep.get("int8_vs_fp32_input") or []
+    if not pairs:
+        return []
+    line = "INT8 against its FP32 input (same batch, same run): " + ", ".join(
+        f"{p['name']} {p['ratio']:.2f}x {p['fp32_input']}" for p in pairs) + "."
+    slower = [p for p in pairs if p["ratio"] < 1]
+    if slower:
+        line += " " + "; ".join(f"{p['name']} is slower than {p['fp32_input']} on this CPU" for p in slower) + (
+            ": INT8 does not pay here (no INT8 kernel is faster than FP32 for these layers, or the"
+            " QuantizeLinear/DequantizeLinear pairs around float ops cost more than they save); deploy the FP32"
+            " model, or keep more layers FP32 with `qat.float_layers`.")
+    return [line, ""]
 
 
 def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
@@ -158,6 +182,7 @@ def write_report(run_dir: Path, rep: dict) -> None:
     ]
     if env.get("note"):
         md.insert(4, f"Note: {env['note']}.")
+    md += int8_markdown(rep)
     floats = [(r["name"], r["float_ops"]) for r in rep["rows"] if r.get("float_ops")]
     if floats:
         md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]

@@ -150,7 +150,8 @@ def _ort_static(ctx: StageContext) -> tuple[dict, np.ndarray]:
     ref = onnxio.predict(onnxio.session(src.path / "model.onnx"), x)
     got = onnxio.predict(onnxio.session(path), x)
     m = src.metrics
-    metrics = {"source": src.node, "precision": "int8", "opset": m["opset"], "params": m["params"],
+    metrics = {"source": src.node, "fp32_input": m["source"], "precision": "int8", "opset": m["opset"],
+               "params": m["params"],
                "macs": m["macs"], "size_mb": path.stat().st_size / 1e6,
                "parity": {"images": n, "reference": "fp32 onnx", "max_abs_diff": float(np.abs(ref - got).max()),
                           "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)},
@@ -207,6 +208,7 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     agreement = float((ref.argmax(1) == got.argmax(1)).mean() * 100)
     metrics = {
         "source": art.node, "precision": precision, "opset": cfg.opset,
+        **({"fp32_input": art.metrics["source"]} if precision == "int8" and "source" in art.metrics else {}),
         "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
         "size_mb": path.stat().st_size / 1e6,
         "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},

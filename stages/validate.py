@@ -184,6 +184,7 @@ def run(ctx: StageContext) -> dict:
                      "int8_kernels": (f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
                                       if cov else None),
                      "parity_top1_agreement": m["parity"]["top1_agreement"],
+                     **({"fp32_input": names[m["fp32_input"]]} if m.get("fp32_input") in names else {}),
                      **({"float_ops": m["float_ops"]} if m.get("float_ops") else {})})
     logits = onnxio.predict_images(sessions, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     for row in rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from pipeline.report import build_report, markdown_table
+from pipeline.report import build_report, int8_markdown, markdown_table
 from pipeline.sweep import summarize
 
 
@@ -30,6 +30,17 @@ def test_gates_fail_with_reasons_and_can_leave_the_baseline_best():
     assert rep["best"] == "baseline" and "no compressed model" in rep["best_reason"]
     assert any("fast loses 2.00 points" in f for f in rep["gates"]["failures"])
     assert any("slow is 1.20x" in f for f in rep["gates"]["failures"])
+
+
+def test_int8_slower_than_its_fp32_input_is_called_out():
+    rows = _rows() + [{**_rows()[1], "name": "fast-int8", "throughput_ips": 171, "fp32_input": "fast"},
+                      {**_rows()[1], "name": "slow-int8", "throughput_ips": 240, "fp32_input": "slow"}]
+    rep = build_report(rows, "baseline", {}, _gates())
+    assert [(p["name"], round(p["ratio"], 2)) for p in rep["int8_vs_fp32_input"]] == [("fast-int8", 0.9),
+                                                                                        ("slow-int8", 2.0)]
+    line = int8_markdown(rep)[0]
+    assert "fast-int8 0.90x fast, slow-int8 2.00x slow" in line
+    assert "fast-int8 is slower than fast on this CPU" in line and "slow-int8 is slower" not in line
 
 
 def test_markdown_table_has_a_row_per_model():
