@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
-from pipeline.models import is_plain_mha, replace_module
+from pipeline.models import HeadAttention, is_plain_mha, replace_module
 
 
 @dataclass
@@ -267,33 +267,37 @@ class QHardSwish(nn.Module):
 def _split_qkv(weight: torch.Tensor, bias: torch.Tensor | None, q_scale: float) -> tuple[nn.Linear, ...]:
     """q, k and v linears from one fused projection (rows q | k | v), the attention scale folded into q, so
     each is its own QLinear (one INT8 MatMul) and no float slicing sits between them."""
-    e = weight.shape[1]
+    e, r = weight.shape[1], weight.shape[0] // 3  # input width, rows per projection (heads x head width)
     out = []
     with torch.no_grad():
         for i, f in enumerate((q_scale, 1.0, 1.0)):
-            lin = nn.Linear(e, e, bias=bias is not None)
-            lin.weight.copy_(weight[i * e : (i + 1) * e] * f)
+            lin = nn.Linear(e, r, bias=bias is not None)
+            lin.weight.copy_(weight[i * r : (i + 1) * r] * f)
             if bias is not None:
-                lin.bias.copy_(bias[i * e : (i + 1) * e] * f)
+                lin.bias.copy_(bias[i * r : (i + 1) * r] * f)
             out.append(lin)
     return tuple(out)
 
 
 class SelfAttention(nn.Module):
-    """``nn.MultiheadAttention`` used as self-attention (ViT), written in ops that ``torch.fx`` traces.
+    """Self-attention (``nn.MultiheadAttention`` in a ViT, or a pruned one's ``HeadAttention``), written in ops
+    that ``torch.fx`` traces.
 
-    Left whole, the module is one opaque float op between DequantizeLinear and QuantizeLinear. Unrolled,
-    its q/k/v/out projections become ``QLinear`` (INT8 MatMul in ORT), ``q @ k^T`` and ``attn @ v`` become
-    QLinearMatMul and the softmax QLinearSoftmax. The 1/sqrt(head_dim) scaling is folded into q's weights.
-    Same outputs as the module (``need_weights`` is ignored: the weights are not returned).
+    Left whole, ``nn.MultiheadAttention`` is one opaque float op between DequantizeLinear and QuantizeLinear.
+    Unrolled, the q/k/v/out projections become ``QLinear`` (INT8 MatMul in ORT; q, k and v separate, so no
+    float slicing of a fused qkv output), ``q @ k^T`` and ``attn @ v`` become QLinearMatMul and the softmax
+    QLinearSoftmax. The softmax scale is folded into q's weights. Same outputs as the module (``need_weights``
+    is ignored: the weights are not returned).
     """
 
-    def __init__(self, mha: nn.MultiheadAttention):
+    def __init__(self, mod: nn.MultiheadAttention | HeadAttention):
         super().__init__()
-        e, h = mha.embed_dim, mha.num_heads
-        self.num_heads, self.head_dim, self.dropout = h, e // h, float(mha.dropout)
-        self.q, self.k, self.v = _split_qkv(mha.in_proj_weight, mha.in_proj_bias, self.head_dim**-0.5)
-        self.out_proj = mha.out_proj
+        if isinstance(mod, HeadAttention):
+            weight, bias, scale, self.out_proj = mod.qkv.weight, mod.qkv.bias, mod.scale, mod.proj
+        else:
+            weight, bias, scale, self.out_proj = mod.in_proj_weight, mod.in_proj_bias, mod.head_dim**-0.5, mod.out_proj
+        self.num_heads, self.head_dim, self.dropout = mod.num_heads, mod.head_dim, float(mod.dropout)
+        self.q, self.k, self.v = _split_qkv(weight, bias, scale)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 key_padding_mask=None, need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
@@ -306,7 +310,7 @@ class SelfAttention(nn.Module):
         attn = torch.matmul(q, k).softmax(dim=-1)
         if self.dropout and self.training:
             attn = F.dropout(attn, self.dropout)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(x.shape)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], self.num_heads * self.head_dim)
         return self.out_proj(out), None
 
 
@@ -400,13 +404,15 @@ def _is_window_attention(mod: nn.Module) -> bool:
 
 def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_size: int) -> nn.Module:
     """A copy of ``model`` with its self-attention ``nn.MultiheadAttention`` modules (batch_first, no extra
-    k/v) replaced by ``SelfAttention``, Swin's window attention by ``WindowAttention`` (for the input sizes
-    an ``image_size`` image gives it) and timm's ``Attention`` on its explicit path (q @ k^T, softmax, @ v)
-    instead of SDPA; ``model`` itself when there is none (the caller's float model is kept)."""
+    k/v) and pruned ones (``HeadAttention``) replaced by ``SelfAttention``, Swin's window attention by
+    ``WindowAttention`` (for the input sizes an ``image_size`` image gives it) and timm's ``Attention`` on its
+    explicit path (q @ k^T, softmax, @ v) instead of SDPA; ``model`` itself when there is none (the caller's
+    float model is kept)."""
     import copy
 
     names = [n for n, m in model.named_modules()
-             if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or _is_window_attention(m))
+             if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or isinstance(m, HeadAttention)
+                 or _is_window_attention(m))
              and not _inside(n, float_layers)]
     if not names:
         return model
@@ -422,7 +428,7 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
             hook.remove()
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, (nn.MultiheadAttention, HeadAttention)):
             replace_module(model, name, SelfAttention(mod))
         elif _is_window_attention(mod):
             replace_module(model, name, WindowAttention(mod, sizes[name]))
