@@ -8,6 +8,7 @@ dict is loaded, so no module is ever pickled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -318,6 +319,11 @@ def unknown_layer_errors(key: str, wanted: list[str], model: nn.Module, model_na
     known = set(names)
     return [f"{key}: no layer named {n!r} in {model_name}; layer names look like {', '.join(names[:4])}"
             for n in wanted if n not in known]
+
+
+def inside(name: str, prefixes: Iterable[str]) -> bool:
+    """``name`` is one of the modules named in ``prefixes`` or lies inside one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -20,6 +20,7 @@ from pipeline.models import (
     HeadAttention,
     apply_shapes,
     count_macs,
+    inside,
     is_attention,
     is_plain_mha,
     replace_module,
@@ -249,8 +250,7 @@ def split_attention(model: nn.Module, exclude: list[str]) -> None:
     """Self-attention ``nn.MultiheadAttention`` modules (torchvision's ViT) as ``HeadAttention``, whose heads can
     be pruned: the module ties their width to the embedding width. Those in, or with a part in, ``exclude`` stay."""
     for name, m in list(model.named_modules()):
-        if is_plain_mha(m) and not any(name == p or name.startswith(p + ".") or p.startswith(name + ".")
-                                       for p in exclude):
+        if is_plain_mha(m) and not inside(name, exclude) and not any(inside(p, [name]) for p in exclude):
             replace_module(model, name, HeadAttention.of(m))
 
 

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
-from pipeline.models import HeadAttention, is_plain_mha, replace_module
+from pipeline.models import HeadAttention, inside, is_plain_mha, replace_module
 
 
 @dataclass
@@ -89,9 +89,9 @@ def narrow_convs(model: nn.Module) -> list[str]:
     narrow = [n for n, m in conv_modules if m.out_channels < NARROW_CONV]
     out: list[str] = []
     for name in narrow:
-        while "." in name and sum(_inside(c, (name,)) for c in convs) < 2:
+        while "." in name and sum(inside(c, (name,)) for c in convs) < 2:
             name = name.rsplit(".", 1)[0]
-        if not _inside(name, tuple(out)):
+        if not inside(name, tuple(out)):
             out = [o for o in out if not o.startswith(name + ".")] + [name]
     return out
 
@@ -391,11 +391,6 @@ class WindowAttention(nn.Module):
         return torch.index_select(out, 1, self.inverse_index).reshape(-1, H, W, c)
 
 
-def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
-    """``name`` is one of the modules named in ``prefixes`` or lies inside one."""
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def _is_window_attention(mod: nn.Module) -> bool:
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
@@ -413,7 +408,7 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
     names = [n for n, m in model.named_modules()
              if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or isinstance(m, HeadAttention)
                  or _is_window_attention(m))
-             and not _inside(n, float_layers)]
+             and not inside(n, float_layers)]
     if not names:
         return model
     model = copy.deepcopy(model)
@@ -659,7 +654,7 @@ def _float_test(prefixes: tuple[str, ...]):
         names = list(node.meta.get("nn_module_stack", {}))
         if node.op == "call_module":
             names.append(str(node.target))
-        return any(_inside(n, prefixes) for n in names)
+        return any(inside(n, prefixes) for n in names)
 
     return is_float
 
