@@ -69,6 +69,16 @@ def _rebuilt_from_shapes(cfg: dict, pruned: torch.nn.Module, x: torch.Tensor) ->
     return fresh
 
 
+def _runs_on_int8_kernels(model: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """Calibrated on ``x`` and exported, every quantized layer of ``model`` runs on an INT8 kernel in ORT."""
+    from pipeline import onnxio, quant
+
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), x.shape[-1])
+    quant.calibrate(gm, [(x, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
+
+
 def test_shufflenet_prunes_inside_its_branches_and_reloads():
     """ShuffleNetV2: the channel shuffle is analysed as the permutation it is, the convs around it are kept,
     the branches' inner channels are pruned, and the recorded shapes rebuild the model."""
@@ -95,7 +105,6 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     new head count, the checkpoint's shapes rebuild it, and the pruned model still runs on INT8 kernels."""
     import torch
 
-    from pipeline import onnxio, quant
     from pipeline.models import build_model, count_macs
     from pipeline.pruning import ChannelPlan, channel_prune
 
@@ -114,10 +123,7 @@ def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     x = torch.randn(8, 3, 32, 32)
     _fused_and_explicit_attention_agree(model, x)  # training uses the first, quantization the second
     fresh = _rebuilt_from_shapes(cfg, model, x)
-    gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
-    quant.calibrate(gm, [(x, None)])
-    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
+    _runs_on_int8_kernels(fresh, x, tmp_path)
 
 
 def _fused_and_explicit_attention_agree(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -148,7 +154,6 @@ def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path)
     """torchvision's ViT: nn.MultiheadAttention becomes HeadAttention (same outputs, same MACs), whose heads
     are narrowed; the embedding width (fixed by the model's hidden_dim) and the patch embedding are kept, the
     MLPs pruned; the recorded shapes rebuild the model, which runs on INT8 kernels."""
-    from pipeline import onnxio, quant
     from pipeline.models import HeadAttention, build_model, count_macs
     from pipeline.pruning import ChannelPlan, channel_prune, split_attention
 
@@ -168,10 +173,7 @@ def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path)
     assert count_macs(model, 32) < 0.7 * macs
     _fused_and_explicit_attention_agree(model, x)
     fresh = _rebuilt_from_shapes(cfg, model, x)
-    gm = quant.prepare_qat(fresh, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
-    quant.calibrate(gm, [(x, None)])
-    onnxio.export_onnx(quant.to_deploy(gm.eval()), x, tmp_path / "q.onnx", 18, quant.onnx_translations())
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
+    _runs_on_int8_kernels(fresh, x, tmp_path)
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (14, 14), (7, 7)])  # padded + shifted, shifted, one window (no shift)
