@@ -9,6 +9,7 @@ trained weights and the probe is an estimate), quantizes it like the qat stage f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import onnxio, pruning, quant
+from pipeline import onnxio, placement, pruning, quant
 from pipeline.artifacts import stable_hash
 from pipeline.models import build_model
 
@@ -28,11 +29,11 @@ def _export(model: torch.nn.Module, size: int, path: Path, int8: bool, qat: Dict
     x = torch.randn(8, 3, size, size)
     model = model.eval()
     if int8:
-        names = [n for n in qat.float_layers if n != "auto"]
-        if "auto" in qat.float_layers:
-            names += [n for n in quant.narrow_convs(model) if n not in names]
         spec = quant.QuantSpec(qat.act_dtype, quant.resolve_weight_bits(qat.weight_bits)[0], qat.observer_ema,
-                               tuple(names))
+                               tuple(placement.fixed_float_layers(qat.float_layers, model)))
+        if placement.MEASURE in qat.float_layers:  # the placement the qat stage would measure
+            chosen = placement.measure(model, spec, size, x, int(qat.measure_batch), progress=False).float_layers
+            spec = dataclasses.replace(spec, float_layers=(*spec.float_layers, *chosen))
         gm = quant.prepare_qat(model, spec, size)
         quant.calibrate(gm, [(x, None)])
         onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], path, 18, quant.onnx_translations())

@@ -187,6 +187,10 @@ def write_report(run_dir: Path, rep: dict) -> None:
     if floats:
         md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]
         md += [f"- {name}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for name, ops in floats] + [""]
+    placed = [(r["name"], r["placement"]) for r in rep["rows"] if r.get("placement")]
+    if placed:
+        md += ["FP32 layers chosen by timing placements in ONNX Runtime on this CPU (`qat.float_layers=[measure]`):",
+               ""] + [f"- {name}: {summary}" for name, summary in placed] + [""]
     md += serving_markdown(rep, run_dir)
     atomic_write_text(run_dir / "report.md", "\n".join(md))
 

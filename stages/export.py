@@ -209,6 +209,8 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     metrics = {
         "source": art.node, "precision": precision, "opset": cfg.opset,
         **({"fp32_input": art.metrics["source"]} if precision == "int8" and "source" in art.metrics else {}),
+        **({"placement": art.metrics["placement"]["summary"]} if precision == "int8" and "placement" in art.metrics
+           else {}),  # qat.float_layers=[measure]: which blocks stayed FP32, and how fast that measured
         "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
         "size_mb": path.stat().st_size / 1e6,
         "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},

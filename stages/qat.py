@@ -21,7 +21,7 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline import quant
+from pipeline import placement, quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
 from pipeline.data import batches
 from pipeline.distillation import KDLoss, freeze_teacher
@@ -47,7 +47,8 @@ class Config(FitConfig):
     freeze_observer_epoch: int  # from this epoch on, activation ranges are frozen
     distill_alpha: float  # > 0: distil from the FP32 teacher during QAT (KD weight)
     temperature: float
-    float_layers: list[str]  # module names kept in FP32; "auto": the narrow convs that are slower in INT8 here
+    float_layers: list[str]  # module names kept in FP32; "auto": the CPU rule; "measure": a timed search
+    measure_batch: int  # batch size the "measure" placements are timed at
 
     def check(self) -> list[str]:
         errs = super().check()
@@ -61,6 +62,8 @@ class Config(FitConfig):
             errs.append(f"distill_alpha: {self.distill_alpha} must be in [0, 1]")
         if self.temperature <= 0:
             errs.append(f"temperature: {self.temperature} must be > 0")
+        if self.measure_batch < 1:
+            errs.append(f"measure_batch: {self.measure_batch} must be >= 1")
         return errs
 
 
@@ -78,7 +81,7 @@ def check(view: GraphView) -> list[str]:
     if cfg.source not in models:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
     model = build_model(view.model.__dict__)
-    errs = unknown_layer_errors("qat.float_layers", [n for n in cfg.float_layers if n != "auto"], model,
+    errs = unknown_layer_errors("qat.float_layers", [n for n in cfg.float_layers if n not in placement.TOKENS], model,
                                 view.model.name or view.model.target)
     if errs:
         return errs
@@ -91,28 +94,28 @@ def check(view: GraphView) -> list[str]:
     return []
 
 
-def float_layers(cfg: Config, model: nn.Module) -> list[str]:
-    """``qat.float_layers`` with ``auto`` expanded for this model (after pruning) and this CPU."""
-    names = [n for n in cfg.float_layers if n != "auto"]
-    if "auto" in cfg.float_layers:
-        names += [n for n in quant.narrow_convs(model) if n not in names]
-    return names
-
-
-def spec(cfg: Config, model: nn.Module) -> quant.QuantSpec:
+def spec(cfg: Config, model: nn.Module, measured: list[str] | tuple[str, ...] = ()) -> quant.QuantSpec:
+    """The quantization spec: ``qat.float_layers`` resolved for this model (after pruning) and this CPU, plus
+    the blocks a ``measure`` search chose (``measured``)."""
     return quant.QuantSpec(cfg.act_dtype, quant.resolve_weight_bits(cfg.weight_bits)[0], cfg.observer_ema,
-                           tuple(float_layers(cfg, model)))
+                           (*placement.fixed_float_layers(cfg.float_layers, model), *measured))
 
 
 def key_extra(view: GraphView, node: str) -> dict | None:
     """``auto`` settings mean another model on another CPU: the key holds the resolved bits and, for
-    ``float_layers=[auto]``, the rule's version and the CPU architecture it resolves for."""
+    ``float_layers=[auto]``, the rule's version and the CPU architecture it resolves for; for ``[measure]``
+    the CPU model and flags it was timed on."""
     import platform
+
+    from pipeline.onnxio import cpu_info
 
     cfg: Config = view.settings["qat"]
     extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0]}
-    if "auto" in cfg.float_layers:
+    if placement.AUTO in cfg.float_layers:
         extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
+    if placement.MEASURE in cfg.float_layers:
+        cpu = cpu_info()
+        extra["float_layers_measure"] = [cpu["cpu"], cpu["cores"], cpu["flags"]]
     return extra
 
 
@@ -146,7 +149,18 @@ def run(ctx: StageContext) -> dict:
     src = ctx.inputs["model"]
     ckpt = src.checkpoint()
     model, _ = src.model()
-    qspec = spec(cfg, model)
+    placed = None
+    if placement.MEASURE in cfg.float_layers:
+        images, _ = next(iter(batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=False,
+                                 seed=rt.seed, device="cpu")))
+        placed = placement.measure(model, spec(cfg, model), ctx.data_cfg.image_size, images, cfg.measure_batch,
+                                   progress=rt.progress)
+        for c in placed.candidates:
+            log.info("qat: placement %-28s %7.2f ms at batch %d (%.2fx FP32)",
+                     f"FP32 up to {c['last_block']}" if c["last_block"] else "all INT8", c["ms"], placed.batch,
+                     c["vs_fp32"])
+        log.info("qat: measured placement: %s", placed.summary())
+    qspec = spec(cfg, model, placed.float_layers if placed else ())
     bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
              f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")
@@ -185,6 +199,7 @@ def run(ctx: StageContext) -> dict:
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
             "quantized_layers": n_quantized, "float_ops": floats, "weight_bits_reason": bits_reason,
+            **({"placement": placed.as_dict()} if placed else {}),
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history, **res.resume_info()}
 

@@ -87,7 +87,11 @@ def test_fp16_export_is_a_report_row(cfg_factory, tmp_path):
 @pytest.mark.slow
 def test_mixed_precision_qat_reloads_and_reports_its_int8_share(cfg_factory, tmp_path):
     done = run_pipeline(cfg_factory("pipeline=[train,qat,export,validate]", "qat.source=train",
-                                    "qat.float_layers=[conv1,layer1]"), tmp_path / "run")
+                                    "qat.float_layers=[conv1,layer1,measure]"), tmp_path / "run")
+    placed = done["qat"].metrics["placement"]  # measured on top of the named layers: timings of every candidate
+    assert done["qat"].metrics["quant"]["float_layers"] == ["conv1", "layer1", *placed["float_layers"]]
+    assert placed["candidates"][0]["float_blocks"] == 0 and all(c["ms"] > 0 for c in placed["candidates"])
+    assert f"- qat-int8: {placed['summary']}" in (tmp_path / "run/report.md").read_text()
     cov = done["export/qat"].metrics["int8_coverage"]  # export rebuilt the QAT model from its checkpoint
     assert 0 < cov["int8_kernels"] == cov["quantized_layers"] < cov["int8_kernels"] + cov["float_kernels"]
     rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}

@@ -8,6 +8,8 @@ model): prepare_qat -> calibrate on embedded training images -> export FP32 and 
 kernels (INT8/all convs+matmuls), what stayed float, the PyTorch-vs-ORT top-1 agreement of our INT8
 model, and throughput ratios INT8/FP32 and INT8/ORT-static at each batch size, timed interleaved
 (every model warmed up before each timed block), medians over rounds. A model that fails prints why.
+``--placement measure`` first runs ``qat.float_layers=[measure]``'s search (timed at the largest batch) and
+keeps the blocks it chooses FP32 in our INT8 model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import onnxio, quant
+from pipeline import onnxio, placement, quant
 from pipeline.data import load_splits
 from pipeline.models import build_model
 from pipeline.tools import data_config
@@ -40,14 +42,20 @@ def _images(size: int, n: int) -> np.ndarray:
     return x.numpy()
 
 
-def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int, runs: int, folder: Path) -> dict:
+def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int, runs: int, folder: Path,
+        measure: bool = False) -> dict:
     torch.manual_seed(0)
     family = "timm" if name.startswith("timm:") else "auto"
     cfg = {"name": name.removeprefix("timm:"), "num_classes": 10, "image_size": size, "family": family,
            "small_input": size <= 64 and family == "auto"}
     model = build_model(cfg).eval()
     x = torch.from_numpy(calib[:16])
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), size)
+    spec = quant.QuantSpec("uint8", 8, 0.01, ())
+    fp32_blocks: list[str] = []
+    if measure:
+        fp32_blocks = placement.measure(model, spec, size, x, max(batches), progress=False).float_layers
+        spec = quant.QuantSpec("uint8", 8, 0.01, tuple(fp32_blocks))
+    gm = quant.prepare_qat(model, spec, size)
     quant.calibrate(gm, [(x[i : i + 8], None) for i in range(0, len(x), 8)])
     gm.eval()
     fp32, int8, ort = folder / f"{name}.fp32.onnx", folder / f"{name}.int8.onnx", folder / f"{name}.ort.onnx"
@@ -70,6 +78,8 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
         med = {k: statistics.median(v) for k, v in t.items()}
         ratios[b] = (med["fp32"] / med["int8"], med["ort"] / med["int8"], med["fp32"] / med["ort"])
     floats = {k.split(" (")[0]: len(v) for k, v in quant.float_ops(gm).items()}
+    if fp32_blocks:
+        floats = {f"FP32 up to {fp32_blocks[-1]}": len(fp32_blocks), **floats}
     return {"int8": f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}",
             "ort_int8": f"{ort_cov['int8_kernels']}/{ort_cov['int8_kernels'] + ort_cov['float_kernels']}",
             "agree": float((ref.argmax(1) == got.argmax(1)).mean() * 100), "float": floats, "ratios": ratios}
@@ -82,13 +92,15 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--placement", choices=("int8", "measure"), default="int8",
+                    help="measure: keep the leading blocks FP32 that qat.float_layers=[measure] chooses")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     batches = [int(b) for b in args.batch.split(",")]
     calib = _images(args.size, 64)
     cpu = onnxio.cpu_info()
     print(f"{cpu['cpu']} ({cpu['cores']} cores, {', '.join(cpu['flags'])}), {args.size} px, untrained weights, "
-          f"8-bit weights, interleaved medians of {args.rounds} rounds")
+          f"8-bit weights, placement {args.placement}, interleaved medians of {args.rounds} rounds")
     head = " | ".join(f"b={b} INT8/FP32 | b={b} INT8/ORT | b={b} ORT/FP32" for b in batches)
     print(f"| model | INT8 kernels (ours) | INT8 kernels (ORT) | agreement % | stays float | {head} |")
     print("|---|---|---|---|---|" + "---|" * (3 * len(batches)))
@@ -96,7 +108,8 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             try:
-                r = one(name, args.size, batches, calib, args.rounds, args.runs, Path(tmp))
+                r = one(name, args.size, batches, calib, args.rounds, args.runs, Path(tmp),
+                        args.placement == "measure")
             except Exception as e:  # a benchmark reports failures and goes on
                 print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |")
                 continue

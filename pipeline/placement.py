@@ -1,0 +1,132 @@
+"""Which layers stay FP32 in an INT8 model: ``qat.float_layers`` resolved for this model and this CPU.
+
+Besides module names, ``qat.float_layers`` takes two tokens:
+
+- ``auto``: a rule from the CPU's flags (``quant.narrow_convs``: narrow convs on x86 without VNNI);
+- ``measure``: a timed search. The model's leading blocks are the ones where INT8 can lose: full-resolution
+  maps with few channels, where ONNX Runtime's DequantizeLinear/QuantizeLinear pairs, broadcast multiplies
+  (squeeze-excitation gates) and narrow INT8 kernels cost more than they save. So the candidates keep the
+  first k blocks FP32 (k = 0 .. half the blocks; one QuantizeLinear at the boundary), each is prepared,
+  calibrated and exported as the qat/export stages would, and ONNX Runtime times them interleaved against
+  each other and the FP32 model on this CPU. The fastest wins; a FP32 prefix must beat all-INT8 by
+  ``MARGIN`` (else timing noise would decide). Speed does not depend on the weights, so any weights do.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from pipeline import onnxio, quant
+from pipeline.models import inside
+
+log = logging.getLogger(__name__)
+
+AUTO, MEASURE = "auto", "measure"
+TOKENS = (AUTO, MEASURE)
+MARGIN = 0.03  # a FP32 prefix must be this much faster than all-INT8 to be chosen
+MIN_BLOCKS = 8  # blocks are module-path prefixes deep enough to give at least this many (or one per layer)
+ROUNDS, RUNS, WARMUP = 3, 10, 5  # interleaved timing: rounds over all candidates, timed runs per round, warm-up
+
+
+def fixed_float_layers(setting: list[str] | tuple[str, ...], model: nn.Module) -> list[str]:
+    """``qat.float_layers`` without the ``measure`` search: the names given, plus ``auto``'s narrow convs."""
+    names = [n for n in setting if n not in TOKENS]
+    if AUTO in setting:
+        names += [n for n in quant.narrow_convs(model) if n not in names]
+    return names
+
+
+@dataclass
+class Placement:
+    """The measured choice and every candidate's timing (ms per batch, ORT on this CPU)."""
+
+    float_layers: list[str]  # chosen FP32 blocks (on top of the fixed ones)
+    batch: int
+    fp32_ms: float  # the whole model in FP32
+    candidates: list[dict] = field(default_factory=list)  # {"float_blocks", "last_block", "ms", "vs_fp32"}
+
+    @property
+    def chosen(self) -> dict:
+        return next(c for c in self.candidates if c["float_blocks"] == len(self.float_layers))
+
+    def summary(self) -> str:
+        """One line: what was chosen, its speed against FP32 and against all-INT8."""
+        all_int8, best = self.candidates[0], self.chosen
+        what = f"FP32 up to {best['last_block']}" if self.float_layers else "all INT8"
+        return (f"{what}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
+                f"(batch {self.batch}, {len(self.candidates)} placements timed)")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "summary": self.summary()}
+
+
+def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Blocks of ``model`` holding the quantized layers of its QAT form ``gm``, in execution order.
+
+    A block is a module-path prefix of the quantized layers (``features.3``, ``layer1.0``), at the smallest
+    depth that gives ``MIN_BLOCKS`` blocks (or one per layer); only prefixes that are modules of ``model``.
+    """
+    kinds = (quant.QConvBn, quant.QLinear)
+    layers = [str(n.target) for n in gm.graph.nodes
+              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)]
+    modules = dict(model.named_modules())
+    want = min(MIN_BLOCKS, len(layers))
+    depth_max = max((len(n.split(".")) for n in layers), default=0)
+    for depth in range(1, depth_max + 1):
+        blocks: list[str] = []
+        for name in layers:
+            prefix = ".".join(name.split(".")[:depth])
+            while prefix not in modules and "." in prefix:
+                prefix = prefix.rsplit(".", 1)[0]
+            if prefix in modules and prefix not in blocks:
+                blocks.append(prefix)
+        if len(blocks) >= want:
+            return blocks
+    return []
+
+
+def _export_int8(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Tensor, path: Path) -> None:
+    gm = quant.prepare_qat(model, spec, size)
+    quant.calibrate(gm, [(images, None)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), images[:2], path, 18, quant.onnx_translations())
+
+
+def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Tensor, batch: int,
+            threads: int = 0, progress: bool = True) -> Placement:
+    """Time all-INT8 and the FP32-prefix candidates of ``model`` (``spec.float_layers`` stay FP32 in all of
+    them) against its FP32 form in ONNX Runtime on this CPU; return the fastest placement."""
+    from tqdm import tqdm
+
+    model = model.cpu().eval()
+    images = images[: max(2, min(len(images), 64))].cpu().float()
+    blocks = [b for b in leading_blocks(quant.prepare_qat(model, spec, size), model)
+              if not inside(b, spec.float_layers)]
+    blocks = blocks[: len(blocks) // 2]
+    x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
+    with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
+        paths = {"fp32": Path(tmp) / "fp32.onnx"}
+        onnxio.export_onnx(model, images[:2], paths["fp32"], 18)
+        for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
+            paths[k] = Path(tmp) / f"int8-{k}.onnx"
+            _export_int8(model, quant.QuantSpec(spec.act_dtype, spec.weight_bits, spec.ema,
+                                                (*spec.float_layers, *blocks[:k])), size, images, paths[k])
+        sessions = {k: onnxio.session(p, threads) for k, p in paths.items()}
+        times: dict = {k: [] for k in sessions}
+        for _ in tqdm(range(ROUNDS), desc="placement: timing", disable=not progress, leave=False):
+            for k, sess in sessions.items():  # every session warmed up right before its timed block
+                times[k].append(float(np.median(onnxio.time_runs(sess, x, WARMUP, RUNS))))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    candidates = [{"float_blocks": k, "last_block": blocks[k - 1] if k else None, "ms": ms[k],
+                   "vs_fp32": ms["fp32"] / ms[k]} for k in range(len(blocks) + 1)]
+    best = min(range(len(blocks) + 1), key=lambda k: ms[k])
+    if best and ms[best] > ms[0] * (1 - MARGIN):
+        best = 0
+    return Placement(blocks[:best], batch, ms["fp32"], candidates)

@@ -1,0 +1,56 @@
+"""qat.float_layers=[measure]: blocks in execution order, and the fastest timed placement wins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import onnxio, placement, quant
+from pipeline.models import build_model
+
+R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
+SPEC = quant.QuantSpec("uint8", 8, 0.01, ())
+
+
+def test_leading_blocks_follow_execution_order():
+    r20 = build_model({"name": "resnet20", "num_classes": 10})
+    assert placement.leading_blocks(quant.prepare_qat(r20, SPEC), r20) == [
+        "conv1", *(f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)), "fc"]
+    mnv3 = build_model({"name": "mobilenet_v3_small", "num_classes": 10, "small_input": True})
+    blocks = placement.leading_blocks(quant.prepare_qat(mnv3, SPEC), mnv3)
+    assert blocks[:3] == ["features.0", "features.1", "features.2"] and blocks[-1] == "classifier.3", blocks
+
+
+def test_fixed_float_layers_combine_names_and_auto(monkeypatch):
+    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})  # no VNNI
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    model = build_model(R8)
+    assert placement.fixed_float_layers(["fc", "auto", "measure"], model) == ["fc", "conv1", "layer1.0"]
+    assert placement.fixed_float_layers(["measure"], model) == []
+
+
+@pytest.mark.parametrize("int8_ms,chosen", [
+    ([0.8, 0.5, 0.6, 0.7], 1),  # one FP32 block is fastest
+    ([0.8, 0.79, 0.6, 0.9], 2),
+    ([0.8, 0.79, 0.9, 0.9], 0),  # within the margin of all-INT8: timing noise must not decide
+])
+def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen):
+    """Real exports of every candidate; ONNX Runtime's timer replaced by fixed times per file."""
+    torch.manual_seed(0)
+    model = build_model(R8).eval()
+    blocks = placement.leading_blocks(quant.prepare_qat(model, SPEC), model)
+    ms = {"fp32.onnx": 1.0, **{f"int8-{k}.onnx": t for k, t in enumerate(int8_ms)}}
+    exported = []
+
+    def fake_session(path, threads=0):
+        exported.append(path)
+        return path.name
+
+    monkeypatch.setattr(onnxio, "session", fake_session)
+    monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 9.0) / 1e3))
+    p = placement.measure(model, SPEC, 32, torch.randn(8, 3, 32, 32), 4, progress=False)
+    assert len(p.candidates) == len(blocks) // 2 + 1 == len(exported) - 1  # k = 0 .. half the blocks, + FP32
+    assert p.float_layers == blocks[:chosen]
+    assert p.candidates[chosen]["vs_fp32"] == pytest.approx(1.0 / int8_ms[chosen])
+    assert p.summary().startswith(f"FP32 up to {blocks[chosen - 1]}:" if chosen else "all INT8:")
