@@ -112,7 +112,7 @@ def int8_markdown(rep: dict) -> list[str]:
         line += " " + "; ".join(f"{p['name']} is slower than {p['fp32_input']} on this CPU" for p in slower) + (
             ": INT8 does not pay here (no INT8 kernel is faster than FP32 for these layers, or the"
             " QuantizeLinear/DequantizeLinear pairs around float ops cost more than they save); deploy the FP32"
-            " model, or keep more layers FP32 with `qat.float_layers`.")
+            " model, or let `qat.float_layers=[measure]` time which leading blocks to keep FP32.")
     return [line, ""]
 
 

@@ -79,7 +79,7 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
         ratios[b] = (med["fp32"] / med["int8"], med["ort"] / med["int8"], med["fp32"] / med["ort"])
     floats = {k.split(" (")[0]: len(v) for k, v in quant.float_ops(gm).items()}
     if fp32_blocks:
-        floats = {f"FP32 up to {fp32_blocks[-1]}": len(fp32_blocks), **floats}
+        floats = {f"FP32 blocks up to {fp32_blocks[-1]}": len(fp32_blocks), **floats}
     return {"int8": f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}",
             "ort_int8": f"{ort_cov['int8_kernels']}/{ort_cov['int8_kernels'] + ort_cov['float_kernels']}",
             "agree": float((ref.argmax(1) == got.argmax(1)).mean() * 100), "float": floats, "ratios": ratios}
