@@ -54,3 +54,22 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen):
     assert p.float_layers == blocks[:chosen]
     assert p.candidates[chosen]["vs_fp32"] == pytest.approx(1.0 / int8_ms[chosen])
     assert p.summary().startswith(f"FP32 up to {blocks[chosen - 1]}:" if chosen else "all INT8:")
+
+
+def test_the_speed_probe_quantizes_with_the_measured_placement(monkeypatch, tmp_path):
+    """A search trial's speed probe keeps FP32 what the qat stage's [measure] would (the search stubbed)."""
+    from omegaconf import OmegaConf
+
+    from pipeline import probe
+
+    seen = {}
+
+    def fake_measure(model, spec, size, images, batch, progress=True):
+        seen["batch"] = batch
+        return placement.Placement(["conv1"], batch, 1.0, [])
+
+    monkeypatch.setattr(placement, "measure", fake_measure)
+    qat = OmegaConf.create({"float_layers": ["measure"], "act_dtype": "uint8", "weight_bits": 8,
+                            "observer_ema": 0.01, "measure_batch": 4})
+    cov = onnxio.kernel_coverage(probe._export(build_model(R8), 32, tmp_path / "m.onnx", True, qat))
+    assert seen["batch"] == 4 and cov["float_kernels"] == 1 and cov["int8_kernels"] > 0, cov
