@@ -60,12 +60,20 @@ class Placement:
     def summary(self) -> str:
         """One line: what was chosen, its speed against FP32 and against all-INT8."""
         all_int8, best = self.candidates[0], self.chosen
-        what = f"FP32 up to {best['last_block']}" if self.float_layers else "all INT8"
-        return (f"{what}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
+        return (f"{_label(best)}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
                 f"(batch {self.batch}, {len(self.candidates)} placements timed)")
+
+    def lines(self) -> list[str]:
+        """One line per candidate, for the log."""
+        return [f"{_label(c):<28} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
+                for c in self.candidates]
 
     def as_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
+
+
+def _label(candidate: dict) -> str:
+    return f"FP32 up to {candidate['last_block']}" if candidate["last_block"] else "all INT8"
 
 
 def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:

@@ -129,6 +129,14 @@ class Runtime:
         torch.distributed.broadcast(t, 0)
         return bool(t.item())
 
+    def from_main(self, obj):
+        """Rank 0's picklable ``obj`` on every rank (e.g. a choice that only rank 0 measured)."""
+        if not self._dist:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, 0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def barrier(self) -> None:
         if self._dist:
             torch.distributed.barrier()

@@ -150,16 +150,16 @@ def run(ctx: StageContext) -> dict:
     ckpt = src.checkpoint()
     model, _ = src.model()
     placed = None
-    if placement.MEASURE in cfg.float_layers:
-        images, _ = next(iter(batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=False,
-                                 seed=rt.seed, device="cpu")))
-        placed = placement.measure(model, spec(cfg, model), ctx.data_cfg.image_size, images, cfg.measure_batch,
-                                   progress=rt.progress)
-        for c in placed.candidates:
-            log.info("qat: placement %-28s %7.2f ms at batch %d (%.2fx FP32)",
-                     f"FP32 up to {c['last_block']}" if c["last_block"] else "all INT8", c["ms"], placed.batch,
-                     c["vs_fp32"])
-        log.info("qat: measured placement: %s", placed.summary())
+    if placement.MEASURE in cfg.float_layers:  # timed by rank 0 alone (ONNX Runtime on the CPU), then shared
+        if rt.is_main:
+            images, _ = next(iter(batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size,
+                                          device="cpu")))
+            placed = placement.measure(model, spec(cfg, model), ctx.data_cfg.image_size, images, cfg.measure_batch,
+                                       progress=rt.progress)
+            for line in placed.lines():
+                log.info("qat: placement %s", line)
+            log.info("qat: measured placement: %s", placed.summary())
+        placed = rt.from_main(placed)
     qspec = spec(cfg, model, placed.float_layers if placed else ())
     bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,

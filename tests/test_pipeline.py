@@ -146,14 +146,16 @@ def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-           "experiment=tiny", "stage=distill", "distill.feature_layers=[layer2]", "device=cpu",
-           f"paths.outputs={tmp_path}/o", f"hydra.run.dir={tmp_path}/r"]
+           "experiment=tiny", "stage=qat", "distill.feature_layers=[layer2]", "device=cpu",
+           "qat.float_layers=[measure]", f"paths.outputs={tmp_path}/o", f"hydra.run.dir={tmp_path}/r"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    printed = [line for line in out.stdout.splitlines() if line.startswith("distill: ")]
+    printed = [line for line in out.stdout.splitlines() if line.startswith("qat: ")]
     assert len(printed) == 1, out.stdout  # only rank 0 speaks
     assert "Grad strides do not match" not in out.stderr  # 1x1 shortcut kernels under channels_last
-    for stage in ("train", "prune", "distill"):  # rank 0 alone wrote, same layout as one process
+    # rank 0 alone timed the placements and both ranks trained the model it chose (else DDP's buckets differ)
+    assert (out.stdout + out.stderr).count("qat: measured placement") == 1
+    for stage in ("train", "prune", "distill", "qat"):  # rank 0 alone wrote, same layout as one process
         arts = list((tmp_path / "o/artifacts" / stage).glob("*/manifest.json"))
         assert len(arts) == 1, stage
         metrics = json.loads((arts[0].parent / "metrics.json").read_text())
