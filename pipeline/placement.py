@@ -34,6 +34,7 @@ TOKENS = (AUTO, MEASURE)
 MARGIN = 0.03  # a FP32 prefix must be this much faster than all-INT8 to be chosen
 MIN_BLOCKS = 8  # blocks are module-path prefixes deep enough to give at least this many (or one per layer)
 ROUNDS, RUNS, WARMUP = 3, 10, 5  # interleaved timing: rounds over all candidates, timed runs per round, warm-up
+BLOCK_S = 0.3  # large models get fewer runs per timed block (at least 3, after 2 warm-up runs), about this long
 
 
 def fixed_float_layers(setting: list[str] | tuple[str, ...], model: nn.Module) -> list[str]:
@@ -127,10 +128,13 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
             _export_int8(model, quant.QuantSpec(spec.act_dtype, spec.weight_bits, spec.ema,
                                                 (*spec.float_layers, *blocks[:k])), size, images, paths[k])
         sessions = {k: onnxio.session(p, threads) for k, p in paths.items()}
+        once = float(np.median(onnxio.time_runs(sessions["fp32"], x, 1, 2)))
+        runs = max(3, min(RUNS, int(BLOCK_S / max(once, 1e-6))))
+        warmup = max(2, min(WARMUP, runs // 2))
         times: dict = {k: [] for k in sessions}
         for _ in tqdm(range(ROUNDS), desc="placement: timing", disable=not progress, leave=False):
             for k, sess in sessions.items():  # every session warmed up right before its timed block
-                times[k].append(float(np.median(onnxio.time_runs(sess, x, WARMUP, RUNS))))
+                times[k].append(float(np.median(onnxio.time_runs(sess, x, warmup, runs))))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     candidates = [{"float_blocks": k, "last_block": blocks[k - 1] if k else None, "ms": ms[k],
                    "vs_fp32": ms["fp32"] / ms[k]} for k in range(len(blocks) + 1)]
