@@ -187,6 +187,9 @@ def write_report(run_dir: Path, rep: dict) -> None:
     if floats:
         md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]
         md += [f"- {name}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for name, ops in floats] + [""]
+    bits = [f"{r['name']} {r['weight_bits']}" for r in rep["rows"] if r.get("weight_bits")]
+    if bits:
+        md += ["INT8 weights: " + "; ".join(bits) + ".", ""]
     placed = [(r["name"], r["placement"]) for r in rep["rows"] if r.get("placement")]
     if placed:
         md += ["FP32 layers chosen by timing placements in ONNX Runtime on this CPU (`qat.float_layers=[measure]`):",

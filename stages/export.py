@@ -184,6 +184,16 @@ def run(ctx: StageContext) -> dict:
     return _with_preprocessing(ctx, metrics, ort_out)
 
 
+def _quant_notes(qat_metrics: dict) -> dict:
+    """What the report says about a QAT model: its weight bits and why, and the placement [measure] chose."""
+    out = {}
+    if "weight_bits_reason" in qat_metrics:
+        out["weight_bits"] = f"{qat_metrics['quant']['weight_bits']}-bit ({qat_metrics['weight_bits_reason']})"
+    if "placement" in qat_metrics:
+        out["placement"] = qat_metrics["placement"]["summary"]
+    return out
+
+
 def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     """Export the input stage's model; returns the metrics and ORT's outputs on the parity images."""
     cfg: Config = ctx.settings
@@ -209,8 +219,7 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     metrics = {
         "source": art.node, "precision": precision, "opset": cfg.opset,
         **({"fp32_input": art.metrics["source"]} if precision == "int8" and "source" in art.metrics else {}),
-        **({"placement": art.metrics["placement"]["summary"]} if precision == "int8" and "placement" in art.metrics
-           else {}),  # qat.float_layers=[measure]: which blocks stayed FP32, and how fast that measured
+        **(_quant_notes(art.metrics) if precision == "int8" else {}),
         "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
         "size_mb": path.stat().st_size / 1e6,
         "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},

@@ -91,7 +91,10 @@ def test_mixed_precision_qat_reloads_and_reports_its_int8_share(cfg_factory, tmp
     placed = done["qat"].metrics["placement"]  # measured on top of the named layers: timings of every candidate
     assert done["qat"].metrics["quant"]["float_layers"] == ["conv1", "layer1", *placed["float_layers"]]
     assert placed["candidates"][0]["float_blocks"] == 0 and all(c["ms"] > 0 for c in placed["candidates"])
-    assert f"- qat-int8: {placed['summary']}" in (tmp_path / "run/report.md").read_text()
+    md = (tmp_path / "run/report.md").read_text()
+    assert f"- qat-int8: {placed['summary']}" in md
+    bits = done["qat"].metrics["quant"]["weight_bits"]  # qat.weight_bits=auto: which and why, in the report
+    assert f"INT8 weights: qat-int8 {bits}-bit ({done['qat'].metrics['weight_bits_reason']})." in md
     cov = done["export/qat"].metrics["int8_coverage"]  # export rebuilt the QAT model from its checkpoint
     assert 0 < cov["int8_kernels"] == cov["quantized_layers"] < cov["int8_kernels"] + cov["float_kernels"]
     rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
