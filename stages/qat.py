@@ -84,7 +84,7 @@ def check(view: GraphView) -> list[str]:
     errs = unknown_layer_errors("qat.float_layers", [n for n in cfg.float_layers if n not in placement.TOKENS], model,
                                 view.model.name or view.model.target)
     if errs:
-        return errs
+        return [f"{e}, or the tokens {' and '.join(placement.TOKENS)}" for e in errs]
     try:  # unsupported layers are reported before any training starts
         gm = quant.prepare_qat(model, spec(cfg, model), view.data.image_size)
     except PipelineError as e:
