@@ -6,7 +6,8 @@ Besides module names, ``qat.float_layers`` takes two tokens:
 - ``measure``: a timed search. The model's leading blocks are the ones where INT8 can lose: full-resolution
   maps with few channels, where ONNX Runtime's DequantizeLinear/QuantizeLinear pairs, broadcast multiplies
   (squeeze-excitation gates) and narrow INT8 kernels cost more than they save. So the candidates keep the
-  first k blocks FP32 (k = 0 .. half the blocks; one QuantizeLinear at the boundary), each is prepared,
+  first k blocks FP32 (k = 0 .. half the blocks, until two in a row are far slower than the best; one
+  QuantizeLinear at the boundary), each is prepared,
   calibrated and exported as the qat/export stages would, and ONNX Runtime times them interleaved against
   each other and the FP32 model on this CPU. The fastest wins; a FP32 prefix must beat all-INT8 by
   ``MARGIN`` (else timing noise would decide). Speed does not depend on the weights, so any weights do.
@@ -34,6 +35,7 @@ TOKENS = (AUTO, MEASURE)
 MARGIN = 0.03  # a FP32 prefix must be this much faster than all-INT8 to be chosen
 MIN_BLOCKS = 8  # blocks are module-path prefixes deep enough to give at least this many (or one per layer)
 ROUNDS, RUNS, WARMUP = 3, 10, 5  # interleaved timing: rounds over all candidates, timed runs per round, warm-up
+STOP = 1.2  # export no more candidates after two in a row this much slower than the best so far
 BLOCK_S = 0.3  # large models get fewer runs per timed block (at least 3, after 2 warm-up runs), about this long
 
 
@@ -121,24 +123,30 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     blocks = blocks[: len(blocks) // 2]
     x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
-        paths = {"fp32": Path(tmp) / "fp32.onnx"}
-        onnxio.export_onnx(model, images[:2], paths["fp32"], 18)
-        for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
-            paths[k] = Path(tmp) / f"int8-{k}.onnx"
-            _export_int8(model, quant.QuantSpec(spec.act_dtype, spec.weight_bits, spec.ema,
-                                                (*spec.float_layers, *blocks[:k])), size, images, paths[k])
-        sessions = {k: onnxio.session(p, threads) for k, p in paths.items()}
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnxio.export_onnx(model, images[:2], fp32, 18)
+        sessions = {"fp32": onnxio.session(fp32, threads)}
         once = float(np.median(onnxio.time_runs(sessions["fp32"], x, 1, 2)))
         runs = max(3, min(RUNS, int(BLOCK_S / max(once, 1e-6))))
         warmup = max(2, min(WARMUP, runs // 2))
+        quick: list[float] = []  # one short timing per candidate, to stop exporting once FP32 blocks only cost
+        for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
+            path = Path(tmp) / f"int8-{k}.onnx"
+            _export_int8(model, quant.QuantSpec(spec.act_dtype, spec.weight_bits, spec.ema,
+                                                (*spec.float_layers, *blocks[:k])), size, images, path)
+            sessions[k] = onnxio.session(path, threads)
+            quick.append(float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs))))
+            if k >= 2 and min(quick[-2:]) > STOP * min(quick):
+                break  # two candidates in a row far slower than the best: more FP32 blocks will not pay
         times: dict = {k: [] for k in sessions}
         for _ in tqdm(range(ROUNDS), desc="placement: timing", disable=not progress, leave=False):
             for k, sess in sessions.items():  # every session warmed up right before its timed block
                 times[k].append(float(np.median(onnxio.time_runs(sess, x, warmup, runs))))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    tried = [k for k in sessions if k != "fp32"]
     candidates = [{"float_blocks": k, "last_block": blocks[k - 1] if k else None, "ms": ms[k],
-                   "vs_fp32": ms["fp32"] / ms[k]} for k in range(len(blocks) + 1)]
-    best = min(range(len(blocks) + 1), key=lambda k: ms[k])
+                   "vs_fp32": ms["fp32"] / ms[k]} for k in tried]
+    best = min(tried, key=lambda k: ms[k])
     if best and ms[best] > ms[0] * (1 - MARGIN):
         best = 0
     return Placement(blocks[:best], batch, ms["fp32"], candidates)

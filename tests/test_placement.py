@@ -30,17 +30,18 @@ def test_fixed_float_layers_combine_names_and_auto(monkeypatch):
     assert placement.fixed_float_layers(["measure"], model) == []
 
 
-@pytest.mark.parametrize("int8_ms,chosen", [
-    ([0.8, 0.5, 0.6, 0.7], 1),  # one FP32 block is fastest
-    ([0.8, 0.79, 0.6, 0.9], 2),
-    ([0.8, 0.79, 0.9, 0.9], 0),  # within the margin of all-INT8: timing noise must not decide
+@pytest.mark.parametrize("int8_ms,chosen,tried", [
+    ([0.8, 0.5, 0.55, 0.55, 0.55, 0.55], 1, 6),  # one FP32 block is fastest
+    ([0.8, 0.79, 0.6, 0.65, 0.65, 0.65], 2, 6),
+    ([0.8, 0.79, 0.9, 0.9, 0.85, 0.85], 0, 6),  # within the margin of all-INT8: timing noise must not decide
+    ([0.5, 0.9, 0.9, 0.5, 0.5, 0.5], 0, 3),  # two in a row far slower than the best: no more candidates exported
 ])
-def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen):
+def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
     """Real exports of every candidate; ONNX Runtime's timer replaced by fixed times per file."""
     torch.manual_seed(0)
     model = build_model(R8).eval()
     blocks = placement.leading_blocks(quant.prepare_qat(model, SPEC), model)
-    ms = {"fp32.onnx": 1.0, **{f"int8-{k}.onnx": t for k, t in enumerate(int8_ms)}}
+    ms = {"fp32.onnx": 1.0, **{f"int8-{k}.onnx": t for k, t in enumerate(int8_ms)}}  # resnet8: 10 blocks
     exported = []
 
     def fake_session(path, threads=0):
@@ -50,7 +51,8 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen):
     monkeypatch.setattr(onnxio, "session", fake_session)
     monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 9.0) / 1e3))
     p = placement.measure(model, SPEC, 32, torch.randn(8, 3, 32, 32), 4, progress=False)
-    assert len(p.candidates) == len(blocks) // 2 + 1 == len(exported) - 1  # k = 0 .. half the blocks, + FP32
+    assert len(blocks) // 2 + 1 == len(int8_ms)  # candidates k = 0 .. half the blocks
+    assert len(p.candidates) == tried == len(exported) - 1  # + the FP32 model
     assert p.float_layers == blocks[:chosen]
     assert p.candidates[chosen]["vs_fp32"] == pytest.approx(1.0 / int8_ms[chosen])
     assert p.summary().startswith(f"FP32 up to {blocks[chosen - 1]}:" if chosen else "all INT8:")
