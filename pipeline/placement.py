@@ -7,16 +7,14 @@ Besides module names, ``qat.float_layers`` takes two tokens:
   maps with few channels, where ONNX Runtime's DequantizeLinear/QuantizeLinear pairs, broadcast multiplies
   (squeeze-excitation gates) and narrow INT8 kernels cost more than they save. So the candidates keep the
   first k blocks FP32 (k = 0 .. half the blocks, until two in a row are far slower than the best; one
-  QuantizeLinear at the boundary), each is prepared,
-  calibrated and exported as the qat/export stages would, and ONNX Runtime times them interleaved against
-  each other and the FP32 model on this CPU. The fastest wins, and of candidates within ``MARGIN`` of it
-  the one with the fewest FP32 blocks (timing noise on a shared machine is of that size). Speed does not
-  depend on the weights, so any weights do.
+  QuantizeLinear at the boundary), each is prepared, calibrated and exported as the qat/export stages
+  would, and ONNX Runtime times them interleaved against each other and the FP32 model on this CPU.
+  The fastest wins, and of candidates within ``MARGIN`` of it the one with the fewest FP32 blocks (timing
+  noise on a shared machine is of that size). Speed does not depend on the weights, so any weights do.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -28,8 +26,6 @@ from torch import fx, nn
 
 from pipeline import onnxio, quant
 from pipeline.models import inside
-
-log = logging.getLogger(__name__)
 
 AUTO, MEASURE = "auto", "measure"
 TOKENS = (AUTO, MEASURE)
