@@ -36,12 +36,15 @@ STOP = 1.2  # export no more candidates after two in a row this much slower than
 BLOCK_S = 0.3  # large models get fewer runs per timed block (at least 3, after 2 warm-up runs), about this long
 
 
-def fixed_float_layers(setting: list[str] | tuple[str, ...], model: nn.Module) -> list[str]:
-    """``qat.float_layers`` without the ``measure`` search: the names given, plus ``auto``'s narrow convs."""
-    names = [n for n in setting if n not in TOKENS]
-    if AUTO in setting:
+def base_spec(qat, model: nn.Module) -> quant.QuantSpec:
+    """The spec that the ``qat.*`` settings (the stage's config or its ``DictConfig``) give ``model`` (after
+    pruning) on this CPU, before any ``measure`` search: the names in ``qat.float_layers`` plus ``auto``'s
+    narrow convs kept FP32, the weight bits resolved."""
+    names = [n for n in qat.float_layers if n not in TOKENS]
+    if AUTO in qat.float_layers:
         names += [n for n in quant.narrow_convs(model) if n not in names]
-    return names
+    return quant.QuantSpec(qat.act_dtype, quant.resolve_weight_bits(qat.weight_bits)[0], qat.observer_ema,
+                           tuple(names))
 
 
 @dataclass
@@ -101,8 +104,8 @@ def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     return []
 
 
-def _export_int8(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Tensor, path: Path) -> None:
-    gm = quant.prepare_qat(model, spec, size)
+def export_int8(gm: fx.GraphModule, images: torch.Tensor, path: Path) -> None:
+    """A prepared QAT model calibrated on ``images`` and exported as INT8 QDQ ONNX (what qat -> export make)."""
     quant.calibrate(gm, [(images, None)])
     onnxio.export_onnx(quant.to_deploy(gm.eval()), images[:2], path, 18, quant.onnx_translations())
 
@@ -115,8 +118,8 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
 
     model = model.cpu().eval()
     images = images[: max(2, min(len(images), 64))].cpu().float()
-    blocks = [b for b in leading_blocks(quant.prepare_qat(model, spec, size), model)
-              if not inside(b, spec.float_layers)]
+    all_int8 = quant.prepare_qat(model, spec, size)
+    blocks = [b for b in leading_blocks(all_int8, model) if not inside(b, spec.float_layers)]
     blocks = blocks[: len(blocks) // 2]
     x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
@@ -129,8 +132,8 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
         quick: list[float] = []  # one short timing per candidate, to stop exporting once FP32 blocks only cost
         for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
             path = Path(tmp) / f"int8-{k}.onnx"
-            _export_int8(model, quant.QuantSpec(spec.act_dtype, spec.weight_bits, spec.ema,
-                                                (*spec.float_layers, *blocks[:k])), size, images, path)
+            export_int8(quant.prepare_qat(model, spec.keeping_fp32(blocks[:k]), size) if k else all_int8, images,
+                        path)
             sessions[k] = onnxio.session(path, threads)
             quick.append(float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs))))
             if k >= 2 and min(quick[-2:]) > STOP * min(quick):

@@ -9,7 +9,6 @@ trained weights and the probe is an estimate), quantizes it like the qat stage f
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -29,14 +28,11 @@ def _export(model: torch.nn.Module, size: int, path: Path, int8: bool, qat: Dict
     x = torch.randn(8, 3, size, size)
     model = model.eval()
     if int8:
-        spec = quant.QuantSpec(qat.act_dtype, quant.resolve_weight_bits(qat.weight_bits)[0], qat.observer_ema,
-                               tuple(placement.fixed_float_layers(qat.float_layers, model)))
+        spec = placement.base_spec(qat, model)
         if placement.MEASURE in qat.float_layers:  # the placement the qat stage would measure
-            chosen = placement.measure(model, spec, size, x, int(qat.measure_batch), progress=False).float_layers
-            spec = dataclasses.replace(spec, float_layers=(*spec.float_layers, *chosen))
-        gm = quant.prepare_qat(model, spec, size)
-        quant.calibrate(gm, [(x, None)])
-        onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], path, 18, quant.onnx_translations())
+            spec = spec.keeping_fp32(placement.measure(model, spec, size, x, int(qat.measure_batch),
+                                                       progress=False).float_layers)
+        placement.export_int8(quant.prepare_qat(model, spec, size), x, path)
     else:
         onnxio.export_onnx(model, x[:2], path, 18)
     return path

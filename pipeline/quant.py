@@ -14,6 +14,7 @@ onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,10 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint
+
+    def keeping_fp32(self, names) -> QuantSpec:
+        """The same spec with ``names`` kept in FP32 as well."""
+        return dataclasses.replace(self, float_layers=(*self.float_layers, *names))
 
 
 # ---------------------------------------------------------------- choices that depend on the CPU

@@ -123,11 +123,7 @@ class Runtime:
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's answer, on every rank (e.g. "does this artifact exist?")."""
-        if not self._dist:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        torch.distributed.broadcast(t, 0)
-        return bool(t.item())
+        return bool(self.from_main(flag))
 
     def from_main(self, obj):
         """Rank 0's picklable ``obj`` on every rank (e.g. a choice that only rank 0 measured)."""

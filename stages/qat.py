@@ -86,19 +86,12 @@ def check(view: GraphView) -> list[str]:
     if errs:
         return [f"{e}, or the tokens {' and '.join(placement.TOKENS)}" for e in errs]
     try:  # unsupported layers are reported before any training starts
-        gm = quant.prepare_qat(model, spec(cfg, model), view.data.image_size)
+        gm = quant.prepare_qat(model, placement.base_spec(cfg, model), view.data.image_size)
     except PipelineError as e:
         return [f"qat: {e}"]
     if not quant.quantized_layers(gm):
         return [f"qat.float_layers: {cfg.float_layers} keeps every conv/linear in FP32; nothing is left to quantize"]
     return []
-
-
-def spec(cfg: Config, model: nn.Module, measured: list[str] | tuple[str, ...] = ()) -> quant.QuantSpec:
-    """The quantization spec: ``qat.float_layers`` resolved for this model (after pruning) and this CPU, plus
-    the blocks a ``measure`` search chose (``measured``)."""
-    return quant.QuantSpec(cfg.act_dtype, quant.resolve_weight_bits(cfg.weight_bits)[0], cfg.observer_ema,
-                           (*placement.fixed_float_layers(cfg.float_layers, model), *measured))
 
 
 def key_extra(view: GraphView, node: str) -> dict | None:
@@ -149,18 +142,18 @@ def run(ctx: StageContext) -> dict:
     src = ctx.inputs["model"]
     ckpt = src.checkpoint()
     model, _ = src.model()
-    placed = None
+    qspec, placed = placement.base_spec(cfg, model), None
     if placement.MEASURE in cfg.float_layers:  # timed by rank 0 alone (ONNX Runtime on the CPU), then shared
         if rt.is_main:
             images, _ = next(iter(batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size,
                                           device="cpu")))
-            placed = placement.measure(model, spec(cfg, model), ctx.data_cfg.image_size, images, cfg.measure_batch,
+            placed = placement.measure(model, qspec, ctx.data_cfg.image_size, images, cfg.measure_batch,
                                        progress=rt.progress)
             for line in placed.lines():
                 log.info("qat: placement %s", line)
             log.info("qat: measured placement: %s", placed.summary())
         placed = rt.from_main(placed)
-    qspec = spec(cfg, model, placed.float_layers if placed else ())
+        qspec = qspec.keeping_fp32(placed.float_layers)
     bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
              f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")

@@ -22,12 +22,21 @@ def test_leading_blocks_follow_execution_order():
     assert blocks[:3] == ["features.0", "features.1", "features.2"] and blocks[-1] == "classifier.3", blocks
 
 
-def test_fixed_float_layers_combine_names_and_auto(monkeypatch):
+def test_base_spec_combines_names_and_auto(monkeypatch):
+    from types import SimpleNamespace
+
     monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})  # no VNNI
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     model = build_model(R8)
-    assert placement.fixed_float_layers(["fc", "auto", "measure"], model) == ["fc", "conv1", "layer1.0"]
-    assert placement.fixed_float_layers(["measure"], model) == []
+
+    def qat(*float_layers):
+        return SimpleNamespace(act_dtype="uint8", weight_bits="auto", observer_ema=0.01,
+                               float_layers=list(float_layers))
+
+    spec = placement.base_spec(qat("fc", "auto", "measure"), model)
+    assert spec.float_layers == ("fc", "conv1", "layer1.0") and spec.weight_bits == 7  # no VNNI: 7-bit weights
+    assert placement.base_spec(qat("measure"), model).float_layers == ()
+    assert spec.keeping_fp32(["layer2"]).float_layers == ("fc", "conv1", "layer1.0", "layer2")
 
 
 @pytest.mark.parametrize("int8_ms,chosen,tried", [

@@ -54,7 +54,7 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
     fp32_blocks: list[str] = []
     if measure:
         fp32_blocks = placement.measure(model, spec, size, x, max(batches), progress=False).float_layers
-        spec = quant.QuantSpec("uint8", 8, 0.01, tuple(fp32_blocks))
+        spec = spec.keeping_fp32(fp32_blocks)
     gm = quant.prepare_qat(model, spec, size)
     quant.calibrate(gm, [(x[i : i + 8], None) for i in range(0, len(x), 8)])
     gm.eval()
