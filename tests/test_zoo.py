@@ -71,11 +71,10 @@ def _rebuilt_from_shapes(cfg: dict, pruned: torch.nn.Module, x: torch.Tensor) ->
 
 def _runs_on_int8_kernels(model: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
     """Calibrated on ``x`` and exported, every quantized layer of ``model`` runs on an INT8 kernel in ORT."""
-    from pipeline import onnxio, quant
+    from pipeline import onnxio, placement, quant
 
     gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), x.shape[-1])
-    quant.calibrate(gm, [(x, None)])
-    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    placement.export_int8(gm, x, tmp_path / "q.onnx")
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
 
 
