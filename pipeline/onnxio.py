@@ -186,6 +186,13 @@ def time_runs(sess, x: np.ndarray, warmup: int, runs: int) -> np.ndarray:
     return times
 
 
+def runs_for(sess, x: np.ndarray, seconds: float, least: int = 3, most: int = 2000) -> int:
+    """Timed runs of ``sess`` on ``x`` that take about ``seconds`` (at least ``least``): fast models need
+    hundreds of calls per timed block, or one scheduler hiccup decides a ratio."""
+    once = float(np.median(time_runs(sess, x, 1, 2)))
+    return max(least, min(most, int(seconds / max(once, 1e-6))))
+
+
 def op_counts(path: Path) -> collections.Counter:
     import onnx
 

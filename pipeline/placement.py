@@ -31,9 +31,9 @@ AUTO, MEASURE = "auto", "measure"
 TOKENS = (AUTO, MEASURE)
 MARGIN = 0.05  # candidates within this of the fastest count as equally fast: the fewest FP32 blocks wins
 MIN_BLOCKS = 8  # blocks are module-path prefixes deep enough to give at least this many (or one per layer)
-ROUNDS, RUNS, WARMUP = 5, 10, 5  # interleaved timing: rounds over all candidates, timed runs per round, warm-up
+ROUNDS = 5  # interleaved timing: rounds over all candidates
 STOP = 1.2  # export no more candidates after two in a row this much slower than the best so far
-BLOCK_S = 0.3  # large models get fewer runs per timed block (at least 3, after 2 warm-up runs), about this long
+BLOCK_S = 0.3  # seconds per timed block (at least 3 runs; half as many warm-up runs before it)
 
 
 def base_spec(qat, model: nn.Module) -> quant.QuantSpec:
@@ -126,9 +126,8 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export_onnx(model, images[:2], fp32, 18)
         sessions = {"fp32": onnxio.session(fp32, threads)}
-        once = float(np.median(onnxio.time_runs(sessions["fp32"], x, 1, 2)))
-        runs = max(3, min(RUNS, int(BLOCK_S / max(once, 1e-6))))
-        warmup = max(2, min(WARMUP, runs // 2))
+        runs = onnxio.runs_for(sessions["fp32"], x, BLOCK_S)
+        warmup = max(2, runs // 2)
         quick: list[float] = []  # one short timing per candidate, to stop exporting once FP32 blocks only cost
         for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
             path = Path(tmp) / f"int8-{k}.onnx"

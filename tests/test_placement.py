@@ -68,6 +68,13 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
     assert p.summary().startswith(f"FP32 up to {blocks[chosen - 1]}:" if chosen else "all INT8:")
 
 
+@pytest.mark.parametrize("once_ms, runs", [(1.0, 300), (0.01, 2000), (500.0, 3)])
+def test_timed_blocks_last_about_the_same_time(monkeypatch, once_ms, runs):
+    """Fast models get hundreds of runs per timed block, slow ones at least 3."""
+    monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, once_ms / 1e3))
+    assert onnxio.runs_for(None, np.zeros(1), 0.3) == runs
+
+
 def test_the_speed_probe_quantizes_with_the_measured_placement(monkeypatch, tmp_path):
     """A search trial's speed probe keeps FP32 what the qat stage's [measure] would (the search stubbed)."""
     from omegaconf import OmegaConf

@@ -6,10 +6,10 @@ Per model (untrained weights: speed and kernel coverage do not depend on them; a
 model): prepare_qat -> calibrate on embedded training images -> export FP32 and INT8 QDQ ONNX; ORT's
 ``quantize_static`` of the same FP32 ONNX (QDQ, per-channel S8 weights, U8 activations). Prints the INT8
 kernels (INT8/all convs+matmuls), what stayed float, the PyTorch-vs-ORT top-1 agreement of our INT8
-model, and throughput ratios INT8/FP32 and INT8/ORT-static at each batch size, timed interleaved
-(every model warmed up before each timed block), medians over rounds. A model that fails prints why.
-``--placement measure`` first runs ``qat.float_layers=[measure]``'s search (timed at the largest batch) and
-keeps the blocks it chooses FP32 in our INT8 model.
+model, and throughput ratios INT8/FP32 and INT8/ORT-static at each batch size, timed interleaved (every
+model warmed up before each timed block, each block about ``--seconds`` long), medians over rounds.
+A model that fails prints why. ``--placement measure`` first runs ``qat.float_layers=[measure]``'s search
+(timed at the largest batch) and keeps the blocks it chooses FP32 in our INT8 model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _images(size: int, n: int) -> np.ndarray:
     return x.numpy()
 
 
-def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int, runs: int, folder: Path,
+def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int, seconds: float, folder: Path,
         measure: bool = False) -> dict:
     torch.manual_seed(0)
     family = "timm" if name.startswith("timm:") else "auto"
@@ -71,10 +71,11 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
     ratios = {}
     for b in batches:
         xb = np.ascontiguousarray(np.resize(calib, (b, *calib.shape[1:])))
+        runs = onnxio.runs_for(sessions["fp32"], xb, seconds)
         t: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(rounds):
             for k, sess in sessions.items():
-                t[k].append(float(np.median(onnxio.time_runs(sess, xb, 5, runs))))
+                t[k].append(float(np.median(onnxio.time_runs(sess, xb, max(5, runs // 2), runs))))
         med = {k: statistics.median(v) for k, v in t.items()}
         ratios[b] = (med["fp32"] / med["int8"], med["ort"] / med["int8"], med["fp32"] / med["ort"])
     floats = {k.split(" (")[0]: len(v) for k, v in quant.float_ops(gm).items()}
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--seconds", type=float, default=0.3, help="length of each timed block (the FP32 model's)")
     ap.add_argument("--placement", choices=("int8", "measure"), default="int8",
                     help="measure: keep the leading blocks FP32 that qat.float_layers=[measure] chooses")
     args = ap.parse_args()
@@ -108,7 +109,7 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             try:
-                r = one(name, args.size, batches, calib, args.rounds, args.runs, Path(tmp),
+                r = one(name, args.size, batches, calib, args.rounds, args.seconds, Path(tmp),
                         args.placement == "measure")
             except Exception as e:  # a benchmark reports failures and goes on
                 print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |")
