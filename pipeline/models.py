@@ -221,7 +221,7 @@ def build_model(cfg: dict) -> nn.Module:
              {"input_size": (mc.image_size, mc.image_size)} if mc.name.startswith("maxvit_") else {})
     try:
         model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra)
-    except ValueError as e:  # a size the architecture cannot take (MaxViT: multiples of 224 px)
+    except (ValueError, AssertionError) as e:  # a size it cannot take (ViT: patch multiples, MaxViT: 224 px's)
         raise PipelineError(f"{mc.name} cannot be built for data.image_size={mc.image_size} "
                             f"({str(e).splitlines()[0]}); choose another data.image_size") from None
     if mc.small_input:

@@ -264,10 +264,12 @@ def test_a_model_fx_cannot_trace_is_one_line_naming_the_module():
     ("googlenet", "needs inputs of at least 75x75"),
     ("maxvit_t", r"maxvit_t cannot be built for data.image_size=32 \(Input size \(8, 8\) of block 0 is not "
                  r"divisible by partition size 7.*choose another data.image_size"),
+    ("vit_b_16 data.image_size=40", r"vit_b_16 cannot be built for data.image_size=40 \(Input shape indivisible by "
+                                    r"patch size!\); choose another data.image_size"),
 ])
 def test_models_that_need_large_inputs_say_so(cfg_factory, tmp_path, name, match):
     with pytest.raises(PipelineError, match=match):
-        Runner(cfg_factory(f"model.name={name}"), tmp_path)
+        Runner(cfg_factory(*f"model.name={name}".split()), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "densenet121", "squeezenet1_0", "mnasnet0_5",
