@@ -66,6 +66,15 @@ class Placement:
         return (f"{_label(best)}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
                 f"(batch {self.batch}, {len(self.candidates)} placements timed)")
 
+    def advice(self) -> str | None:
+        """What to do where even the fastest placement is slower than the FP32 model at this batch, else None."""
+        fastest = max(c["vs_fp32"] for c in self.candidates)
+        if fastest >= 1.0:
+            return None
+        return (f"no placement is faster than FP32 at batch {self.batch} on this CPU (the fastest: "
+                f"{fastest:.2f}x FP32): deploy the FP32 model at this batch size, or set qat.measure_batch to the "
+                "batch you deploy with")
+
     def lines(self) -> list[str]:
         """One line per candidate, for the log."""
         return [f"{_label(c):<28} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"

@@ -152,6 +152,8 @@ def run(ctx: StageContext) -> dict:
             for line in placed.lines():
                 log.info("qat: placement %s", line)
             log.info("qat: measured placement: %s", placed.summary())
+            if advice := placed.advice():
+                log.warning("qat: %s", advice)
         placed = rt.from_main(placed)
         qspec = qspec.keeping_fp32(placed.float_layers)
     bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]

@@ -45,6 +45,7 @@ def test_base_spec_combines_names_and_auto(monkeypatch):
     ([0.8, 0.79, 0.9, 0.9, 0.85, 0.85], 0, 6),  # within the margin of all-INT8: timing noise must not decide
     ([0.8, 0.6, 0.59, 0.58, 0.7, 0.7], 1, 6),  # as fast within the margin: the fewest FP32 blocks
     ([0.5, 0.9, 0.9, 0.5, 0.5, 0.5], 0, 3),  # two in a row far slower than the best: no more candidates exported
+    ([1.3, 1.2, 1.25, 1.25, 1.3, 1.3], 1, 6),  # every placement slower than FP32 (1.0 ms): the advice says so
 ])
 def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
     """Real exports of every candidate; ONNX Runtime's timer replaced by fixed times per file."""
@@ -66,6 +67,12 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
     assert p.float_layers == blocks[:chosen]
     assert p.candidates[chosen]["vs_fp32"] == pytest.approx(1.0 / int8_ms[chosen])
     assert p.summary().startswith(f"FP32 up to {blocks[chosen - 1]}:" if chosen else "all INT8:")
+    if min(int8_ms[:tried]) < 1.0:
+        assert p.advice() is None
+    else:
+        assert p.advice() == ("no placement is faster than FP32 at batch 4 on this CPU (the fastest: 0.83x FP32): "
+                              "deploy the FP32 model at this batch size, or set qat.measure_batch to the batch you "
+                              "deploy with")
 
 
 @pytest.mark.parametrize("once_ms, runs", [(1.0, 300), (0.01, 2000), (500.0, 3)])
