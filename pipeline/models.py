@@ -32,10 +32,14 @@ class ModelConfig:
     width: float  # CIFAR ResNets: channel multiplier (1.0 = 16/32/64 channels)
     small_input: bool  # torchvision models: 3x3 stride-1 stem, no max-pool (32x32 inputs)
     target: str | None  # dotted path of a user nn.Module class (alternative to name)
-    kwargs: dict | None  # extra constructor arguments (target, timm); null = none
+    kwargs: dict | None  # extra constructor arguments (target, timm, torchvision builders); null = none
     family: Literal["auto", "timm"]  # auto: CIFAR ResNets, then torchvision; timm: timm.create_model(name)
     weights: str | None  # starting weights: a torchvision weights name (DEFAULT, ...), a file, or null
     download: bool = not_in_key()  # let torchvision / timm download named weights (never implicit)
+
+    def __post_init__(self) -> None:
+        # null in YAML (so that 'model.kwargs={...}' can replace it), {} in artifact keys as before
+        self.kwargs = self.kwargs or {}
 
     def check(self) -> list[str]:
         if (self.name is None) == (self.target is None):
@@ -47,6 +51,9 @@ class ModelConfig:
                     f"{', '.join(sorted(CIFAR_RESNET_DEPTHS))} or a torchvision classifier"]
         if self.width <= 0:
             return [f"width: {self.width} must be > 0"]
+        if self.kwargs and self.name in CIFAR_RESNET_DEPTHS:
+            return [f"kwargs: {self.kwargs}: the CIFAR ResNets take no constructor arguments; use model.width, "
+                    "or drop model.kwargs"]
         return []
 
 
@@ -185,7 +192,7 @@ def _timm_check(name: str | None) -> list[str]:
 def _timm_model(mc: ModelConfig) -> nn.Module:
     import timm
 
-    kw = {"pretrained": False, "num_classes": mc.num_classes, **(mc.kwargs or {})}
+    kw = {"pretrained": False, "num_classes": mc.num_classes, **mc.kwargs}
     try:  # transformers are built for the data's size; CNNs take no img_size
         return timm.create_model(mc.name, img_size=mc.image_size, **kw)
     except TypeError:
@@ -202,9 +209,9 @@ def build_model(cfg: dict) -> nn.Module:
     if mc.target:
         cls = _import(mc.target)
         try:
-            return cls(num_classes=mc.num_classes, **(mc.kwargs or {}))
+            return cls(num_classes=mc.num_classes, **mc.kwargs)
         except Exception as e:  # the user's constructor rejected its arguments
-            raise PipelineError(f"model.target={mc.target}(num_classes={mc.num_classes}, **{mc.kwargs or {}}) failed "
+            raise PipelineError(f"model.target={mc.target}(num_classes={mc.num_classes}, **{mc.kwargs}) failed "
                                 f"({type(e).__name__}: {str(e)[:200]}); check model.kwargs") from None
     if mc.family == "timm":
         if problems := _timm_check(mc.name):
@@ -220,7 +227,10 @@ def build_model(cfg: dict) -> nn.Module:
     extra = ({"image_size": mc.image_size} if mc.name.startswith("vit_") else
              {"input_size": (mc.image_size, mc.image_size)} if mc.name.startswith("maxvit_") else {})
     try:
-        model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra)
+        model = torchvision.models.get_model(mc.name, weights=None, num_classes=mc.num_classes, **extra, **mc.kwargs)
+    except TypeError as e:  # an argument the builder does not take
+        raise PipelineError(f"model.kwargs={mc.kwargs}: torchvision's {mc.name} rejected them ({str(e)[:200]}); "
+                            "check model.kwargs") from None
     except (ValueError, AssertionError) as e:  # a size it cannot take (ViT: patch multiples, MaxViT: 224 px's)
         raise PipelineError(f"{mc.name} cannot be built for data.image_size={mc.image_size} "
                             f"({str(e).splitlines()[0]}); choose another data.image_size") from None

@@ -48,6 +48,23 @@ def test_wrong_type_is_one_line_naming_the_key(cfg_factory, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_model_kwargs_reach_the_builder_or_say_why_not(cfg_factory, tmp_path):
+    """'model.kwargs={...}' replaces the null default (a {} default made Hydra refuse every new key)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models import build_model
+
+    cfg = cfg_factory("model=mobilenet_v2", "model.kwargs={dropout: 0.3}")
+    assert build_model(OmegaConf.to_container(cfg.model, resolve=True)).classifier[0].p == 0.3
+    with pytest.raises(PipelineError, match=r"^model.kwargs=\{'dropot': 0.3\}: torchvision's mobilenet_v2 rejected "
+                                            r"them \(.*dropot.*\); check model.kwargs$"):
+        build_model(OmegaConf.to_container(cfg_factory("model=mobilenet_v2", "model.kwargs={dropot: 0.3}").model,
+                                           resolve=True))
+    with pytest.raises(PipelineError, match=r"^config error: model.kwargs: \{'depth': 4\}: the CIFAR ResNets take no "
+                                            r"constructor arguments; use model.width, or drop model.kwargs$"):
+        Runner(cfg_factory("model.kwargs={depth: 4}"), tmp_path)
+
+
 def test_unknown_key_added_with_plus_is_rejected(cfg_factory, tmp_path):
     cfg = cfg_factory("+train.lrr=0.1")
     with pytest.raises(PipelineError, match=r"train\.lrr: unknown key"):
