@@ -242,6 +242,28 @@ class FixedQuant(ActQuant):
         return fq * self.out_factor
 
 
+class SharedQuant(nn.Module):
+    """Fake-quant with the scale of ``source``, the ActQuant of the tensor this one was cut from.
+
+    A slice of a quantized tensor (``qkv.unbind(0)[i]``, ``x.chunk(2, 1)[i]``) is already on its source's
+    grid, so re-quantizing it with the same scale changes nothing, and the export's DequantizeLinear ->
+    Gather/Slice/Split -> QuantizeLinear with equal parameters is what ORT drops to run the slice on INT8
+    data (an own observer would give the slice its own scale and leave it float between DQ and Q).
+    """
+
+    def __init__(self, source: ActQuant):
+        super().__init__()
+        object.__setattr__(self, "source", source)  # not a submodule: its state lives where it is
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.source
+        if src.export_mode:
+            return torch.ops.qdq.fake_quant(x, src.const_scale, src.const_zero_point, src.qmin, src.qmax)
+        if not src.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, src.scale, src.zero_point, src.qmin, src.qmax)
+
+
 class QHardSwish(nn.Module):
     """Hardswish ``x * relu6(x + 3) / 6`` (or its gate, Hardsigmoid ``relu6(x + 3) / 6``) on ORT INT8 kernels.
 
@@ -285,8 +307,8 @@ def _split_qkv(weight: torch.Tensor, bias: torch.Tensor | None, q_scale: float) 
 
 
 class SelfAttention(nn.Module):
-    """Self-attention (``nn.MultiheadAttention`` in a ViT, or a pruned one's ``HeadAttention``), written in ops
-    that ``torch.fx`` traces.
+    """Self-attention (``nn.MultiheadAttention`` in a ViT, a pruned one's ``HeadAttention``, timm's plain
+    ``Attention``), written in ops that ``torch.fx`` traces, and called as the module it replaces.
 
     Left whole, ``nn.MultiheadAttention`` is one opaque float op between DequantizeLinear and QuantizeLinear.
     Unrolled, the q/k/v/out projections become ``QLinear`` (INT8 MatMul in ORT; q, k and v separate, so no
@@ -295,18 +317,24 @@ class SelfAttention(nn.Module):
     is ignored: the weights are not returned).
     """
 
-    def __init__(self, mod: nn.MultiheadAttention | HeadAttention):
+    def __init__(self, mod: nn.Module):
         super().__init__()
-        if isinstance(mod, HeadAttention):
+        self.timm = _is_timm_attention(mod)  # called as timm's Attention: attn(x) -> x
+        if isinstance(mod, HeadAttention) or self.timm:
             weight, bias, scale, self.out_proj = mod.qkv.weight, mod.qkv.bias, mod.scale, mod.proj
         else:
             weight, bias, scale, self.out_proj = mod.in_proj_weight, mod.in_proj_bias, mod.head_dim**-0.5, mod.out_proj
-        self.num_heads, self.head_dim, self.dropout = mod.num_heads, mod.head_dim, float(mod.dropout)
+        self.num_heads, self.head_dim = mod.num_heads, mod.head_dim
+        self.dropout = float(mod.attn_drop.p if self.timm else mod.dropout)
+        self.proj_drop = mod.proj_drop if self.timm else nn.Identity()
         self.q, self.k, self.v = _split_qkv(weight, bias, scale)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 key_padding_mask=None, need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+                is_causal: bool = False) -> tuple[torch.Tensor, None] | torch.Tensor:
+        if attn_mask is not None or is_causal or key_padding_mask is not None:
+            raise PipelineError("attention with a mask cannot be quantized here; keep it FP32 with "
+                                "qat.float_layers=[<its module name>]")
         x = query
         shape = (x.shape[0], x.shape[1], self.num_heads, self.head_dim)
         q = self.q(x).reshape(shape).transpose(1, 2)  # (b, h, n, d)
@@ -316,7 +344,16 @@ class SelfAttention(nn.Module):
         if self.dropout and self.training:
             attn = F.dropout(attn, self.dropout)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], self.num_heads * self.head_dim)
+        if self.timm:
+            return self.proj_drop(self.out_proj(out))
         return self.out_proj(out), None
+
+
+def _is_timm_attention(mod: nn.Module) -> bool:
+    """timm's plain ``Attention`` (ViT, DeiT): one ``qkv`` linear, no q/k norms, no gate."""
+    return type(mod).__name__ == "Attention" and type(mod).__module__.startswith("timm.") \
+        and all(isinstance(getattr(mod, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm")) \
+        and getattr(mod, "gate", None) is None and isinstance(getattr(mod, "qkv", None), nn.Linear)
 
 
 def window_attention_bias(attn: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
@@ -404,15 +441,15 @@ def _is_window_attention(mod: nn.Module) -> bool:
 
 def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_size: int) -> nn.Module:
     """A copy of ``model`` with its self-attention ``nn.MultiheadAttention`` modules (batch_first, no extra
-    k/v) and pruned ones (``HeadAttention``) replaced by ``SelfAttention``, Swin's window attention by
-    ``WindowAttention`` (for the input sizes an ``image_size`` image gives it) and timm's ``Attention`` on its
-    explicit path (q @ k^T, softmax, @ v) instead of SDPA; ``model`` itself when there is none (the caller's
-    float model is kept)."""
+    k/v), pruned ones (``HeadAttention``) and timm's plain ``Attention`` replaced by ``SelfAttention``, Swin's
+    window attention by ``WindowAttention`` (for the input sizes an ``image_size`` image gives it) and other
+    timm attention on its explicit path (q @ k^T, softmax, @ v) instead of SDPA; ``model`` itself when there
+    is none (the caller's float model is kept)."""
     import copy
 
     names = [n for n, m in model.named_modules()
              if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or isinstance(m, HeadAttention)
-                 or _is_window_attention(m))
+                 or _is_window_attention(m) or _is_timm_attention(m))
              and not inside(n, float_layers)]
     if not names:
         return model
@@ -428,7 +465,7 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
             hook.remove()
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, (nn.MultiheadAttention, HeadAttention)):
+        if isinstance(mod, (nn.MultiheadAttention, HeadAttention)) or _is_timm_attention(mod):
             replace_module(model, name, SelfAttention(mod))
         elif _is_window_attention(mod):
             replace_module(model, name, WindowAttention(mod, sizes[name]))
@@ -577,6 +614,8 @@ _PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the e
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
+_SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}  # tuples of slices, then getitem
+_SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 
 
 _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module (split so conv-BN folds)
@@ -650,6 +689,18 @@ def _is_hard(node: fx.Node | None, gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _default_args(model: nn.Module) -> dict | None:
+    """The root forward's optional arguments at their defaults (timm's ``attn_mask=None``, ``is_causal=False``),
+    so tracing sees constants rather than inputs."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    out = {p.name: p.default for p in params
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+           and isinstance(p.default, (type(None), bool, int, float, str))}
+    return out or None
+
+
 def _float_test(prefixes: tuple[str, ...]):
     """node -> True when it lies inside one of the modules named in ``prefixes`` (kept in FP32)."""
 
@@ -674,7 +725,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     model = _unroll_attention(model, spec.float_layers, image_size)
     tracer = _Tracer()
     try:
-        gm = fx.GraphModule(model, tracer.trace(model))
+        gm = fx.GraphModule(model, tracer.trace(model, concrete_args=_default_args(model)))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         where = f" in module {tracer.failed_in[0]!r} ({tracer.failed_in[1]})" if tracer.failed_in else ""
@@ -789,6 +840,16 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             return type(gm.get_submodule(node.target)).__name__
         return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
+    def sliced_from(node: fx.Node) -> fx.Node | None:
+        """The tensor a getitem cuts from: ``x[i]``, or ``x.chunk(...)[i]`` and the like."""
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        if (src.op == "call_method" and src.target in _SPLIT_METHODS) or \
+                (src.op == "call_function" and src.target in _SPLIT_FUNCS):
+            src = src.args[0]
+        return src if isinstance(src, fx.Node) else None
+
     kind: dict[fx.Node, str] = {}
     float_ops: list[tuple[str, str, str]] = []  # (node, op, why)
     for node in graph.nodes:
@@ -816,6 +877,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 kind[node] = "quant_after"
             else:
                 kind[node] = "float"
+        elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) == \
+                "quant_after" and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
+            kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS):
             kind[node] = "pass"
         elif node.target in (_QUANT_AFTER_FUNCS if node.op == "call_function" else _QUANT_AFTER_METHODS):
@@ -832,7 +896,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             float_ops.append((node.name, op_name(node), "no INT8 kernel in ONNX Runtime"))
     count = 0
 
-    def insert_after(node: fx.Node, only_quantized_users: bool = False) -> None:
+    def insert_after(node: fx.Node, only_quantized_users: bool = False, module: nn.Module | None = None) -> None:
         nonlocal count
         users = [u for u in node.users
                  if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output"))]
@@ -841,7 +905,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         name = f"act_quant_{count}"
         count += 1
         fixed = node.meta.get("fixed_quant")
-        gm.add_submodule(name, FixedQuant(spec, *fixed) if fixed else ActQuant(spec))
+        gm.add_submodule(name, module or (FixedQuant(spec, *fixed) if fixed else ActQuant(spec)))
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u in users)
@@ -849,6 +913,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     for node, k in list(kind.items()):
         if k == "quant_after":
             insert_after(node)
+        elif k == "shared":  # its source's ActQuant is in place by now (sources come first)
+            insert_after(node, module=SharedQuant(gm.get_submodule(sliced_from(node).target)))
         elif k in ("float", "input") and is_tensor(node):
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
     gm.meta["float_ops"] = float_ops
@@ -858,7 +924,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             src = node.args[0]
             while src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES):
                 src = src.args[0]  # Dropout / Identity keep the quantized input
-            if src.op == "call_module" and isinstance(aq := gm.get_submodule(src.target), ActQuant):
+            aq = gm.get_submodule(src.target) if src.op == "call_module" else None
+            if isinstance(aq, SharedQuant):
+                aq = aq.source
+            if isinstance(aq, ActQuant):
                 object.__setattr__(m, "in_quant", aq)
     return gm
 
@@ -922,7 +991,9 @@ def load_quantized(ckpt: dict, source: str, trusted_target: str | None) -> fx.Gr
         gm.load_state_dict(ckpt[CKPT_STATE])
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise PipelineError(f"{source}: quantized checkpoint does not fit its model ({first})") from None
+        raise PipelineError(f"{source}: quantized checkpoint does not fit its model ({first}); a pipeline version "
+                            "that quantized some layers differently wrote it: delete its folder to run qat again") \
+            from None
     for a in act_quants(gm):
         a.enabled, a.observe = True, False
     return gm.eval()

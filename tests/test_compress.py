@@ -110,6 +110,20 @@ def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(fq), rtol=0.05, atol=0.05)
 
 
+def test_quantized_checkpoint_that_does_not_fit_says_what_to_do(tmp_path):
+    """A QAT checkpoint whose layers were quantized differently (an older pipeline's) is one line."""
+    import dataclasses
+
+    from pipeline.artifacts import load_checkpoint
+
+    cfg = {"name": "resnet8", "num_classes": 10}
+    gm = quant.prepare_qat(build_model(cfg).eval(), SPEC)
+    state = {k: v for k, v in gm.state_dict().items() if "act_quant_0." not in k}  # one observer fewer
+    save_checkpoint(tmp_path / "model.pt", state, cfg, shapes={}, extra={"quant": dataclasses.asdict(SPEC)})
+    with pytest.raises(PipelineError, match="does not fit its model .*delete its folder to run qat again"):
+        quant.load_quantized(load_checkpoint(tmp_path / "model.pt"), str(tmp_path / "model.pt"), None)
+
+
 def test_empty_calibration_set():
     gm = quant.prepare_qat(build_model(R8), SPEC)
     with pytest.raises(PipelineError, match="calibration set is empty"):
@@ -319,6 +333,49 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert ops["QLinearMatMul"] == 2 and ops["QLinearSoftmax"] == 1 and "Softmax" not in ops, ops
     cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] == 1 + 4 + 2 + 1 and cov["float_kernels"] == 0, cov
+    with torch.no_grad():
+        want = dep(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+class _SplitBlock(torch.nn.Module):
+    """ShuffleNetV2's channel split: half the channels pass, half go through a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        return self.head(torch.cat([a, torch.relu(self.branch(b))], dim=1)).mean((2, 3))
+
+
+def test_slices_of_quantized_tensors_keep_their_scale_and_run_int8(tmp_path):
+    """A getitem of a quantized tensor re-uses its source's scale, so ORT runs the Split on INT8 data:
+    nothing stays float and no DequantizeLinear is left before the Split (own scales left it float)."""
+    import numpy as np
+    import onnx
+
+    torch.manual_seed(0)
+    model = _SplitBlock().eval()
+    gm = quant.prepare_qat(model, SPEC)
+    assert quant.float_ops(gm) == {}
+    shared = [m for m in gm.modules() if isinstance(m, quant.SharedQuant)]
+    assert len(shared) == 2 and shared[0].source is shared[1].source
+    x = torch.randn(8, 3, 16, 16)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    dep = quant.to_deploy(gm)
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    onnxio.session(tmp_path / "q.onnx", 1, opt_level="extended", optimized_path=tmp_path / "o.onnx")
+    ops = onnxio.op_counts(tmp_path / "o.onnx")
+    assert ops["Split"] == 1 and ops["QLinearConv"] == 3 and ops["QLinearConcat"] == 1, ops
+    graph = onnx.load(str(tmp_path / "o.onnx")).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    split = next(n for n in graph.node if n.op_type == "Split")
+    assert made_by[split.input[0]] == "QLinearConv"  # INT8 in, INT8 out
     with torch.no_grad():
         want = dep(x).numpy()
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())

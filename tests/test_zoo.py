@@ -136,6 +136,22 @@ def _fused_and_explicit_attention_agree(model: torch.nn.Module, x: torch.Tensor)
             m.fused_attn = True
 
 
+def test_timm_attention_is_unrolled_like_torchvision_attention():
+    """timm's plain Attention becomes SelfAttention (q, k, v as three linears, the scale folded into q): same
+    outputs as timm's own (fused) path, and no slicing of a fused qkv or scaling Mul left in the graph."""
+    from timm.models.vision_transformer import Attention
+
+    from pipeline import quant
+
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=3, qkv_bias=True).eval()
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(quant.SelfAttention(attn)(x), attn(x), atol=1e-5, rtol=1e-4)
+    with_norm = Attention(48, num_heads=3, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+    assert not quant._is_timm_attention(with_norm)  # q/k norms: left on timm's explicit path
+
+
 def test_split_attention_leaves_excluded_and_unsupported_attention_alone():
     from pipeline.models import HeadAttention
     from pipeline.pruning import split_attention
@@ -310,11 +326,11 @@ FLOATS = {
     "resnet18": set(), "mobilenet_v3_small": set(), "convnext_tiny": {"LayerNorm", "layer_norm", "GELU"},
     "vit_b_16": {"LayerNorm", "GELU", "expand", "getitem"},  # class token; attention is INT8
     "timm:mobilenetv3_small_100": set(), "timm:resnet18": set(),
-    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem", "maybe_add_mask"},
+    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem"},  # class token, as vit_b_16
 }
 FLOATS_ZOO = {
     "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(), "efficientnet_b0": set(),
-    "regnet_x_400mf": set(), "shufflenet_v2_x1_0": {"getitem"}, "densenet121": set(),
+    "regnet_x_400mf": set(), "shufflenet_v2_x1_0": set(), "densenet121": set(),
     "swin_t": {"LayerNorm", "GELU", "window_attention_bias", "pad", "_patch_merging_pad"},  # window attention INT8
     "timm:efficientnet_b0": set(),
 }
