@@ -197,6 +197,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
             f"lower {section}.batch_size"
         )
+    if cfg.select == "best" and cfg.epochs > 0 and len(splits.val_y) == 0:
+        log.info("%s: no validation split (data.val_fraction=0), so the last epoch's weights are kept", desc)
     extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
     params = [p for p in model.parameters() if p.requires_grad] + extra_params
     opt = _optimizer(params, cfg)
@@ -271,8 +273,9 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             row = {"epoch": epoch + 1, "loss": loss_sum.item() / len(train_it), "train_acc": train_acc,
                    "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
             history.append(row)
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1,
-                     cfg.epochs, row["loss"], train_acc, val_acc)
+            val = "no validation split" if math.isnan(val_acc) else f"val acc {val_acc:.2f}%"
+            log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %s", desc, epoch + 1, cfg.epochs, row["loss"],
+                     train_acc, val)
             improved = math.isnan(val_acc) or val_acc > best_acc
             if improved:
                 best_acc = val_acc if not math.isnan(val_acc) else best_acc

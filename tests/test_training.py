@@ -37,6 +37,20 @@ def test_fit_learns_a_separable_task(tmp_path):
     assert len(res.history) == 3 and (tmp_path / "last.pt").is_file()
 
 
+def test_without_a_validation_split_the_last_epoch_is_kept_and_said(tmp_path, caplog):
+    splits, dc, rt = _setup()
+    empty = splits.val_y[:0]
+    splits = Splits(splits.train_x, splits.train_y, splits.val_x[:0], empty, splits.test_x, splits.test_y,
+                    splits.classes)
+    model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        fit(model, splits, dc, _fit_cfg(epochs=2), rt, tmp_path)
+    assert "no validation split (data.val_fraction=0), so the last epoch's weights are kept" in caplog.text
+    assert "train epoch 2/2" in caplog.text and "val acc nan" not in caplog.text
+    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
+
+
 def test_interrupted_fit_resumes_from_last_epoch(tmp_path):
     splits, dc, rt = _setup()
     model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
