@@ -75,6 +75,16 @@ def test_ops_without_int8_kernels_stay_float_and_are_listed(tmp_path):
     assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == 3 and cov["float_kernels"] == 0, cov
 
 
+def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
+    """Calibrate on ``x``, export the deploy form to ``q.onnx``; returns it and ORT's optimised op counts."""
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    dep = quant.to_deploy(gm)
+    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    onnxio.session(tmp_path / "q.onnx", 1, opt_level=opt_level, optimized_path=tmp_path / "o.onnx")
+    return dep, onnxio.op_counts(tmp_path / "o.onnx")
+
+
 def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     """MobileNetV3: Hardswish = QLinearAdd (x + an INT8 3) + QLinearMul, the ReLU6 clip and the /6 in the
     requantization; an SE gate's Hardsigmoid folds into its conv (bias + 3, ReLU6, /6). Nothing stays
@@ -93,16 +103,11 @@ def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     assert len(hs) == 19 and not any(m.gate_only for m in hs)  # the 9 SE gates went into their convs
     assert sum(isinstance(m, quant.QConvBn) and m.shift == 3.0 for m in gm.modules()) == 9
     x = torch.randn(16, 3, 32, 32)
-    quant.calibrate(gm, [(x, None)])
-    gm.eval()
-    dep = quant.to_deploy(gm)
+    dep, ops = _calibrated_export(gm, x, tmp_path)
     with torch.no_grad():
         ref, fq, fl = dep(x).numpy(), gm(x).numpy(), model(x).numpy()
     assert np.abs(ref - fq).max() <= 1e-3 * np.abs(ref).max()  # export form == QAT form
     assert np.corrcoef(ref.ravel(), fl.ravel())[0, 1] > 0.9  # and both still approximate the float model
-    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    onnxio.session(tmp_path / "q.onnx", 1, opt_level="all", optimized_path=tmp_path / "o.onnx")
-    ops = onnxio.op_counts(tmp_path / "o.onnx")
     assert ops["QLinearMul"] == 19 + 9 and ops["DequantizeLinear"] == 0, ops  # Hardswish x19, SE x9
     assert not {"HardSwish", "HardSigmoid", "Clip", "Add", "Mul", "Conv"} & set(ops), ops
     out = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
@@ -324,12 +329,7 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert isinstance(model.attn, torch.nn.MultiheadAttention)  # not modified in place
     assert quant.float_ops(gm) == {}
     assert len(quant.quantized_layers(gm)) == 1 + 4 + 1  # embed, q/k/v/out, head
-    quant.calibrate(gm, [(x, None)])
-    gm.eval()
-    dep = quant.to_deploy(gm)
-    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    onnxio.session(tmp_path / "q.onnx", 1, opt_level="all", optimized_path=tmp_path / "o.onnx")
-    ops = onnxio.op_counts(tmp_path / "o.onnx")
+    dep, ops = _calibrated_export(gm, x, tmp_path)
     assert ops["QLinearMatMul"] == 2 and ops["QLinearSoftmax"] == 1 and "Softmax" not in ops, ops
     cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] == 1 + 4 + 2 + 1 and cov["float_kernels"] == 0, cov
@@ -365,12 +365,7 @@ def test_slices_of_quantized_tensors_keep_their_scale_and_run_int8(tmp_path):
     shared = [m for m in gm.modules() if isinstance(m, quant.SharedQuant)]
     assert len(shared) == 2 and shared[0].source is shared[1].source
     x = torch.randn(8, 3, 16, 16)
-    quant.calibrate(gm, [(x, None)])
-    gm.eval()
-    dep = quant.to_deploy(gm)
-    onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    onnxio.session(tmp_path / "q.onnx", 1, opt_level="extended", optimized_path=tmp_path / "o.onnx")
-    ops = onnxio.op_counts(tmp_path / "o.onnx")
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
     assert ops["Split"] == 1 and ops["QLinearConv"] == 3 and ops["QLinearConcat"] == 1, ops
     graph = onnx.load(str(tmp_path / "o.onnx")).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
