@@ -121,12 +121,23 @@ def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str,
         def get_next(self):
             return next(self.it, None)
 
+    def per_channel_fallback(record: logging.LogRecord) -> bool:
+        # ORT asks for per-channel weights of every op it quantizes, LayerNorm's 1-D scale too, warns once per
+        # such weight and quantizes it per tensor (ViT: 25 lines of "Axis 1 is out-of-range for weight ...")
+        msg = record.getMessage()
+        return not (msg.startswith("Axis ") and "is out-of-range for weight" in msg)
+
     pre = Path(work_dir) / "preprocessed.onnx"
     quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
-                    calibrate_method=CalibrationMethod.MinMax)
+    root = logging.getLogger()
+    root.addFilter(per_channel_fallback)
+    try:
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8 if act_dtype == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        root.removeFilter(per_channel_fallback)
 
 
 def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:

@@ -945,6 +945,22 @@ def quantized_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (QConvBn, QLinear, DeployConv))]
 
 
+def activation_matmuls(model: nn.Module) -> int:
+    """Quantized matmuls of two activations (attention's q @ k^T and attn @ v): INT8 kernels in ORT
+    (QLinearMatMul) that are not layers."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return 0
+
+    def quantized(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(model.get_submodule(node.target), ActQuant)
+
+    return sum(1 for n in graph.nodes
+               if ((n.op == "call_function" and n.target in (torch.matmul, operator.matmul))
+                   or (n.op == "call_method" and n.target == "matmul"))
+               and n.users and all(quantized(u) for u in n.users))
+
+
 def act_quants(model: nn.Module) -> list[ActQuant]:
     return [m for m in model.modules() if isinstance(m, ActQuant)]
 

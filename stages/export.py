@@ -115,7 +115,7 @@ def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
 
 def requantized_note(cov: dict) -> str | None:
     """Why ORT runs more INT8 kernels than were quantized (it quantized layers meant to stay FP32), or None."""
-    n = cov["int8_kernels"] - cov["quantized_layers"]
+    n = cov["int8_kernels"] - cov["quantized_layers"] - cov.get("activation_matmuls", 0)
     if n <= 0:
         return None
     return (f"ONNX Runtime quantized {n} layer(s) kept FP32 by qat.float_layers itself: its WeightBiasQuantization "
@@ -229,12 +229,13 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     if precision == "int8":
         cov = onnxio.kernel_coverage(path)
         cov["quantized_layers"] = len(quant.quantized_layers(model))  # the rest: qat.float_layers
+        cov["activation_matmuls"] = quant.activation_matmuls(model)  # attention: kernels, not layers
         metrics["int8_coverage"] = cov
         metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why
-        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers; "
-                 "attention's activation matmuls count as kernels too, FP32 ones are qat.float_layers)",
-                 ctx.node, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"],
-                 cov["quantized_layers"])
+        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers, %d "
+                 "quantized attention matmuls; FP32 ones are qat.float_layers)", ctx.node, cov["int8_kernels"],
+                 cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"],
+                 cov["activation_matmuls"])
         if note := requantized_note(cov):
             log.warning("%s: %s", ctx.node, note)
     return metrics, got

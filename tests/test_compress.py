@@ -11,6 +11,7 @@ from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
 from pipeline.runner import Runner, run_pipeline
+from stages.export import requantized_note
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
 SPEC = quant.QuantSpec("uint8", 8, 0.01, ())
@@ -313,6 +314,21 @@ class _TinyViTBlock(torch.nn.Module):
         return self.head((t + a).mean(1))
 
 
+def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
+    """ORT's quantizer warns once per LayerNorm weight that it cannot quantize per channel (25 lines for a
+    ViT) and quantizes it per tensor: those lines are dropped, the model is still quantized."""
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(2), torch.nn.LayerNorm(36),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 36, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    onnxio.export_onnx(model, torch.from_numpy(x[:2]), tmp_path / "f.onnx", 18)
+    with caplog.at_level("WARNING"):
+        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+    assert "out-of-range" not in caplog.text
+    assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
+
+
 def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     """nn.MultiheadAttention (ViT) is unrolled: same outputs, q/k/v/out projections and both attention matmuls
     on INT8 kernels, softmax as QLinearSoftmax; the caller's float model keeps its module."""
@@ -333,6 +349,9 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert ops["QLinearMatMul"] == 2 and ops["QLinearSoftmax"] == 1 and "Softmax" not in ops, ops
     cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] == 1 + 4 + 2 + 1 and cov["float_kernels"] == 0, cov
+    assert quant.activation_matmuls(dep) == 2  # INT8 kernels that are no layers: no "ORT quantized more" note
+    assert requantized_note({**cov, "quantized_layers": 6, "activation_matmuls": 2}) is None
+    assert "quantized 1 layer(s)" in requantized_note({**cov, "quantized_layers": 5, "activation_matmuls": 2})
     with torch.no_grad():
         want = dep(x).numpy()
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
