@@ -694,7 +694,10 @@ def _default_args(model: nn.Module) -> dict | None:
     so tracing sees constants rather than inputs."""
     import inspect
 
-    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no Python signature: trace it as it is
+        return None
     out = {p.name: p.default for p in params
            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
            and isinstance(p.default, (type(None), bool, int, float, str))}
