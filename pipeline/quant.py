@@ -349,9 +349,13 @@ class SelfAttention(nn.Module):
         return self.out_proj(out), None
 
 
+_TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")  # its module, now and in older timm
+
+
 def _is_timm_attention(mod: nn.Module) -> bool:
-    """timm's plain ``Attention`` (ViT, DeiT): one ``qkv`` linear, no q/k norms, no gate."""
-    return type(mod).__name__ == "Attention" and type(mod).__module__.startswith("timm.") \
+    """timm's plain ``Attention`` (ViT, DeiT): one ``qkv`` linear, no q/k norms, no gate. Other timm classes named
+    Attention (BEiT's position bias, LeViT, EfficientFormer, PVT) compute more and keep their explicit path."""
+    return type(mod).__name__ == "Attention" and type(mod).__module__ in _TIMM_ATTENTION \
         and all(isinstance(getattr(mod, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm")) \
         and getattr(mod, "gate", None) is None and isinstance(getattr(mod, "qkv", None), nn.Linear)
 

@@ -150,6 +150,9 @@ def test_timm_attention_is_unrolled_like_torchvision_attention():
         torch.testing.assert_close(quant.SelfAttention(attn)(x), attn(x), atol=1e-5, rtol=1e-4)
     with_norm = Attention(48, num_heads=3, qk_norm=True, norm_layer=torch.nn.LayerNorm)
     assert not quant._is_timm_attention(with_norm)  # q/k norms: left on timm's explicit path
+    from timm.models.beit import Attention as BeitAttention
+
+    assert not quant._is_timm_attention(BeitAttention(48, num_heads=3, qkv_bias=True))  # q/v biases, position bias
 
 
 def test_split_attention_leaves_excluded_and_unsupported_attention_alone():
