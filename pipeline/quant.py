@@ -5,8 +5,8 @@ The QAT model is a ``torch.fx`` rewrite of the float model: conv-bn(-relu) becom
 linears become ``QLinear``, and an ``ActQuant`` (observer + per-tensor fake-quant, UINT8 by
 default) follows every tensor that ONNX Runtime's QDQ fusion needs quantized. Ops ORT has no INT8
 kernel for are rewritten into ops it has where possible (Hardswish -> ``QHardSwish``, self-attention ->
-``SelfAttention``, SiLU -> Sigmoid x). Only plain
-``torch.fake_quantize_*`` ops are used (no ``torch.ao.quantization``). For export, ``to_deploy``
+``SelfAttention``, SiLU -> Sigmoid x), and slices of a quantized tensor keep its scale (``SharedQuant``).
+Only plain ``torch.fake_quantize_*`` ops are used (no ``torch.ao.quantization``). For export, ``to_deploy``
 turns weights into INT8 buffers behind ``qdq::dequantize_per_channel`` and activations into
 ``qdq::fake_quant``; ``onnx_translations`` maps both to ONNX QuantizeLinear/DequantizeLinear with
 onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels.
