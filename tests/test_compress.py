@@ -358,6 +358,26 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
+class _WithFlag(torch.nn.Module):
+    """A forward with an optional flag it branches on (timm's attn_mask=None, is_causal=False are the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(16, 10)
+
+    def forward(self, x, return_features: bool = False, mask=None):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        if return_features:
+            return f
+        return self.head(f if mask is None else f * mask)
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    gm = quant.prepare_qat(_WithFlag().eval(), SPEC)  # a Python branch on an input would not trace
+    with torch.no_grad():
+        assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # the head ran: the flag was False, the mask None
+
+
 class _SplitBlock(torch.nn.Module):
     """ShuffleNetV2's channel split: half the channels pass, half go through a conv."""
 
