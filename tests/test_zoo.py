@@ -369,3 +369,13 @@ def test_zoo_model_quantizes_to_int8_kernels_that_match_pytorch(name, tmp_path):
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()
+
+
+def test_bench_zoo_measures_one_model_and_says_how_far_rounds_differ(tmp_path):
+    """The zoo benchmark on one model: INT8 kernels for ours and ORT's, ratios, and the per-round spread."""
+    from pipeline.tools import bench_zoo
+
+    r = bench_zoo.one("resnet18", 32, [2], bench_zoo._images(32, 16), rounds=2, seconds=0.01, folder=tmp_path)
+    assert r["int8"] == r["ort_int8"] == "21/21" and r["float"] == {}
+    lo, hi = r["spread"][2]
+    assert lo <= r["ratios"][2][0] <= hi  # with two rounds the ratio of medians lies between the rounds'

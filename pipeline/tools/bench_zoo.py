@@ -68,7 +68,7 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
     got = onnxio.predict(onnxio.session(int8), x.numpy())
     sessions = {k: onnxio.session(p) for k, p in (("fp32", fp32), ("int8", int8), ("ort", ort))}
     ort_cov = onnxio.kernel_coverage(ort)
-    ratios = {}
+    ratios, spread = {}, {}
     for b in batches:
         xb = np.ascontiguousarray(np.resize(calib, (b, *calib.shape[1:])))
         runs = onnxio.runs_for(sessions["fp32"], xb, seconds)
@@ -78,12 +78,15 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
                 t[k].append(float(np.median(onnxio.time_runs(sess, xb, max(5, runs // 2), runs))))
         med = {k: statistics.median(v) for k, v in t.items()}
         ratios[b] = (med["fp32"] / med["int8"], med["ort"] / med["int8"], med["fp32"] / med["ort"])
+        per_round = [f / i for f, i in zip(t["fp32"], t["int8"], strict=True)]  # how far one round can be off
+        spread[b] = (min(per_round), max(per_round))
     floats = {k.split(" (")[0]: len(v) for k, v in quant.float_ops(gm).items()}
     if fp32_blocks:
         floats = {f"FP32 blocks up to {fp32_blocks[-1]}": len(fp32_blocks), **floats}
     return {"int8": f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}",
             "ort_int8": f"{ort_cov['int8_kernels']}/{ort_cov['int8_kernels'] + ort_cov['float_kernels']}",
-            "agree": float((ref.argmax(1) == got.argmax(1)).mean() * 100), "float": floats, "ratios": ratios}
+            "agree": float((ref.argmax(1) == got.argmax(1)).mean() * 100), "float": floats, "ratios": ratios,
+            "spread": spread}
 
 
 def main() -> None:
@@ -116,8 +119,9 @@ def main() -> None:
                 continue
             floats = ", ".join(f"{k} x{n}" for k, n in r["float"].items()) or "–"
             cells = " | ".join(f"{a:.2f}x | {o:.2f}x | {s:.2f}x" for a, o, s in r["ratios"].values())
+            spread = ", ".join(f"b={b} {lo:.2f}-{hi:.2f}" for b, (lo, hi) in r["spread"].items())
             print(f"| {name} | {r['int8']} | {r['ort_int8']} | {r['agree']:.1f} | {floats} | {cells} |  "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"({time.perf_counter() - t0:.0f} s; INT8/FP32 per round: {spread})", flush=True)
 
 
 if __name__ == "__main__":
