@@ -232,10 +232,10 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
         cov["activation_matmuls"] = quant.activation_matmuls(model)  # attention: kernels, not layers
         metrics["int8_coverage"] = cov
         metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why
-        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers, %d "
-                 "quantized attention matmuls; FP32 ones are qat.float_layers)", ctx.node, cov["int8_kernels"],
-                 cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"],
-                 cov["activation_matmuls"])
+        att = f", {cov['activation_matmuls']} quantized attention matmuls" if cov["activation_matmuls"] else ""
+        log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers%s; FP32 "
+                 "ones are qat.float_layers)", ctx.node, cov["int8_kernels"],
+                 cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"], att)
         if note := requantized_note(cov):
             log.warning("%s: %s", ctx.node, note)
     return metrics, got
