@@ -138,7 +138,7 @@ def _fused_and_explicit_attention_agree(model: torch.nn.Module, x: torch.Tensor)
 
 def test_timm_attention_is_unrolled_like_torchvision_attention():
     """timm's plain Attention becomes SelfAttention (q, k, v as three linears, the scale folded into q): same
-    outputs as timm's own (fused) path, and no slicing of a fused qkv or scaling Mul left in the graph."""
+    outputs as timm's own (fused) path, and no float slicing of a fused qkv left in DeiT."""
     from timm.models.vision_transformer import Attention
 
     from pipeline import quant
@@ -153,6 +153,13 @@ def test_timm_attention_is_unrolled_like_torchvision_attention():
     from timm.models.beit import Attention as BeitAttention
 
     assert not quant._is_timm_attention(BeitAttention(48, num_heads=3, qkv_bias=True))  # q/v biases, position bias
+    from pipeline.models import build_model
+
+    deit = build_model({"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32})
+    floats = quant.float_ops(quant.prepare_qat(deit.eval(), quant.QuantSpec("uint8", 8, 0.01, ()), 32))
+    # before: getitem x37 (q/k/v of every block) and maybe_add_mask x12 as well; the getitem left is the class token
+    assert {k.split(" (")[0]: len(v) for k, v in floats.items()} == {
+        "expand": 1, "layer_norm": 25, "GELU": 12, "getitem": 1}
 
 
 def test_split_attention_leaves_excluded_and_unsupported_attention_alone():
