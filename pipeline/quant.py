@@ -209,10 +209,14 @@ class ActQuant(nn.Module):
             self.zero_point.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.export_mode and self.observe and (self.training or self.calibrating):
+            self._update(x)
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on this observer's grid as it stands (no observing): QDQ in the export form."""
         if self.export_mode:
             return torch.ops.qdq.fake_quant(x, self.const_scale, self.const_zero_point, self.qmin, self.qmax)
-        if self.observe and (self.training or self.calibrating):
-            self._update(x)
         if not self.enabled:
             return x
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
@@ -256,12 +260,7 @@ class SharedQuant(nn.Module):
         object.__setattr__(self, "source", source)  # not a submodule: its state lives where it is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        src = self.source
-        if src.export_mode:
-            return torch.ops.qdq.fake_quant(x, src.const_scale, src.const_zero_point, src.qmin, src.qmax)
-        if not src.enabled:
-            return x
-        return torch.fake_quantize_per_tensor_affine(x, src.scale, src.zero_point, src.qmin, src.qmax)
+        return self.source.fake_quant(x)  # a FixedQuant source reads back by 1 here (prepare_qat checks)
 
 
 class QHardSwish(nn.Module):
@@ -610,10 +609,11 @@ _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Fla
                         nn.Sigmoid, nn.LeakyReLU)
 _ADD = {operator.add, torch.add, operator.iadd}
 _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
+_MATMUL = {torch.matmul, operator.matmul}  # attention's q @ k^T and attn @ v: QLinearMatMul
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
-                      torch.reshape, torch.squeeze, torch.unsqueeze, torch.matmul, operator.matmul, F.softmax,
-                      torch.softmax, torch.index_select} | _ADD | _MUL
+                      torch.reshape, torch.squeeze, torch.unsqueeze, F.softmax,
+                      torch.softmax, torch.index_select} | _ADD | _MUL | _MATMUL
 _PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the exported graph
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
@@ -963,7 +963,7 @@ def activation_matmuls(model: nn.Module) -> int:
         return node.op == "call_module" and isinstance(model.get_submodule(node.target), ActQuant)
 
     return sum(1 for n in graph.nodes
-               if ((n.op == "call_function" and n.target in (torch.matmul, operator.matmul))
+               if ((n.op == "call_function" and n.target in _MATMUL)
                    or (n.op == "call_method" and n.target == "matmul"))
                and n.users and all(quantized(u) for u in n.users))
 
