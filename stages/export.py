@@ -93,9 +93,9 @@ def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
     if node.endswith(ORT_STATIC):
         return failures
     cov = metrics.get("int8_coverage")
-    if cov and cov["int8_kernels"] < cfg.min_int8_coverage * cov["quantized_layers"]:
+    if cov and _layer_kernels(cov) < cfg.min_int8_coverage * cov["quantized_layers"]:
         failures.append(
-            f"{node}: only {cov['int8_kernels']} of the {cov['quantized_layers']} quantized convs/matmuls run as "
+            f"{node}: only {_layer_kernels(cov)} of the {cov['quantized_layers']} quantized convs/matmuls run as "
             f"INT8 kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
             f"(export.min_int8_coverage={cfg.min_int8_coverage})")
     pre = metrics.get("preprocessing_parity")
@@ -113,9 +113,14 @@ def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
     return failures
 
 
+def _layer_kernels(cov: dict) -> int:
+    """INT8 kernels that run layers: attention's quantized activation matmuls are kernels but no layers."""
+    return cov["int8_kernels"] - cov.get("activation_matmuls", 0)
+
+
 def requantized_note(cov: dict) -> str | None:
     """Why ORT runs more INT8 kernels than were quantized (it quantized layers meant to stay FP32), or None."""
-    n = cov["int8_kernels"] - cov["quantized_layers"] - cov.get("activation_matmuls", 0)
+    n = _layer_kernels(cov) - cov["quantized_layers"]
     if n <= 0:
         return None
     return (f"ONNX Runtime quantized {n} layer(s) kept FP32 by qat.float_layers itself: its WeightBiasQuantization "

@@ -151,3 +151,7 @@ def test_export_gates_judge_the_stored_metrics():
     failures = gate(cfg, "export/qat", bad)
     assert len(failures) == 2 and "only 4 of the 10 quantized" in failures[0] and "98.00%" in failures[1]
     assert gate(cfg, "export/ort_static", bad) == []  # the reference row is reported, never gated
+    attention = {"parity": {"top1_agreement": 99.5},  # 8 INT8 kernels, but 4 are attention matmuls, no layers
+                 "int8_coverage": {"int8_kernels": 8, "activation_matmuls": 4, "quantized_layers": 10,
+                                   "float_ops": {"Gemm": 6}}}
+    assert "only 4 of the 10 quantized" in gate(cfg, "export/qat", attention)[0]
