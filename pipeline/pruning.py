@@ -7,6 +7,7 @@ fraction *removed*.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -150,6 +151,7 @@ def _analysable() -> Iterator[None]:
     patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
                (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
                (swin.PatchMergingV2, "forward", merging_v2)]
+    patches += _bounded_groups()
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -158,6 +160,129 @@ def _analysable() -> Iterator[None]:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+
+
+class _Unbounded(Exception):
+    """A Torch-Pruning group that keeps growing: its dependency search is in a cycle."""
+
+
+def _bounded_groups() -> list[tuple[object, str, Callable]]:
+    """Patches under which Torch-Pruning's group search raises ``_Unbounded`` instead of looping forever.
+
+    On some graphs (timm's RexNet: a residual added to a channel slice; Torch-Pruning issues #86, #456) its
+    search revisits the same layers with ever new index sets; a real group holds each node a few times at
+    most, so one with more items than two per graph node can only be such a cycle; on others (timm's
+    EfficientViT-M) its index sets grow through reshapes to millions (a layer has thousands of channels).
+    """
+    from torch_pruning.dependency.graph import DependencyGraph
+    from torch_pruning.dependency.group import Group
+
+    search, add = DependencyGraph.get_pruning_group, Group.add_dep
+    limit = [0]
+
+    def get_pruning_group(self, *args, **kwargs):
+        limit[0] = 2 * len(self.module2node) + 64
+        return search(self, *args, **kwargs)
+
+    def add_dep(self, dep, idxs) -> None:
+        add(self, dep, idxs)
+        if limit[0] and (len(self._group) > limit[0] or len(idxs) > 2**16):  # or its index sets explode
+            raise _Unbounded
+    return [(DependencyGraph, "get_pruning_group", get_pruning_group), (Group, "add_dep", add_dep)]
+
+
+def _partial_channel_slice(node: nn.Module) -> bool:
+    """A slice of part of the channels (``x[:, :c]``, not tokens or the whole width): Torch-Pruning keeps the
+    slice's traced bounds, so after the layers before it shrink it cuts at the wrong channels."""
+    import torch_pruning as tp
+
+    if not isinstance(node, tp.ops._SliceOp):
+        return False
+    sizes = node.grad_fn._saved_self_sym_sizes
+    rank, dim = len(sizes), node.dim % len(sizes)
+    if dim != (1 if rank == 4 else rank - 1):
+        return False
+    start, end = (v - 2**64 if v >= 2**63 else v for v in (node.start, node.end))  # saved as unsigned
+    return slice(start, end, node.step).indices(sizes[dim]) != (0, sizes[dim], 1)
+
+
+def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module]) -> dict[str, str]:
+    """Layers (by name) whose output channels Torch-Pruning cannot prune correctly, and why: their group's
+    search does not end, or it runs through a partial channel slice. Channel pruning keeps them."""
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    out = {}
+    with _quiet_token_warning(), _analysable():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+        for m in graph.module2node:
+            if m in kept or not isinstance(m, (nn.Conv2d, nn.Linear)) or m not in names:
+                continue
+            pruner = graph.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except _Unbounded:
+                out[names[m]] = "Torch-Pruning's dependency search does not end"
+                continue
+            if any(_partial_channel_slice(dep.target.module) for dep, _ in group):
+                out[names[m]] = "a slice of part of its channels follows"
+    kept_names = {names[m] for m in kept if m in names}
+    for _ in range(_TRIALS):  # what else breaks shows when it is pruned: a trial on a copy, once per failure
+        failed = _trial_prune(copy.deepcopy(model), image_size, kept_names | set(out))
+        if failed is None:
+            return out
+        out[failed[0]] = failed[1]
+    raise PipelineError(f"channel pruning breaks this model at more than {_TRIALS} layers "
+                        f"({grouped_reasons(out)}); use prune.method=magnitude")
+
+
+_TRIALS = 48
+
+
+def _trial_prune(model: nn.Module, image_size: int, kept: set[str]) -> tuple[str, str] | None:
+    """Prune half of every group's channels in one step, running the model after each group; the first layer
+    whose group fails (Torch-Pruning raises, or the model no longer runs) and why, or None."""
+    import torch_pruning as tp
+
+    named = dict(model.named_modules())
+    names = {m: n for n, m in named.items()}
+    example = torch.zeros(1, 3, image_size, image_size)
+    attention = {m.qkv: m for m in model.modules() if is_attention(m)}
+    current: list = [None]
+    magnitude = tp.importance.GroupMagnitudeImportance(p=1)
+
+    def importance(group):  # remembers the group it scores
+        current[0] = group
+        return magnitude(group)
+
+    def root(group) -> str | None:
+        return next((names[d.target.module] for d, _ in group if isinstance(d.target.module, (nn.Conv2d, nn.Linear))
+                     and d.target.module in names), None)
+
+    model.eval()
+    with _quiet_token_warning(), _analysable():
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=importance, pruning_ratio=0.5, iterative_steps=1,
+            ignored_layers=[named[n] for n in kept], num_heads={qkv: a.num_heads for qkv, a in attention.items()},
+            prune_head_dims=True, head_pruning_ratio=0.5)
+        try:
+            for group in pruner.step(interactive=True):
+                current[0] = group
+                group.prune()
+                if not attention:  # heads are set after the step
+                    with torch.no_grad():
+                        model(example)
+        except Exception as e:  # any failure of a group keeps its layer
+            name = root(current[0]) if current[0] is not None else None
+            if name is None:
+                raise PipelineError(f"channel pruning fails on this model ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:150] if str(e) else ''}); use prune.method=magnitude"
+                                    ) from None
+            why = "its dependency search does not end" if isinstance(e, _Unbounded) else type(e).__name__
+            return name, f"pruning it breaks the model ({why})"
+    return None
 
 
 def _importance(name: str):
@@ -193,10 +318,12 @@ def dependency_problem(model: nn.Module, image_size: int) -> str | None:
 
 
 def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune: Finetune = None,
-                  grads: Callable[[nn.Module], None] | None = None) -> nn.Module:
+                  grads: Callable[[nn.Module], None] | None = None,
+                  kept_notes: dict[str, str] | None = None) -> nn.Module:
     """Remove output channels in place with Torch-Pruning's dependency graph; returns the model.
 
-    ``grads(model)`` fills ``.grad`` before each step (needed by ``importance=taylor``).
+    ``grads(model)`` fills ``.grad`` before each step (needed by ``importance=taylor``). Layers Torch-Pruning
+    cannot prune correctly (``unprunable_layers``) keep their channels; ``kept_notes`` receives them and why.
     """
     import torch_pruning as tp
 
@@ -205,6 +332,14 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     by_macs = plan.target_macs is not None
     kept = kept_layers(model, plan.exclude, plan.keep_first_conv)
     split_attention(model, plan.exclude)
+    unprunable = unprunable_layers(model, image_size, kept)
+    if kept_notes is not None:
+        kept_notes.update(unprunable)
+    if unprunable:
+        log.info("prune: %d layer(s) keep their channels, Torch-Pruning cannot prune them correctly: %s",
+                 len(unprunable), grouped_reasons(unprunable))
+    named = dict(model.named_modules())
+    kept += [named[n] for n in unprunable]
     attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # heads via the qkv linear
     with _quiet_token_warning(), _analysable():
         pruner = tp.pruner.BasePruner(
@@ -243,7 +378,24 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
                  count_macs(model, image_size))
         if step < plan.steps - 1 and finetune is not None:
             finetune(model, plan.step_epochs, f"step{step + 1}")
-    return model
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except RuntimeError as e:  # a pattern Torch-Pruning rewired wrongly
+        raise PipelineError(f"channel pruning left the model unable to run ({str(e).splitlines()[0][:150]}); keep "
+                            "the layers around it with prune.exclude=[...], or use prune.method=magnitude") from None
+    return model.train(was_training)
+
+
+def grouped_reasons(reasons: dict[str, str]) -> str:
+    """``{layer: reason}`` as "reason: a, b, c; other reason: d" (at most 8 names per reason), for logs and the
+    report."""
+    by: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        by.setdefault(why, []).append(name)
+    return "; ".join(f"{why}: {', '.join(ns[:8])}{f' (+{len(ns) - 8} more)' if len(ns) > 8 else ''}"
+                     for why, ns in by.items())
 
 
 def split_attention(model: nn.Module, exclude: list[str]) -> None:

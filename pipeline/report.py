@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline import onnxio
 from pipeline.artifacts import atomic_write_bytes, atomic_write_text, write_json
+from pipeline.pruning import grouped_reasons
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,15 @@ def plot_points(points: list[tuple[str, float, float]], title: str, path: Path, 
     atomic_write_bytes(path, buf.getvalue())
 
 
+def kept_markdown(rows: list[dict]) -> list[str]:
+    """The report's lines on layers channel pruning kept at full width because Torch-Pruning cannot prune them."""
+    kept = [(r["name"], r["kept_unprunable"]) for r in rows if r.get("kept_unprunable")]
+    if not kept:
+        return []
+    return (["Layers channel pruning left at full width (Torch-Pruning cannot prune them correctly):", ""]
+            + [f"- {name}: {grouped_reasons(layers)}" for name, layers in kept] + [""])
+
+
 def write_report(run_dir: Path, rep: dict) -> None:
     run_dir = Path(run_dir)
     env = rep["environment"]
@@ -187,6 +197,7 @@ def write_report(run_dir: Path, rep: dict) -> None:
     if floats:
         md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]
         md += [f"- {name}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for name, ops in floats] + [""]
+    md += kept_markdown(rep["rows"])
     bits = [f"{r['name']} {r['weight_bits']}" for r in rep["rows"] if r.get("weight_bits")]
     if bits:
         md += ["INT8 weights: " + "; ".join(bits) + ".", ""]

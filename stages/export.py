@@ -225,6 +225,7 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
         "source": art.node, "precision": precision, "opset": cfg.opset,
         **({"fp32_input": art.metrics["source"]} if precision == "int8" and "source" in art.metrics else {}),
         **(_quant_notes(art.metrics) if precision == "int8" else {}),
+        **({"kept_unprunable": art.metrics["kept_unprunable"]} if art.metrics.get("kept_unprunable") else {}),
         "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
         "size_mb": path.stat().st_size / 1e6,
         "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},

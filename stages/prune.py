@@ -132,11 +132,12 @@ def run(ctx: StageContext) -> dict:
             fit(m, splits, ctx.data_cfg, step_cfg, ctx.rt, ctx.work_dir / tag, desc=f"prune-{tag}", section="prune")
             m.cpu()
 
+    unprunable: dict[str, str] = {}  # layers channel pruning keeps because Torch-Pruning cannot prune them, and why
     with interrupt_message("pruning"):
         pruning.drop_blocks(model, cfg.drop_blocks)
         if cfg.method == "channel":
             grads = _taylor_grads(ctx, cfg.taylor_batches) if cfg.importance == "taylor" else None
-            model = pruning.channel_prune(model, pruning.ChannelPlan.of(cfg), size, finetune, grads)
+            model = pruning.channel_prune(model, pruning.ChannelPlan.of(cfg), size, finetune, grads, unprunable)
         else:
             kept = pruning.kept_layers(model, cfg.exclude, cfg.keep_first_conv)
             model = pruning.magnitude_prune(model, cfg.ratio, cfg.steps, cfg.global_pruning, kept,
@@ -162,7 +163,7 @@ def run(ctx: StageContext) -> dict:
         "test_acc": test_acc, "test_acc_before_finetune": acc_pruned, "val_acc": result.best_val_acc,
         "baseline": before, "params": after["params"], "macs": after["macs"],
         "macs_reduction": before["macs"] / after["macs"], "weight_sparsity": nz / tot,
-        "layers": layers, "history": result.history, **result.resume_info(),
+        "layers": layers, "kept_unprunable": unprunable, "history": result.history, **result.resume_info(),
     }
 
 

@@ -185,7 +185,8 @@ def run(ctx: StageContext) -> dict:
                                       if cov else None),
                      "parity_top1_agreement": m["parity"]["top1_agreement"],
                      **({"fp32_input": names[m["fp32_input"]]} if m.get("fp32_input") in names else {}),
-                     **{k: m[k] for k in ("float_ops", "placement", "weight_bits") if m.get(k)}})
+                     **{k: m[k] for k in ("float_ops", "placement", "weight_bits", "kept_unprunable")
+                        if m.get(k)}})
     logits = onnxio.predict_images(sessions, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     for row in rows:
         row["accuracy"] = float((logits[row["name"]].argmax(1) == y).mean() * 100)

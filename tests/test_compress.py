@@ -199,6 +199,64 @@ def test_target_macs_is_met_closely_despite_round_to():
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 
+class _PartialResidual(torch.nn.Module):
+    """timm's RexNet block: the input added to the first channels of a wider output."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.cin = cin
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(cin, 2 * cin, 1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(2 * cin, cout, 1), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return torch.cat([y[:, : self.cin] + x, y[:, self.cin :]], 1)
+
+
+class _FixedWidth(torch.nn.Module):
+    """Reads the width it was built for (as MixNet's split sizes do): fails once its input is narrower."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.width:
+            raise RuntimeError(f"expected {self.width} channels, got {x.shape[1]}")
+        return x
+
+
+class _Unprunable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_PartialResidual(16, 24), _PartialResidual(24, 32), _PartialResidual(32, 40))
+        self.mid = torch.nn.Conv2d(40, 32, 1)
+        self.fixed = _FixedWidth(32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fixed(self.mid(self.blocks(self.stem(x)))).mean((2, 3)))
+
+
+def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
+    """Torch-Pruning loops forever on RexNet's partial residuals, cuts a channel slice at its traced bounds, and
+    cannot know a width a module stored: those layers keep their channels, the rest is pruned, nothing hangs."""
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    torch.manual_seed(0)
+    model, x = _Unprunable().eval(), torch.randn(2, 3, 8, 8)
+    notes: dict[str, str] = {}
+    with caplog.at_level("INFO", logger="pipeline.pruning"):
+        channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, [], 1, 0, None, False), 8, kept_notes=notes)
+    slice_ = "a slice of part of its channels follows"
+    assert notes == {"blocks.2.body.2": "Torch-Pruning's dependency search does not end", "blocks.1.body.2": slice_,
+                     "blocks.0.body.2": slice_, "stem": slice_, "mid": "pruning it breaks the model (RuntimeError)"}
+    assert "5 layer(s) keep their channels" in caplog.text
+    assert model.blocks[0].body[0].out_channels == 16 and model.mid.out_channels == 32  # inside pruned, kept kept
+    assert model(x).shape == (2, 10)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["channel", "magnitude"])
 def test_prune_shrinks_and_reloads(cfg_factory, tmp_path, method):
@@ -208,7 +266,7 @@ def test_prune_shrinks_and_reloads(cfg_factory, tmp_path, method):
     m = art.metrics
     model, _ = art.model()  # rebuilt from the checkpoint with weights_only=True
     if method == "channel":
-        assert m["macs"] < 0.5 * m["baseline"]["macs"] and model.conv1.out_channels == 8
+        assert m["macs"] < 0.5 * m["baseline"]["macs"] and model.conv1.out_channels == 8 and not m["kept_unprunable"]
         assert model.layer1[0].conv1.out_channels < 8
     else:
         assert m["macs"] == m["baseline"]["macs"] and 0.45 < m["weight_sparsity"] < 0.55

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from pipeline.report import build_report, int8_markdown, markdown_table
+from pipeline.report import build_report, int8_markdown, kept_markdown, markdown_table
 from pipeline.sweep import summarize
 
 
@@ -58,3 +58,12 @@ def test_sweep_summary_collects_every_job(tmp_path):
     s = summarize(tmp_path)
     assert [j["overrides"] for j in s["jobs"]] == [["prune.ratio=0.3"], ["prune.ratio=0.5"]]
     assert len(s["rows"]) == 4
+
+
+def test_layers_pruning_kept_are_listed_by_reason():
+    rows = _rows() + [{**_rows()[1], "name": "prune", "kept_unprunable": {
+        "a.conv": "pruning it breaks the model (IndexError)", "b.conv": "pruning it breaks the model (IndexError)",
+        "stem": "a slice of part of its channels follows"}}]
+    assert kept_markdown(rows)[2] == ("- prune: pruning it breaks the model (IndexError): a.conv, b.conv; a slice of "
+                                      "part of its channels follows: stem")
+    assert kept_markdown(_rows()) == []
