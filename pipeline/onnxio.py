@@ -29,9 +29,15 @@ FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMu
 
 
 def _mean_to_global_pool(x, dim, keepdim: bool = False, dtype=None):
-    """aten.mean over H, W -> GlobalAveragePool, which ORT can run as QLinearGlobalAveragePool."""
+    """aten.mean over H, W of a 4-D map -> GlobalAveragePool, which ORT can run as QLinearGlobalAveragePool;
+    every other mean (over channels or tokens: ConvNeXt-V2's response norm) stays a ReduceMean."""
     from onnxscript import opset18 as op
 
+    rank = len(x.shape) if x.shape is not None else None
+    if not (rank == 4 and dim is not None and sorted(d % 4 for d in dim) == [2, 3]):
+        if dim is None:
+            return op.ReduceMean(x, keepdims=int(keepdim))
+        return op.ReduceMean(x, op.Constant(value_ints=list(dim)), keepdims=int(keepdim))
     pooled = op.GlobalAveragePool(x)
     return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
 

@@ -230,7 +230,7 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module]) 
                 out[names[m]] = "a slice of part of its channels follows"
     kept_names = {names[m] for m in kept if m in names}
     for _ in range(_TRIALS):  # what else breaks shows when it is pruned: a trial on a copy, once per failure
-        failed = _trial_prune(copy.deepcopy(model), image_size, kept_names | set(out))
+        failed = _trial_prune(_copy(model), image_size, kept_names | set(out))
         if failed is None:
             return out
         out[failed[0]] = failed[1]
@@ -239,6 +239,18 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module]) 
 
 
 _TRIALS = 48
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy, with tensors a forward pass cached on modules (LeViT's attention biases: not graph leaves,
+    which ``deepcopy`` refuses) copied detached."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for v in m.__dict__.values():
+            for t in v.values() if isinstance(v, dict) else (v,):
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _trial_prune(model: nn.Module, image_size: int, kept: set[str]) -> tuple[str, str] | None:

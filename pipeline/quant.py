@@ -749,6 +749,13 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "
                             f"({type(e).__name__}: {first}); check data.image_size") from None
 
+    # a layer whose parameters the forward code also reads (EdgeNeXt's positional encoding takes its conv's
+    # weight dtype) stays float: its quantized replacement has other parameters
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    for node in graph.nodes:
+        if node.op == "call_module" and any(r.startswith(f"{node.target}.") for r in read):
+            node.meta["float"] = True
+
     # 0. SiLU/Swish -> x * sigmoid(x): ORT runs both as INT8 kernels (QLinearSigmoid, QLinearMul), as its own
     #    quantizer does with the exported Sigmoid + Mul; left whole, SiLU would run float between DQ and Q
     for node in list(graph.nodes):

@@ -76,6 +76,29 @@ def test_ops_without_int8_kernels_stay_float_and_are_listed(tmp_path):
     assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == 3 and cov["float_kernels"] == 0, cov
 
 
+class _ReadsItsWeight(torch.nn.Module):
+    """EdgeNeXt's positional encoding: the forward code reads a conv's weight (its dtype) besides calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.proj = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(self.conv(x).to(self.proj.weight.dtype))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_layer_whose_weight_the_code_reads_stays_float(tmp_path):
+    gm = quant.prepare_qat(_ReadsItsWeight().eval(), SPEC)
+    assert ["proj"] in quant.float_ops(gm).values()  # with its .to(dtype)
+    x = torch.randn(8, 3, 32, 32)
+    quant.calibrate(gm, [(x, None)])  # crashed: the quantized replacement has no .weight
+    gm.eval()
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] == len(quant.quantized_layers(gm)) == 2
+
+
 def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     """Calibrate on ``x``, export the deploy form to ``q.onnx``; returns it and ORT's optimised op counts."""
     quant.calibrate(gm, [(x, None)])
@@ -493,3 +516,25 @@ def test_hardswish_rewrite_matches_ort_for_both_activation_types(tmp_path, act_d
     onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6  # at most one output step (of 1/255) apart
+
+
+def test_only_spatial_means_export_as_global_average_pool(tmp_path):
+    """Means over H, W become GlobalAveragePool (QLinearGlobalAveragePool in INT8); a mean over channels stayed
+    one too and the export failed (ConvNeXt-V2's response norm): it is a ReduceMean."""
+    import onnx
+
+    class Means(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.pool(y).flatten(1) + y.mean(1, keepdim=True).mean((2, 3))
+
+    model, x = Means().eval(), torch.randn(2, 3, 8, 8)
+    onnxio.export_onnx(model, x, tmp_path / "m.onnx", 18)
+    ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
+    assert "ReduceMean" in ops and "GlobalAveragePool" in ops
+    got = onnxio.predict(onnxio.session(tmp_path / "m.onnx"), x.numpy())
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)
