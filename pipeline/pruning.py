@@ -206,9 +206,11 @@ def _partial_channel_slice(node: nn.Module) -> bool:
     return slice(start, end, node.step).indices(sizes[dim]) != (0, sizes[dim], 1)
 
 
-def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module]) -> dict[str, str]:
+def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], ratio: float = 0.5,
+                      round_to: int | None = None) -> dict[str, str]:
     """Layers (by name) whose output channels Torch-Pruning cannot prune correctly, and why: their group's
-    search does not end, or it runs through a partial channel slice. Channel pruning keeps them."""
+    search does not end, it runs through a partial channel slice, or pruning it by ``ratio`` (rounded to
+    ``round_to`` channels) on a copy leaves a model that does not run. Channel pruning keeps them."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
@@ -230,7 +232,7 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module]) 
                 out[names[m]] = "a slice of part of its channels follows"
     kept_names = {names[m] for m in kept if m in names}
     for _ in range(_TRIALS):  # what else breaks shows when it is pruned: a trial on a copy, once per failure
-        failed = _trial_prune(_copy(model), image_size, kept_names | set(out))
+        failed = _trial_prune(_copy(model), image_size, kept_names | set(out), ratio, round_to)
         if failed is None:
             return out
         out[failed[0]] = failed[1]
@@ -253,9 +255,10 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trial_prune(model: nn.Module, image_size: int, kept: set[str]) -> tuple[str, str] | None:
-    """Prune half of every group's channels in one step, running the model after each group; the first layer
-    whose group fails (Torch-Pruning raises, or the model no longer runs) and why, or None."""
+def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float,
+                 round_to: int | None) -> tuple[str, str] | None:
+    """Prune every group by ``ratio`` in one step, running the model after each group; the first layer whose
+    group fails (Torch-Pruning raises, or the model no longer runs) and why, or None."""
     import torch_pruning as tp
 
     named = dict(model.named_modules())
@@ -276,9 +279,9 @@ def _trial_prune(model: nn.Module, image_size: int, kept: set[str]) -> tuple[str
     model.eval()
     with _quiet_token_warning(), _analysable():
         pruner = tp.pruner.BasePruner(
-            model, example, importance=importance, pruning_ratio=0.5, iterative_steps=1,
+            model, example, importance=importance, pruning_ratio=ratio, iterative_steps=1, round_to=round_to,
             ignored_layers=[named[n] for n in kept], num_heads={qkv: a.num_heads for qkv, a in attention.items()},
-            prune_head_dims=True, head_pruning_ratio=0.5)
+            prune_head_dims=True, head_pruning_ratio=ratio)
         try:
             for group in pruner.step(interactive=True):
                 current[0] = group
@@ -344,7 +347,8 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     by_macs = plan.target_macs is not None
     kept = kept_layers(model, plan.exclude, plan.keep_first_conv)
     split_attention(model, plan.exclude)
-    unprunable = unprunable_layers(model, image_size, kept)
+    unprunable = unprunable_layers(model, image_size, kept, 0.5 if by_macs or plan.ratio <= 0 else plan.ratio,
+                                   plan.round_to)
     if kept_notes is not None:
         kept_notes.update(unprunable)
     if unprunable:
@@ -362,6 +366,14 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
             prune_head_dims=not plan.whole_heads, head_pruning_ratio=0.95 if by_macs else plan.ratio,
         )
 
+    def macs() -> float:
+        try:
+            return count_macs(model, image_size)
+        except RuntimeError as e:  # a pattern Torch-Pruning rewired wrongly: the model no longer runs
+            raise PipelineError(f"channel pruning left the model unable to run ({str(e).splitlines()[0][:150]}); "
+                                "keep the layers around it with prune.exclude=[...], or use prune.method=magnitude"
+                                ) from None
+
     def prune_step(goal: float | None = None) -> None:
         """One pruner step; with a MACs ``goal``, group by group until it is met (with round_to a whole step is
         coarse: the first one takes every layer down to the next multiple, 16 -> 8 channels)."""
@@ -370,7 +382,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
         with _analysable():
             for group in pruner.step(interactive=True):
                 group.prune()
-                if goal is not None and count_macs(model, image_size) <= goal:
+                if goal is not None and macs() <= goal:
                     break
         for qkv, attn in attention.items():  # the forward pass reads the head count and width
             heads = pruner.num_heads[qkv]
@@ -379,25 +391,17 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     for step in range(plan.steps):
         if by_macs:  # small increments until this step's share of the MACs budget is met
             goal = base_macs - (base_macs - plan.target_macs) * (step + 1) / plan.steps
-            while count_macs(model, image_size) > goal and pruner.current_step < pruner.iterative_steps:
+            while macs() > goal and pruner.current_step < pruner.iterative_steps:
                 prune_step(goal)
-            if count_macs(model, image_size) > goal:
+            if macs() > goal:
                 raise PipelineError(f"prune.target_macs={plan.target_macs:.4g} cannot be reached with the kept "
                                     "layers; raise it or exclude fewer layers")
         else:
             prune_step()
-        log.info("prune: step %d/%d, MACs %.3g -> %.3g", step + 1, plan.steps, base_macs,
-                 count_macs(model, image_size))
+        log.info("prune: step %d/%d, MACs %.3g -> %.3g", step + 1, plan.steps, base_macs, macs())
         if step < plan.steps - 1 and finetune is not None:
             finetune(model, plan.step_epochs, f"step{step + 1}")
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    except RuntimeError as e:  # a pattern Torch-Pruning rewired wrongly
-        raise PipelineError(f"channel pruning left the model unable to run ({str(e).splitlines()[0][:150]}); keep "
-                            "the layers around it with prune.exclude=[...], or use prune.method=magnitude") from None
-    return model.train(was_training)
+    return model
 
 
 def grouped_reasons(reasons: dict[str, str]) -> str:
