@@ -206,6 +206,9 @@ def _partial_channel_slice(node: nn.Module) -> bool:
     return slice(start, end, node.step).indices(sizes[dim]) != (0, sizes[dim], 1)
 
 
+_TRIALS = 48  # trial prunes before giving up on a model (each finds one more layer to keep)
+
+
 def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], ratio: float = 0.5,
                       round_to: int | None = None) -> dict[str, str]:
     """Layers (by name) whose output channels Torch-Pruning cannot prune correctly, and why: their group's
@@ -238,9 +241,6 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], 
         out[failed[0]] = failed[1]
     raise PipelineError(f"channel pruning breaks this model at more than {_TRIALS} layers "
                         f"({grouped_reasons(out)}); use prune.method=magnitude")
-
-
-_TRIALS = 48
 
 
 def _copy(model: nn.Module) -> nn.Module:
