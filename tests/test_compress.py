@@ -411,6 +411,38 @@ def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
     assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
 
 
+def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkeypatch, caplog):
+    """ORT 1.30's symbolic shape inference raises on ViT and Swin exports: pre-processing is redone without it
+    (one warning) and the model is still quantized; a failing quantize_static is one line naming the way out."""
+    import numpy as np
+    import onnxruntime.quantization as oq
+
+    real = oq.quant_pre_process
+
+    def flaky(src, dst, skip_symbolic_shape=False, **kw):
+        if not skip_symbolic_shape:
+            raise IndexError("list index out of range")
+        return real(src, dst, skip_symbolic_shape=True, **kw)
+
+    monkeypatch.setattr(oq, "quant_pre_process", flaky)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 36, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    onnxio.export_onnx(model, torch.from_numpy(x[:2]), tmp_path / "f.onnx", 18)
+    with caplog.at_level("WARNING"):
+        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+    assert "symbolic shape inference failed on f.onnx (IndexError: list index out of range)" in caplog.text
+    assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
+
+    def broken(*a, **kw):
+        raise ValueError("unsupported op\nmore detail")
+
+    monkeypatch.setattr(oq, "quantize_static", broken)
+    with pytest.raises(PipelineError, match=r"quantize_static failed on this model \(ValueError: unsupported op\); "
+                                            r"set export.ort_static_reference=false"):
+        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q2.onnx", x, "uint8", 8, tmp_path)
+
+
 def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     """nn.MultiheadAttention (ViT) is unrolled: same outputs, q/k/v/out projections and both attention matmuls
     on INT8 kernels, softmax as QLinearSoftmax; the caller's float model keeps its module."""
