@@ -524,6 +524,8 @@ class QConvBn(nn.Module):
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
+        if isinstance(c, SamePadConv2d):
+            x = F.pad(x, c.same_pad)
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -565,8 +567,9 @@ class DeployConv(nn.Module):
             c = q.conv
             self.kw = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
             self.act = q.act
+            self.same_pad = c.same_pad if isinstance(c, SamePadConv2d) else None
         else:
-            w, b, self.kw, self.act = q.linear.weight, q.linear.bias, None, None
+            w, b, self.kw, self.act, self.same_pad = q.linear.weight, q.linear.bias, None, None, None
         scale, zp = _weight_qparams(w, q.bits)
         shape = (-1,) + (1,) * (w.dim() - 1)
         w_fq = torch.fake_quantize_per_channel_affine(w.detach(), scale, zp, 0, -128, 127)  # exactly QAT's values
@@ -591,6 +594,8 @@ class DeployConv(nn.Module):
             b = torch.ops.qdq.dequantize_per_channel(self.b_q, self.b_scale, self.b_zp, 0)
         if self.kw is None:
             return F.linear(x, w, b)
+        if self.same_pad is not None:
+            x = F.pad(x, self.same_pad)  # ONNX Runtime folds it into QLinearConv's pads
         y = F.conv2d(x, w, b, **self.kw)
         return self.act(y) if self.act is not None else y
 
@@ -623,6 +628,7 @@ _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 
 
 _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module (split so conv-BN folds)
+_SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
 
 
 class _Tracer(fx.Tracer):
@@ -632,7 +638,8 @@ class _Tracer(fx.Tracer):
     failed_in: tuple[str, str] | None = None  # (qualified name, class name)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
-        return type(m).__name__ in _NORM_ACT or isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+        return type(m).__name__ in _NORM_ACT + _SAME or isinstance(m, nn.Linear) or \
+            super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:
@@ -665,6 +672,60 @@ def _split_norm_act(gm: fx.GraphModule) -> None:
             new.meta = dict(node.meta)
             last = new
     gm.recompile()
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A Conv2d after a fixed zero pad, possibly one row/column more after than before (TensorFlow's 'SAME'
+    for one input size). ONNX Runtime folds the Pad into the Conv (asymmetric pads), also into QLinearConv."""
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None)
+        self.load_state_dict(conv.state_dict())
+        self.same_pad = pad  # F.pad order: left, right, top, bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.same_pad))
+
+
+class _SamePadPool(nn.Module):
+    """timm's MaxPool2dSame / AvgPool2dSame for one input size (float in ONNX Runtime: a -inf Pad)."""
+
+    def __init__(self, pool: nn.Module, pad: tuple[int, int, int, int]):
+        super().__init__()
+        self.pool, self.same_pad = pool, pad
+        self.value = -float("inf") if isinstance(pool, nn.MaxPool2d) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(F.pad(x, self.same_pad, value=self.value))
+
+
+def _static_same_padding(gm: fx.GraphModule) -> bool:
+    """timm's 'SAME' convs and pools (padding computed from the input size on every call, which fx cannot
+    trace) -> the same layer with the fixed padding of the input size this graph saw (state dict keys
+    unchanged; the conv folds with its BN like any other). True if anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(mod := gm.get_submodule(node.target)).__name__ not in _SAME:
+            continue
+        k, st, dil = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                      for v in (mod.kernel_size, mod.stride, getattr(mod, "dilation", 1)))
+        if isinstance(mod, nn.Conv2d):
+            k = tuple(mod.weight.shape[-2:])
+        ph, pw = (max((-(-n // s_) - 1) * s_ + (k_ - 1) * d + 1 - n, 0)
+                  for n, k_, s_, d in zip(node.args[0].meta["tensor_meta"].shape[-2:], k, st, dil, strict=True))
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        if isinstance(mod, nn.Conv2d):
+            new: nn.Module = SamePadConv2d(mod, pad)
+        else:
+            pool = nn.MaxPool2d(k, st, 0, dil, ceil_mode=mod.ceil_mode) if isinstance(mod, nn.MaxPool2d) else \
+                nn.AvgPool2d(k, st, 0, ceil_mode=mod.ceil_mode, count_include_pad=True)
+            new = _SamePadPool(pool, pad)
+        new.train(mod.training)
+        gm.add_submodule(node.target, new)
+        changed = True
+    gm.recompile()
+    return changed
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -744,6 +805,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     is_float = _float_test(spec.float_layers)
     try:  # tensor shapes on every node: only tensors are quantized
         ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
+        if _static_same_padding(gm):
+            ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "

@@ -100,6 +100,37 @@ def test_a_layer_whose_weight_the_code_reads_stays_float(tmp_path):
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm)) == 2
 
 
+def test_tensorflow_same_padding_is_fixed_for_the_input_size_and_runs_on_int8_kernels(tmp_path):
+    """timm's tf_* layers pad 'SAME' from the input size on every call, which fx cannot trace: they become a
+    fixed pad (one more row/column after than before at stride 2) folded into QLinearConv; the SAME max-pool
+    stays float. The QAT form computes what the float model does before calibration."""
+    import sys
+
+    import numpy as np
+    import timm.layers  # noqa: F401
+
+    conv_same = sys.modules["timm.layers.conv2d_same"].Conv2dSame
+    pool_same = sys.modules["timm.layers.pool2d_same"].MaxPool2dSame
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv_same(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                conv_same(8, 8, 5, stride=2, groups=8), torch.nn.ReLU(), pool_same(3, 2),
+                                conv_same(8, 16, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 10)).eval()
+    x = torch.randn(16, 3, 32, 32)
+    gm = quant.prepare_qat(model, SPEC, 32)
+    assert [n for n, m in gm.named_modules() if isinstance(m, quant.SamePadConv2d)] == ["0.conv", "3.conv", "6.conv"]
+    assert gm.get_submodule("0.conv").same_pad == (0, 1, 0, 1) and gm.get_submodule("6.conv").same_pad == (1, 1, 1, 1)
+    with torch.no_grad():  # observers off, weights on their INT8 grid: close to the float model
+        torch.testing.assert_close(gm(x), model(x), atol=0.05, rtol=0.05)
+    assert set(quant.float_ops(gm)) == {"_SamePadPool (no INT8 kernel in ONNX Runtime)"}
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearConv"] == 3 and ops["Pad"] == 1 and "Conv" not in ops, ops  # the one Pad: the pool's -inf
+    with torch.no_grad():
+        want = dep(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
 def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     """Calibrate on ``x``, export the deploy form to ``q.onnx``; returns it and ORT's optimised op counts."""
     quant.calibrate(gm, [(x, None)])
