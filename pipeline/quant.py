@@ -15,6 +15,7 @@ onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,8 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError
 from pipeline.models import HeadAttention, inside, is_plain_mha, replace_module
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -534,6 +537,9 @@ class QConvBn(nn.Module):
             # unscaled conv output so it keeps learning batch statistics.
             bn = self.bn
             sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            # a zero BN weight (timm's zero-init of a block's last BN) would make the division 0/0: that
+            # channel's conv runs unscaled, so BN still sees its output and its weight still gets a gradient
+            sf = torch.where(sf == 0, torch.ones_like(sf), sf)
             y = self._conv(x, fake_quant_weight(self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bits), None)
             y = y / sf.reshape(1, -1, 1, 1)
             if self.conv.bias is not None:
@@ -628,6 +634,8 @@ _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 
 
 _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module (split so conv-BN folds)
+_MAX_UNTRACEABLE = 64  # modules fx cannot trace that are kept FP32 before giving up
+_SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...]]] = set()
 _SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
 
 
@@ -637,9 +645,13 @@ class _Tracer(fx.Tracer):
 
     failed_in: tuple[str, str] | None = None  # (qualified name, class name)
 
+    def __init__(self, untraceable: set[str] = frozenset()):
+        super().__init__()
+        self.untraceable = untraceable  # modules called whole (they stay FP32)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
         return type(m).__name__ in _NORM_ACT + _SAME or isinstance(m, nn.Linear) or \
-            super().is_leaf_module(m, qualname)
+            qualname in self.untraceable or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:
@@ -791,15 +803,29 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     """
     model = model.cpu().eval()
     model = _unroll_attention(model, spec.float_layers, image_size)
-    tracer = _Tracer()
-    try:
-        gm = fx.GraphModule(model, tracer.trace(model, concrete_args=_default_args(model)))
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        where = f" in module {tracer.failed_in[0]!r} ({tracer.failed_in[1]})" if tracer.failed_in else ""
-        raise PipelineError(f"cannot trace the model for quantization{where} ({type(e).__name__}: {first}); "
-                            "models with data-dependent control flow need another qat.source, or that module "
-                            "rewritten without Python branches on tensor values") from None
+    untraceable: dict[str, str] = {}  # module -> why fx cannot trace it (it stays FP32, called whole)
+    while True:
+        tracer = _Tracer(set(untraceable))
+        try:
+            gm = fx.GraphModule(model, tracer.trace(model, concrete_args=_default_args(model)))
+            break
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            name = tracer.failed_in[0] if tracer.failed_in else ""
+            if name and name not in untraceable and len(untraceable) < _MAX_UNTRACEABLE:
+                untraceable[name] = f"{type(e).__name__}: {first}"  # MobileViT's blocks branch on their input size
+                continue
+            where = f" in module {name!r} ({tracer.failed_in[1]})" if tracer.failed_in else ""
+            raise PipelineError(f"cannot trace the model for quantization{where} ({type(e).__name__}: {first}); "
+                                "models with data-dependent control flow need another qat.source, or that module "
+                                "rewritten without Python branches on tensor values") from None
+    if untraceable and (said := (type(model).__name__, tuple(untraceable))) not in _SAID_UNTRACEABLE:
+        _SAID_UNTRACEABLE.add(said)  # once per process: prepare_qat runs in qat, export and placement
+        by_why: dict[str, list[str]] = {}
+        for n, why in untraceable.items():
+            by_why.setdefault(why, []).append(n)
+        log.info("qat: torch.fx cannot trace %s; kept FP32, called whole", "; ".join(
+            f"{len(ns)} module(s) ({why}): {', '.join(ns)}" for why, ns in by_why.items()))
     _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
@@ -838,7 +864,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
-        if node.op != "call_module":
+        if node.op != "call_module" or node.target in untraceable:  # a Conv2d subclass with its own forward
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.Conv2d):
@@ -877,7 +903,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     #     (unit weights, the BN folded in, the ReLU fused): one QLinearConv instead of float BN between DQ and Q
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), nn.BatchNorm2d) \
-                or is_float(node):
+                or is_float(node) or node.target in untraceable:
             continue
         conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
         nn.init.ones_(conv.weight)
@@ -893,7 +919,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     # 1b. Hardswish / Hardsigmoid not folded into a conv -> QHardSwish (QLinearAdd + QLinearMul in ORT)
     for node in list(graph.nodes):
         hard = _is_hard(node, gm)
-        if hard is None or is_float(node):
+        if hard is None or is_float(node) or node.target in untraceable:
             continue
         q = QHardSwish(spec, gate_only=hard == "Hardsigmoid")
         if node.op == "call_module":
@@ -938,6 +964,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             kind[node] = "float"
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
                 float_ops.append((node.name, op_name(node), "qat.float_layers"))
+            continue
+        elif node.op == "call_module" and node.target in untraceable:
+            kind[node] = "float"
+            float_ops.append((node.name, op_name(node), "torch.fx cannot trace it"))
             continue
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)

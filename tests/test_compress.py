@@ -100,6 +100,19 @@ def test_a_layer_whose_weight_the_code_reads_stays_float(tmp_path):
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm)) == 2
 
 
+def test_qat_with_a_zero_batch_norm_weight_stays_finite_and_learns_it():
+    """timm zero-initialises the last BN of a residual block: QAT with live BN divided by that zero (NaN)."""
+    bn = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight[:4] = 0
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bn).eval()
+    gm = quant.prepare_qat(model, SPEC, 8)
+    gm.train()
+    (gm(torch.randn(4, 3, 8, 8)) * torch.randn(4, 8, 6, 6)).sum().backward()
+    grad = gm.get_submodule("0").bn.weight.grad
+    assert torch.isfinite(grad).all() and (grad[:4] != 0).all()
+
+
 def test_tensorflow_same_padding_is_fixed_for_the_input_size_and_runs_on_int8_kernels(tmp_path):
     """timm's tf_* layers pad 'SAME' from the input size on every call, which fx cannot trace: they become a
     fixed pad (one more row/column after than before at stride 2) folded into QLinearConv; the SAME max-pool

@@ -271,18 +271,40 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
     assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
 
 
-def test_a_model_fx_cannot_trace_is_one_line_naming_the_module():
-    from pipeline import quant
+def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line(tmp_path):
+    """A module with a Python branch on a tensor value (MobileViT's blocks) is called whole and stays FP32,
+    listed with its reason; the rest is quantized and exports. Where the model's own forward branches,
+    there is nothing to keep whole: one line naming the module and the way out."""
+    from pipeline import onnxio, quant
 
     class Gate(torch.nn.Module):
         def forward(self, x):
-            return x * 2 if x.sum() > 0 else x  # a Python branch on a tensor value
+            return x * 2 if x.shape[-1] % 2 == 0 else x  # a Python branch on the input size, as MobileViT's
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(torch.nn.ReLU(), Gate()))
-    with pytest.raises(PipelineError, match=r"^cannot trace the model for quantization in module '1.1' \(Gate\) "
-                                            r"\(TraceError: .*\); models with data-dependent control flow need "
-                                            r"another qat.source"):
-        quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(torch.nn.ReLU(), Gate()),
+                                torch.nn.Conv2d(8, 8, 3)).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    assert quant.float_ops(gm) == {"Gate (torch.fx cannot trace it)": ["_1_1"]}
+    assert quant.quantized_layers(gm) == ["0", "2"]
+    x = torch.randn(8, 3, 8, 8)
+    quant.calibrate(gm, [(x, None)])
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0.1, atol=0.1)
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "g.onnx", 18, quant.onnx_translations())
+    assert onnxio.kernel_coverage(tmp_path / "g.onnx")["int8_kernels"] == 2
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(PipelineError, match=r"^cannot trace the model for quantization \(TraceError: .*\); models "
+                                            r"with data-dependent control flow need another qat.source"):
+        quant.prepare_qat(Root().eval(), quant.QuantSpec("uint8", 8, 0.01, ()), 8)
 
 
 @pytest.mark.parametrize("name,match", [
