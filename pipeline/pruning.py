@@ -285,7 +285,7 @@ def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float
         try:
             for group in pruner.step(interactive=True):
                 current[0] = group
-                group.prune()
+                _prune_as_chosen(group, pruner, round_to)
                 if not attention:  # heads are set after the step
                     with torch.no_grad():
                         model(example)
@@ -381,7 +381,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
             grads(model)
         with _analysable():
             for group in pruner.step(interactive=True):
-                group.prune()
+                _prune_as_chosen(group, pruner, plan.round_to)
                 if goal is not None and macs() <= goal:
                     break
         for qkv, attn in attention.items():  # the forward pass reads the head count and width
@@ -402,6 +402,30 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
         if step < plan.steps - 1 and finetune is not None:
             finetune(model, plan.step_epochs, f"step{step + 1}")
     return model
+
+
+def _prune_as_chosen(group, pruner, round_to: int | None) -> None:
+    """Prune one group as many channels as Torch-Pruning chose. Where its dependencies map each chosen channel
+    of a conv onto more channels of that conv itself (GhostNet: a ghost module's cheap half copies its primary
+    half's channels and both reach the conv again through a residual, so every channel removes its twin), the
+    group would lose a multiple of its share (ghostnet_100's stem 16 -> 2 channels at ratio 0.3); then only the
+    least important fraction of the chosen channels is given, which removes the share the plan asked for."""
+    item = group._group[0]
+    module, removed, chosen = item.dep.target.module, set(item.idxs), list(dict.fromkeys(item.root_idxs))
+    if not isinstance(module, nn.Conv2d) or len(removed) <= len(chosen):
+        group.prune()
+        return
+    per = len(removed) / len(chosen)  # channels removed per chosen channel
+    k = max(0, round(len(chosen) / per))
+    step = round(per)
+    while round_to and k > 0 and (module.out_channels - k * step) % round_to:
+        k -= 1  # the kept width stays a multiple of round_to
+    if k == 0:
+        return
+    imp = pruner.estimate_importance(group)
+    if imp is not None and len(imp) == module.out_channels:
+        chosen.sort(key=lambda i: float(imp[i]))
+    group.prune(idxs=chosen[:k])
 
 
 def grouped_reasons(reasons: dict[str, str]) -> str:

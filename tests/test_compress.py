@@ -307,6 +307,50 @@ class _Unprunable(torch.nn.Module):
         return self.head(self.fixed(self.mid(self.blocks(self.stem(x)))).mean((2, 3)))
 
 
+class _Ghost(torch.nn.Module):
+    """GhostNet's module: a cheap depthwise half computed from the primary half, concatenated."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.primary = torch.nn.Conv2d(c, c // 2, 1)
+        self.cheap = torch.nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)
+
+
+class _GhostNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.blocks = torch.nn.ModuleList([_Ghost(32), _Ghost(32)])
+        self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # as GhostNet's shortcut convs
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = x + b(x)  # residuals tie every ghost half to the stem's channels
+        return self.head(self.dw(x).mean((2, 3)))
+
+
+def test_ghost_modules_lose_the_share_the_ratio_says():
+    """Each chosen channel of a ghost module's output removes its twin in the cheap half; Torch-Pruning's
+    groups removed twice the ratio's share (the stem 32 -> 12 at ratio 0.3; ghostnet_100's 16 -> 2)."""
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    torch.manual_seed(0)
+    model = _GhostNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    channel_prune(model, ChannelPlan(0.3, None, "l1", False, False, [], 1, 0, None, False), 8)
+    assert model.stem.out_channels == 22 and model.blocks[0].primary.out_channels == 11  # 10 of 32 removed
+    fresh = apply_shapes(_GhostNet(), module_shapes(model))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
 def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
     """Torch-Pruning loops forever on RexNet's partial residuals, cuts a channel slice at its traced bounds, and
     cannot know a width a module stored: those layers keep their channels, the rest is pruned, nothing hangs."""
