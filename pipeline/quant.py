@@ -736,7 +736,8 @@ def _static_same_padding(gm: fx.GraphModule) -> bool:
         new.train(mod.training)
         gm.add_submodule(node.target, new)
         changed = True
-    gm.recompile()
+    if changed:
+        gm.recompile()
     return changed
 
 

@@ -16,7 +16,7 @@ TINY = ("data.train_subset=320", "validate.serving_batch_sizes=[]", "validate.co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", pytest.param("efficientnet_b0", marks=pytest.mark.zoo)])
 def test_modern_cnn_runs_the_whole_chain(cfg_factory, tmp_path, name):
     done = run_pipeline(cfg_factory(f"model.name={name}", *TINY), tmp_path / "run")
     rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
@@ -354,14 +354,15 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
 
 # What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
 # back to float is a regression. The first group runs in CI; `pytest -m zoo` runs the rest (about 4 min).
-FLOATS = {
-    "resnet18": set(), "mobilenet_v3_small": set(), "convnext_tiny": {"LayerNorm", "layer_norm", "GELU"},
-    "vit_b_16": {"LayerNorm", "GELU", "expand", "getitem"},  # class token; attention is INT8
+FLOATS = {  # the default run (torchvision's ViT is quantized in test_torchvision_vit_heads_... too)
+    "resnet18": set(), "mobilenet_v3_small": set(), "efficientnet_b0": set(),
+    "convnext_tiny": {"LayerNorm", "layer_norm", "GELU"},
     "timm:mobilenetv3_small_100": set(), "timm:resnet18": set(),
-    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem"},  # class token, as vit_b_16
+    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem"},  # class token; attention is INT8
 }
 FLOATS_ZOO = {
-    "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(), "efficientnet_b0": set(),
+    "vit_b_16": {"LayerNorm", "GELU", "expand", "getitem"},  # class token, as DeiT
+    "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(),
     "regnet_x_400mf": set(), "shufflenet_v2_x1_0": set(), "densenet121": set(),
     "swin_t": {"LayerNorm", "GELU", "window_attention_bias", "pad", "_patch_merging_pad"},  # window attention INT8
     "timm:efficientnet_b0": set(),
