@@ -241,7 +241,7 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
     the ReLU fused, so nothing stays float, and it computes what the float model does."""
     import torch
 
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     torch.manual_seed(0)
 
@@ -261,21 +261,28 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
         model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-0.2, 0.2)
     gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
     assert quant.float_ops(gm) == {} and "norm" in quant.quantized_layers(gm)
-    x = torch.randn(16, 3, 8, 8)
+    cov = _calibrated_coverage(gm, model, torch.randn(16, 3, 8, 8), tmp_path, tol=0.05)
+    assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
+
+
+def _calibrated_coverage(gm, model: torch.nn.Module, x: torch.Tensor, tmp_path, tol: float) -> dict:
+    """Calibrate ``gm`` on ``x``, check it computes what ``model`` does (within ``tol``), export it and return
+    ORT's INT8 kernel coverage."""
+    from pipeline import onnxio, quant
+
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=0.05, atol=0.05)
-    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "p.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "p.onnx")
-    assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
+        torch.testing.assert_close(gm(x), model(x), rtol=tol, atol=tol)
+    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
+    return onnxio.kernel_coverage(tmp_path / "q.onnx")
 
 
 def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line(tmp_path):
     """A module with a Python branch on a tensor value (MobileViT's blocks) is called whole and stays FP32,
     listed with its reason; the rest is quantized and exports. Where the model's own forward branches,
     there is nothing to keep whole: one line naming the module and the way out."""
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     class Gate(torch.nn.Module):
         def forward(self, x):
@@ -286,13 +293,7 @@ def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line
     gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
     assert quant.float_ops(gm) == {"Gate (torch.fx cannot trace it)": ["_1_1"]}
     assert quant.quantized_layers(gm) == ["0", "2"]
-    x = torch.randn(8, 3, 8, 8)
-    quant.calibrate(gm, [(x, None)])
-    gm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=0.1, atol=0.1)
-    onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "g.onnx", 18, quant.onnx_translations())
-    assert onnxio.kernel_coverage(tmp_path / "g.onnx")["int8_kernels"] == 2
+    assert _calibrated_coverage(gm, model, torch.randn(8, 3, 8, 8), tmp_path, tol=0.1)["int8_kernels"] == 2
 
     class Root(torch.nn.Module):
         def __init__(self):
