@@ -688,7 +688,8 @@ def _split_norm_act(gm: fx.GraphModule) -> None:
 
 class SamePadConv2d(nn.Conv2d):
     """A Conv2d after a fixed zero pad, possibly one row/column more after than before (TensorFlow's 'SAME'
-    for one input size). ONNX Runtime folds the Pad into the Conv (asymmetric pads), also into QLinearConv."""
+    for one input size, or a pad the model's code applies). ONNX Runtime folds the Pad into the Conv
+    (asymmetric pads), also into QLinearConv."""
 
     def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
@@ -735,6 +736,37 @@ def _static_same_padding(gm: fx.GraphModule) -> bool:
             new = _SamePadPool(pool, pad)
         new.train(mod.training)
         gm.add_submodule(node.target, new)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _fold_zero_pads(gm: fx.GraphModule) -> bool:
+    """A zero pad whose only user is a conv (HGNetV2's stem pads one row and column after) becomes part of that
+    conv (``SamePadConv2d``), so ORT folds it into QLinearConv instead of running it float between DQ and Q.
+    True if anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.pad and len(node.args) == 2 and \
+                node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value"):
+            pad = node.args[1]
+        elif node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), nn.ZeroPad2d):
+            pad = m.padding
+        else:
+            continue
+        conv = _only_user(node)
+        if not (isinstance(pad, (tuple, list)) and len(pad) == 4 and all(isinstance(p, int) and p >= 0 for p in pad)
+                and conv is not None and conv.op == "call_module" and conv.args[:1] == (node,)
+                and type(mod := gm.get_submodule(conv.target)) in (nn.Conv2d, SamePadConv2d)
+                and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)):
+            continue
+        own = mod.same_pad if isinstance(mod, SamePadConv2d) else (mod.padding[1],) * 2 + (mod.padding[0],) * 2
+        new = SamePadConv2d(mod, tuple(a + b for a, b in zip(pad, own, strict=True)))
+        new.train(mod.training)
+        gm.add_submodule(conv.target, new)
+        conv.replace_input_with(node, node.args[0])
+        gm.graph.erase_node(node)
         changed = True
     if changed:
         gm.recompile()
@@ -832,7 +864,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     is_float = _float_test(spec.float_layers)
     try:  # tensor shapes on every node: only tensors are quantized
         ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
-        if _static_same_padding(gm):
+        if _static_same_padding(gm) | _fold_zero_pads(gm):
             ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]

@@ -144,6 +144,37 @@ def test_tensorflow_same_padding_is_fixed_for_the_input_size_and_runs_on_int8_ke
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
+class _PadsBeforeConvs(torch.nn.Module):
+    """HGNetV2's stem: an explicit zero pad (one row and column after) before a conv; and a ZeroPad2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.pad, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ZeroPad2d(1), torch.nn.Conv2d(8, 8, 3)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.b(self.pad(torch.relu(self.a(torch.nn.functional.pad(x, (0, 1, 0, 1))))))
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+def test_a_zero_pad_before_a_conv_becomes_part_of_it(tmp_path):
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _PadsBeforeConvs().eval()
+    gm = quant.prepare_qat(model, SPEC, 8)
+    assert gm.get_submodule("a.conv").same_pad == (1, 2, 1, 2) and gm.get_submodule("b.conv").same_pad == (1,) * 4
+    assert quant.float_ops(gm) == {}
+    x = torch.randn(16, 3, 8, 8)
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearConv"] == 2 and "Pad" not in ops, ops
+    with torch.no_grad():
+        want = dep(x).numpy()
+        torch.testing.assert_close(gm(x), model(x), atol=0.1, rtol=0.1)
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
 def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     """Calibrate on ``x``, export the deploy form to ``q.onnx``; returns it and ORT's optimised op counts."""
     quant.calibrate(gm, [(x, None)])
