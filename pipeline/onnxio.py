@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import atomic_write_bytes
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str,
     except Exception as e:  # noqa: BLE001 - ORT's own tool; retried without the failing part
         # ORT 1.30's symbolic shape inference fails on ViT (Concat) and Swin (Range) exports; 1.32 passes
         log.warning("ONNX Runtime %s's symbolic shape inference failed on %s (%s: %s); pre-processing without it",
-                    onnxruntime.__version__, Path(src).name, type(e).__name__, _first_line(e))
+                    onnxruntime.__version__, Path(src).name, type(e).__name__, first_line(e))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     root = logging.getLogger()
     root.addFilter(per_channel_fallback)
@@ -152,14 +152,10 @@ def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str,
                         calibrate_method=CalibrationMethod.MinMax)
     except Exception as e:  # noqa: BLE001
         raise PipelineError(f"export/ort_static: ONNX Runtime {onnxruntime.__version__}'s quantize_static failed "
-                            f"on this model ({type(e).__name__}: {_first_line(e)}); set "
+                            f"on this model ({type(e).__name__}: {first_line(e)}); set "
                             "export.ort_static_reference=false to skip the reference row") from e
     finally:
         root.removeFilter(per_channel_fallback)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.models import HeadAttention, inside, is_plain_mha, replace_module
 
 log = logging.getLogger(__name__)
@@ -843,7 +843,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             gm = fx.GraphModule(model, tracer.trace(model, concrete_args=_default_args(model)))
             break
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             name = tracer.failed_in[0] if tracer.failed_in else ""
             if name and name not in untraceable and len(untraceable) < _MAX_UNTRACEABLE:
                 untraceable[name] = f"{type(e).__name__}: {first}"  # MobileViT's blocks branch on their input size
@@ -867,7 +867,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         if _static_same_padding(gm) | _fold_zero_pads(gm):
             ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "
                             f"({type(e).__name__}: {first}); check data.image_size") from None
 
