@@ -29,6 +29,7 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError, first_line
 from pipeline.models import HeadAttention, inside, is_plain_mha, replace_module
+from pipeline.pruning import grouped_reasons
 
 log = logging.getLogger(__name__)
 
@@ -854,11 +855,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                                 "rewritten without Python branches on tensor values") from None
     if untraceable and (said := (type(model).__name__, tuple(untraceable))) not in _SAID_UNTRACEABLE:
         _SAID_UNTRACEABLE.add(said)  # once per process: prepare_qat runs in qat, export and placement
-        by_why: dict[str, list[str]] = {}
-        for n, why in untraceable.items():
-            by_why.setdefault(why, []).append(n)
-        log.info("qat: torch.fx cannot trace %s; kept FP32, called whole", "; ".join(
-            f"{len(ns)} module(s) ({why}): {', '.join(ns)}" for why, ns in by_why.items()))
+        log.info("qat: torch.fx cannot trace these modules; kept FP32, called whole: %s", grouped_reasons(untraceable))
     _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
@@ -872,10 +869,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                             f"({type(e).__name__}: {first}); check data.image_size") from None
 
     # a layer whose parameters the forward code also reads (EdgeNeXt's positional encoding takes its conv's
-    # weight dtype) stays float: its quantized replacement has other parameters
+    # weight dtype) stays float: its quantized replacement has other parameters; so does a module fx cannot trace
     read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
     for node in graph.nodes:
-        if node.op == "call_module" and any(r.startswith(f"{node.target}.") for r in read):
+        if node.op == "call_module" and (node.target in untraceable or
+                                         any(r.startswith(f"{node.target}.") for r in read)):
             node.meta["float"] = True
 
     # 0. SiLU/Swish -> x * sigmoid(x): ORT runs both as INT8 kernels (QLinearSigmoid, QLinearMul), as its own
@@ -897,7 +895,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
 
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
-        if node.op != "call_module" or node.target in untraceable:  # a Conv2d subclass with its own forward
+        if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.Conv2d):
@@ -936,7 +934,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     #     (unit weights, the BN folded in, the ReLU fused): one QLinearConv instead of float BN between DQ and Q
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), nn.BatchNorm2d) \
-                or is_float(node) or node.target in untraceable:
+                or is_float(node):
             continue
         conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
         nn.init.ones_(conv.weight)
@@ -952,7 +950,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     # 1b. Hardswish / Hardsigmoid not folded into a conv -> QHardSwish (QLinearAdd + QLinearMul in ORT)
     for node in list(graph.nodes):
         hard = _is_hard(node, gm)
-        if hard is None or is_float(node) or node.target in untraceable:
+        if hard is None or is_float(node):
             continue
         q = QHardSwish(spec, gate_only=hard == "Hardsigmoid")
         if node.op == "call_module":
@@ -993,14 +991,14 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             kind[node] = "input"
         elif node.op not in ("call_module", "call_function", "call_method"):
             continue
+        elif node.op == "call_module" and node.target in untraceable:
+            kind[node] = "float"
+            float_ops.append((node.name, op_name(node), "torch.fx cannot trace it"))
+            continue
         elif is_float(node):
             kind[node] = "float"
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
                 float_ops.append((node.name, op_name(node), "qat.float_layers"))
-            continue
-        elif node.op == "call_module" and node.target in untraceable:
-            kind[node] = "float"
-            float_ops.append((node.name, op_name(node), "torch.fx cannot trace it"))
             continue
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
