@@ -410,7 +410,7 @@ def _prune_as_chosen(group, pruner, round_to: int | None) -> None:
     half's channels and both reach the conv again through a residual, so every channel removes its twin), the
     group would lose a multiple of its share (ghostnet_100's stem 16 -> 2 channels at ratio 0.3); then only the
     least important fraction of the chosen channels is given, which removes the share the plan asked for."""
-    item = group._group[0]
+    item = group[0]  # the root: (dep, idxs, root_idxs)
     module, removed, chosen = item.dep.target.module, set(item.idxs), list(dict.fromkeys(item.root_idxs))
     if not isinstance(module, nn.Conv2d) or len(removed) <= len(chosen):
         group.prune()
