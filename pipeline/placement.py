@@ -9,6 +9,9 @@ Besides module names, ``qat.float_layers`` takes two tokens:
   first k blocks FP32 (k = 0 .. half the blocks, until two in a row are far slower than the best; one
   QuantizeLinear at the boundary), each is prepared, calibrated and exported as the qat/export stages
   would, and ONNX Runtime times them interleaved against each other and the FP32 model on this CPU.
+  One more candidate keeps FP32 every block holding an op ONNX Runtime has no INT8 kernel for (LayerNorm,
+  GELU, ...): each such op costs a DequantizeLinear/QuantizeLinear pair, which on small token counts
+  (MobileViT's and EfficientViT's attention blocks) costs more than their INT8 matmuls save.
   The fastest wins, and of candidates within ``MARGIN`` of it the one with the fewest FP32 blocks (timing
   noise on a shared machine is of that size). Speed does not depend on the weights, so any weights do.
 """
@@ -54,11 +57,11 @@ class Placement:
     float_layers: list[str]  # chosen FP32 blocks (on top of the fixed ones)
     batch: int
     fp32_ms: float  # the whole model in FP32
-    candidates: list[dict] = field(default_factory=list)  # {"float_blocks", "last_block", "ms", "vs_fp32"}
+    candidates: list[dict] = field(default_factory=list)  # {"float_blocks", "blocks", "label", "ms", "vs_fp32"}
 
     @property
     def chosen(self) -> dict:
-        return next(c for c in self.candidates if c["float_blocks"] == len(self.float_layers))
+        return next(c for c in self.candidates if c["blocks"] == self.float_layers)
 
     def summary(self) -> str:
         """One line: what was chosen, its speed against FP32 and against all-INT8."""
@@ -85,7 +88,7 @@ class Placement:
 
 
 def _label(candidate: dict) -> str:
-    return f"FP32 up to {candidate['last_block']}" if candidate["last_block"] else "all INT8"
+    return candidate["label"]
 
 
 def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
@@ -113,6 +116,20 @@ def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     return []
 
 
+def float_islands(gm: fx.GraphModule, blocks: list[str]) -> list[str]:
+    """The ``blocks`` that hold an op the QAT form ``gm`` leaves float between DequantizeLinear and QuantizeLinear
+    (not layers kept FP32 on purpose)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    paths = set()
+    for name, _, why in gm.meta.get("float_ops", []):
+        node = nodes.get(name)
+        if node is None or why == "qat.float_layers":
+            continue
+        stack = list(node.meta.get("nn_module_stack") or {})
+        paths.add(str(node.target) if node.op == "call_module" else stack[-1].split("@")[0] if stack else "")
+    return [b for b in blocks if any(inside(p, (b,)) for p in paths if p)]
+
+
 def export_int8(gm: fx.GraphModule, images: torch.Tensor, path: Path) -> None:
     """A prepared QAT model calibrated on ``images`` and exported as INT8 QDQ ONNX (what qat -> export make)."""
     quant.calibrate(gm, [(images, None)])
@@ -128,8 +145,14 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     model = model.cpu().eval()
     images = images[: max(2, min(len(images), 64))].cpu().float()
     all_int8 = quant.prepare_qat(model, spec, size)
-    blocks = [b for b in leading_blocks(all_int8, model) if not inside(b, spec.float_layers)]
-    blocks = blocks[: len(blocks) // 2]
+    every = [b for b in leading_blocks(all_int8, model) if not inside(b, spec.float_layers)]
+    blocks = every[: len(every) // 2]
+    plans = [[]] + [blocks[:k] for k in range(1, len(blocks) + 1)]  # all-INT8, then FP32 prefixes
+    labels = ["all INT8"] + [f"FP32 up to {b}" for b in blocks]
+    islands = float_islands(all_int8, every)
+    if islands and len(islands) < len(every) and islands not in plans:
+        plans.insert(1, islands)
+        labels.insert(1, f"FP32 where ops stay float ({len(islands)} blocks)")
     x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -137,23 +160,27 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
         sessions = {"fp32": onnxio.session(fp32, threads)}
         runs = onnxio.runs_for(sessions["fp32"], x, BLOCK_S)
         warmup = max(2, runs // 2)
-        quick: list[float] = []  # one short timing per candidate, to stop exporting once FP32 blocks only cost
-        for k in tqdm(range(len(blocks) + 1), desc="placement: export", disable=not progress, leave=False):
+        quick: list[float] = []  # one short timing per prefix, to stop exporting once FP32 blocks only cost
+        for k in tqdm(range(len(plans)), desc="placement: export", disable=not progress, leave=False):
             path = Path(tmp) / f"int8-{k}.onnx"
-            export_int8(quant.prepare_qat(model, spec.keeping_fp32(blocks[:k]), size) if k else all_int8, images,
+            export_int8(quant.prepare_qat(model, spec.keeping_fp32(plans[k]), size) if k else all_int8, images,
                         path)
             sessions[k] = onnxio.session(path, threads)
-            quick.append(float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs))))
-            if k >= 2 and min(quick[-2:]) > STOP * min(quick):
-                break  # two candidates in a row far slower than the best: more FP32 blocks will not pay
+            t = float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs)))
+            if labels[k].startswith("FP32 where"):
+                continue  # not a prefix: no part of the stopping rule
+            quick.append(t)
+            if len(quick) >= 3 and min(quick[-2:]) > STOP * min(quick):
+                break  # two prefixes in a row far slower than the best: more FP32 blocks will not pay
         times: dict = {k: [] for k in sessions}
         for _ in tqdm(range(ROUNDS), desc="placement: timing", disable=not progress, leave=False):
             for k, sess in sessions.items():  # every session warmed up right before its timed block
                 times[k].append(float(np.median(onnxio.time_runs(sess, x, warmup, runs))))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     tried = [k for k in sessions if k != "fp32"]
-    candidates = [{"float_blocks": k, "last_block": blocks[k - 1] if k else None, "ms": ms[k],
+    candidates = [{"float_blocks": len(plans[k]), "blocks": plans[k], "label": labels[k], "ms": ms[k],
                    "vs_fp32": ms["fp32"] / ms[k]} for k in tried]
-    fastest = min(ms[k] for k in tried)
-    best = min(k for k in tried if ms[k] <= fastest * (1 + MARGIN))  # noise must not buy FP32 blocks
-    return Placement(blocks[:best], batch, ms["fp32"], candidates)
+    fastest = min(c["ms"] for c in candidates)
+    best = min((c for c in candidates if c["ms"] <= fastest * (1 + MARGIN)),  # noise must not buy FP32 blocks
+               key=lambda c: c["float_blocks"])
+    return Placement(best["blocks"], batch, ms["fp32"], candidates)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 from dataclasses import dataclass
 from typing import Literal
@@ -315,8 +316,9 @@ class SelfAttention(nn.Module):
 
     Left whole, ``nn.MultiheadAttention`` is one opaque float op between DequantizeLinear and QuantizeLinear.
     Unrolled, the q/k/v/out projections become ``QLinear`` (INT8 MatMul in ORT; q, k and v separate, so no
-    float slicing of a fused qkv output), ``q @ k^T`` and ``attn @ v`` become QLinearMatMul and the softmax
-    QLinearSoftmax. The softmax scale is folded into q's weights. Same outputs as the module (``need_weights``
+    float slicing of a fused qkv output), ``q @ k^T`` an INT8 matmul with float output (MatMulIntegerToFloat), the
+    softmax float (ORT's QLinearSoftmax is several times slower) with its output quantized to [0, 1), and ``attn @
+    v`` QLinearMatMul. The softmax scale is folded into q's weights. Same outputs as the module (``need_weights``
     is ignored: the weights are not returned).
     """
 
@@ -626,10 +628,11 @@ _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, 
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze, F.softmax,
                       torch.softmax, torch.index_select} | _ADD | _MUL | _MATMUL
-_PASS_FUNCS = {getattr, stochastic_depth}  # stochastic depth: identity in the exported graph
+_PASS_FUNCS = {getattr, stochastic_depth, F.dropout, torch.dropout}  # identities in the exported (eval) graph
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
+_CAST_METHODS = {"float", "to", "type_as", "type"}  # no op where the dtype stays (EfficientViT's attention)
 _SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}  # tuples of slices, then getitem
 _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 
@@ -640,27 +643,167 @@ _SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...]]] = set()
 _SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
 
 
+_SHAPE_ATTRS = {"shape", "ndim", "device", "dtype", "is_cuda"}  # what a tensor says about itself, not its data
+_SHAPE_METHODS = {"size", "dim", "numel", "get_device"}
+_UNKNOWN = object()  # a concrete value the tracer could not compute
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's BatchNormAct2d (split later into BN + activation) and Linear whole;
-    ``failed_in`` names the innermost module whose tracing raised (for the error message)."""
+    ``failed_in`` names the innermost module whose tracing raised (for the error message).
+
+    Given an ``example`` input, every traced value is also computed on it, so a Python branch on a tensor's
+    *size* (MobileViT: ``if new_h != H``; EfficientViT: ``if H == ws``) takes the branch this input size takes,
+    as a size-specialised export does; ``specialized`` lists where. A branch on tensor *values* still raises.
+    """
 
     failed_in: tuple[str, str] | None = None  # (qualified name, class name)
 
-    def __init__(self, untraceable: set[str] = frozenset()):
+    def __init__(self, untraceable: set[str] = frozenset(), example: torch.Tensor | None = None):
         super().__init__()
         self.untraceable = untraceable  # modules called whole (they stay FP32)
+        self.example = example
+        self.values: dict[fx.Node, object] = {}  # node -> its value on the example input
+        self.static: set[fx.Node] = set()  # nodes whose value follows from tensor sizes only
+        self.specialized: dict[str, str] = {}  # module -> the class whose code branched on a size
+        self.evaluating = False  # inside a leaf module's concrete call (fx's patches must stand aside)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
         return type(m).__name__ in _NORM_ACT + _SAME or isinstance(m, nn.Linear) or \
             qualname in self.untraceable or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self.evaluating:  # computing a leaf module's value: run it, do not trace it
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = (self.path_of_module(m), type(m).__name__)
             raise
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # ---- concrete values (only with an example input)
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self) if self.example is not None else super().proxy(node)
+
+    def value(self, a):
+        """``a`` with every proxy replaced by its value on the example (``_UNKNOWN`` where there is none)."""
+        if isinstance(a, fx.proxy.Attribute) and a._node is None:
+            root = self.value(a.root)
+            return _UNKNOWN if root is _UNKNOWN else getattr(root, a.attr, _UNKNOWN)
+        if isinstance(a, fx.Proxy):
+            return self.values.get(a.node, _UNKNOWN)
+        if isinstance(a, (tuple, list)):
+            return type(a)(self.value(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.value(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self.value(a.start), self.value(a.stop), self.value(a.step))
+        return a
+
+    def is_static(self, a) -> bool:
+        """Whether ``a`` follows from tensor sizes and constants only (safe to specialise on)."""
+        if isinstance(a, fx.proxy.Attribute) and a._node is None:
+            return a.attr in _SHAPE_ATTRS or self.is_static(a.root)
+        if isinstance(a, fx.Proxy):
+            return a.node in self.static
+        if isinstance(a, (tuple, list)):
+            return all(self.is_static(x) for x in a)
+        if isinstance(a, dict):
+            return all(self.is_static(x) for x in a.values())
+        return not isinstance(a, torch.Tensor)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example is None:
+            return proxy
+        node = proxy.node
+        self.evaluating = True
+        try:
+            with torch.no_grad():
+                if kind == "placeholder":
+                    val = self.example if not any(n.op == "placeholder" for n in self.values) else _UNKNOWN
+                elif kind == "get_attr":
+                    val = operator.attrgetter(target)(self.root)
+                else:
+                    a, kw = self.value(args), self.value(kwargs)
+                    if any(v is _UNKNOWN for v in _flat((a, kw))):
+                        val = _UNKNOWN
+                    elif kind == "call_function":
+                        val = target(*a, **kw)
+                    elif kind == "call_method":
+                        val = getattr(a[0], target)(*a[1:], **kw)
+                    else:
+                        val = self.root.get_submodule(target)(*a, **kw)
+        except Exception:
+            val = _UNKNOWN
+        finally:
+            self.evaluating = False
+        self.values[node] = val
+        if val is not _UNKNOWN and not isinstance(val, torch.Tensor) and kind in ("call_function", "call_method"):
+            shape_query = (kind == "call_method" and target in _SHAPE_METHODS) or \
+                (target is getattr and args[1] in _SHAPE_ATTRS)
+            if shape_query or self.is_static((args, kwargs)):
+                self.static.add(node)
+        return proxy
+
+    def concrete(self, obj: fx.Proxy, what: str):
+        """The value of ``obj`` on the example input, where it follows from sizes only; else fx's error."""
+        if self.example is None or not self.is_static(obj) or (val := self.value(obj)) is _UNKNOWN:
+            raise fx.proxy.TraceError(f"symbolically traced variables cannot be used as inputs to {what}")
+        self.specialized.setdefault(self.scope.module_path, self.scope.module_type.__name__
+                                    if self.scope.module_type else "")
+        return val
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.concrete(obj, "control flow"))
+
+    def iter(self, obj: fx.Proxy):
+        n = len(self.concrete(obj, "iteration"))  # a size: iterate its elements as graph values (batch stays dynamic)
+        return iter([obj[i] for i in range(n)])
+
+
+def _flat(a) -> list:
+    out: list = []
+    fx.node.map_aggregate(a, out.append)
+    return out
+
+
+class _SizedProxy(fx.Proxy):
+    """A proxy that converts to a Python number where its value follows from tensor sizes (see ``_Tracer``)."""
+
+    def __getattr__(self, k: str):
+        return _SizedAttribute(self, k)
+
+    def __len__(self) -> int:
+        return len(self.tracer.concrete(self, "len()"))
+
+    def __int__(self) -> int:
+        return int(self.tracer.concrete(self, "int()"))
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.concrete(self, "an index"))
+
+    def __float__(self) -> float:
+        return float(self.tracer.concrete(self, "float()"))
+
+    def __ceil__(self) -> int:
+        return math.ceil(self.tracer.concrete(self, "math.ceil"))
+
+    def __floor__(self) -> int:
+        return math.floor(self.tracer.concrete(self, "math.floor"))
+
+
+class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):
+    """``x.device.type`` and the like: a string where the code needs one (``torch.autocast(device_type=...)``)."""
+
+    def __getattr__(self, k: str):
+        if k == "type" and isinstance(val := self.tracer.value(self), torch.device):
+            return val.type
+        return _SizedAttribute(self, k)
 
 
 def _split_norm_act(gm: fx.GraphModule) -> None:
@@ -815,6 +958,20 @@ def _default_args(model: nn.Module) -> dict | None:
     return out or None
 
 
+def _differs_at_batch_2(model: nn.Module, gm: fx.GraphModule, image_size: int) -> str:
+    """Why the size-specialised trace ``gm`` does not compute ``model`` at another batch size ('' if it does)."""
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            want, got = model(x), gm(x)
+    except Exception as e:
+        return f"{type(e).__name__}: {first_line(e)}"
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
+        return "other outputs"
+    err = (want - got).abs().max().item()
+    return "" if err <= 1e-4 * (1.0 + want.abs().max().item()) else f"max |difference| {err:.2g}"
+
+
 def _float_test(prefixes: tuple[str, ...]):
     """node -> True when it lies inside one of the modules named in ``prefixes`` (kept in FP32)."""
 
@@ -838,24 +995,40 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     model = model.cpu().eval()
     model = _unroll_attention(model, spec.float_layers, image_size)
     untraceable: dict[str, str] = {}  # module -> why fx cannot trace it (it stays FP32, called whole)
+    example = None  # after a failed trace: an input, so branches on tensor sizes can be followed
     while True:
-        tracer = _Tracer(set(untraceable))
+        tracer = _Tracer(set(untraceable), example)
         try:
             gm = fx.GraphModule(model, tracer.trace(model, concrete_args=_default_args(model)))
-            break
         except Exception as e:
             first = first_line(e)
             name = tracer.failed_in[0] if tracer.failed_in else ""
+            if example is None:
+                example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+                continue
             if name and name not in untraceable and len(untraceable) < _MAX_UNTRACEABLE:
-                untraceable[name] = f"{type(e).__name__}: {first}"  # MobileViT's blocks branch on their input size
+                untraceable[name] = f"{type(e).__name__}: {first}"  # a branch on tensor values
                 continue
             where = f" in module {name!r} ({tracer.failed_in[1]})" if tracer.failed_in else ""
             raise PipelineError(f"cannot trace the model for quantization{where} ({type(e).__name__}: {first}); "
                                 "models with data-dependent control flow need another qat.source, or that module "
                                 "rewritten without Python branches on tensor values") from None
-    if untraceable and (said := (type(model).__name__, tuple(untraceable))) not in _SAID_UNTRACEABLE:
+        wrong = tracer.specialized and _differs_at_batch_2(model, gm, image_size)
+        if not wrong:
+            break
+        if "" in tracer.specialized or len(untraceable) + len(tracer.specialized) > _MAX_UNTRACEABLE:
+            raise PipelineError(f"the model's forward branches on tensor sizes in a way its traced form does not "
+                                f"reproduce at batch 2 ({wrong}); keep it out of qat (pipeline without qat)")
+        untraceable.update({m: f"its size-specialised trace differs at batch 2 ({wrong})" for m in tracer.specialized})
+    if (said := (type(model).__name__, tuple(untraceable), tuple(tracer.specialized))) not in _SAID_UNTRACEABLE:
         _SAID_UNTRACEABLE.add(said)  # once per process: prepare_qat runs in qat, export and placement
-        log.info("qat: torch.fx cannot trace these modules; kept FP32, called whole: %s", grouped_reasons(untraceable))
+        if tracer.specialized:
+            log.info("qat: traced for %dx%d inputs (their code branches on tensor sizes): %s", image_size,
+                     image_size, ", ".join(f"{m} ({c})" for m, c in list(tracer.specialized.items())[:6]) +
+                     (f" and {len(tracer.specialized) - 6} more" if len(tracer.specialized) > 6 else ""))
+        if untraceable:
+            log.info("qat: torch.fx cannot trace these modules; kept FP32, called whole: %s",
+                     grouped_reasons(untraceable))
     _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
@@ -974,6 +1147,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             return type(gm.get_submodule(node.target)).__name__
         return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
+    def same_dtype(node: fx.Node) -> bool:
+        src = node.args[0] if node.args else None
+        return isinstance(src, fx.Node) and is_tensor(node) and is_tensor(src) and \
+            node.meta["tensor_meta"].dtype == src.meta["tensor_meta"].dtype
+
     def sliced_from(node: fx.Node) -> fx.Node | None:
         """The tensor a getitem cuts from: ``x[i]``, or ``x.chunk(...)[i]`` and the like."""
         src = node.args[0]
@@ -1018,7 +1196,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) == \
                 "quant_after" and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
             kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
-        elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS):
+        elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
+                (node.op == "call_method" and node.target in _CAST_METHODS and same_dtype(node)):
             kind[node] = "pass"
         elif node.target in (_QUANT_AFTER_FUNCS if node.op == "call_function" else _QUANT_AFTER_METHODS):
             kind[node] = "quant_after"
@@ -1026,6 +1205,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 kind[node] = "pass"  # quantize after the activation that follows the add
             if node.target in ("softmax", F.softmax, torch.softmax):
                 node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
+            if node.target in _MATMUL | {"matmul"} and (u := _only_user(node)) is not None and \
+                    u.target in ("softmax", F.softmax, torch.softmax):
+                kind[node] = "pass"  # attention scores stay float: MatMulIntegerToFloat, then a float Softmax
         else:
             kind[node] = "float"
         if kind.get(node) in ("quant_after", "input") and not is_tensor(node):
@@ -1084,19 +1266,20 @@ def quantized_layers(model: nn.Module) -> list[str]:
 
 
 def activation_matmuls(model: nn.Module) -> int:
-    """Quantized matmuls of two activations (attention's q @ k^T and attn @ v): INT8 kernels in ORT
-    (QLinearMatMul) that are not layers."""
+    """Matmuls of two quantized activations (attention's q @ k^T and attn @ v): INT8 kernels in ORT
+    (MatMulIntegerToFloat, QLinearMatMul) that are not layers."""
     graph = getattr(model, "graph", None)
     if graph is None:
         return 0
 
-    def quantized(node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(model.get_submodule(node.target), ActQuant)
+    def quantized(a) -> bool:
+        return isinstance(a, fx.Node) and a.op == "call_module" and \
+            isinstance(model.get_submodule(a.target), (ActQuant, SharedQuant))
 
-    return sum(1 for n in graph.nodes
-               if ((n.op == "call_function" and n.target in _MATMUL)
-                   or (n.op == "call_method" and n.target == "matmul"))
-               and n.users and all(quantized(u) for u in n.users))
+    def matmul(n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target == "matmul")
+
+    return sum(1 for n in graph.nodes if matmul(n) and len(n.args) >= 2 and all(map(quantized, n.args[:2])))
 
 
 def act_quants(model: nn.Module) -> list[ActQuant]:

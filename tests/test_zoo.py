@@ -4,6 +4,8 @@ validate, with ops that have no INT8 kernel kept float and every conv/linear on 
 from __future__ import annotations
 
 import json
+import logging
+import math
 
 import pytest
 import torch
@@ -278,15 +280,50 @@ def _calibrated_coverage(gm, model: torch.nn.Module, x: torch.Tensor, tmp_path, 
     return onnxio.kernel_coverage(tmp_path / "q.onnx")
 
 
+def test_branches_on_tensor_sizes_are_traced_for_the_input_size(tmp_path, caplog):
+    """MobileViT's and EfficientViT's blocks branch on their input's size (and read ``x.device.type`` for
+    autocast): traced for the configured input size, they are quantized like the rest, compute what the
+    model computes at other batch sizes, and the qat log names them."""
+    from pipeline import quant
+
+    class Window(torch.nn.Module):  # EfficientViT-M's LocalWindowAttention, reduced to its Python
+        def __init__(self, ws: int):
+            super().__init__()
+            self.ws, self.conv = ws, torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            B, C, H, W = x.shape
+            new_h, new_w = math.ceil(H / self.ws) * self.ws, math.ceil(W / self.ws) * self.ws
+            if new_h == H and new_w == W:
+                return self.conv(x)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y = torch.nn.functional.pad(x, (0, new_w - W, 0, new_h - H)).float()
+            return self.conv(y)[:, :, :H, :W]
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), Window(4),
+                                torch.nn.Conv2d(8, 8, 3)).eval()
+    with caplog.at_level(logging.INFO, logger="pipeline.quant"):
+        gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 9)
+    assert "qat: traced for 9x9 inputs (their code branches on tensor sizes): 2 (Window)" in caplog.text
+    assert quant.quantized_layers(gm) == ["0", "2.conv", "3"]
+    assert set(quant.float_ops(gm)) <= {"pad (no INT8 kernel in ONNX Runtime)"}, quant.float_ops(gm)  # .float(): none
+    assert _calibrated_coverage(gm, model, torch.randn(8, 3, 9, 9), tmp_path, tol=0.15)["int8_kernels"] == 3
+
+
 def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line(tmp_path):
-    """A module with a Python branch on a tensor value (MobileViT's blocks) is called whole and stays FP32,
-    listed with its reason; the rest is quantized and exports. Where the model's own forward branches,
-    there is nothing to keep whole: one line naming the module and the way out."""
+    """A module fx cannot trace even with the input size known (``len()`` of a tensor, a branch on the batch
+    size) is called whole and stays FP32, listed with its reason; the rest is quantized and exports. Where the
+    model's own forward branches on tensor values, there is nothing to keep whole: one line naming the module
+    and the way out."""
     from pipeline import quant
 
     class Gate(torch.nn.Module):
         def forward(self, x):
-            return x * 2 if x.shape[-1] % 2 == 0 else x  # a Python branch on the input size, as MobileViT's
+            return x.reshape(len(x), -1).reshape(x.shape) * 2  # len(): the batch size, which must stay free
+
+    class PerBatch(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[0] == 1 else x  # a size branch that differs between batch sizes
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(torch.nn.ReLU(), Gate()),
                                 torch.nn.Conv2d(8, 8, 3)).eval()
@@ -294,6 +331,9 @@ def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line
     assert quant.float_ops(gm) == {"Gate (torch.fx cannot trace it)": ["_1_1"]}
     assert quant.quantized_layers(gm) == ["0", "2"]
     assert _calibrated_coverage(gm, model, torch.randn(8, 3, 8, 8), tmp_path, tol=0.1)["int8_kernels"] == 2
+    per_batch = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), PerBatch()).eval()  # (no export: nor of the float model)
+    gm = quant.prepare_qat(per_batch, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    assert quant.float_ops(gm) == {"PerBatch (torch.fx cannot trace it)": ["_1"]}
 
     class Root(torch.nn.Module):
         def __init__(self):
