@@ -624,6 +624,7 @@ _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Fla
 _ADD = {operator.add, torch.add, operator.iadd}
 _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _MATMUL = {torch.matmul, operator.matmul}  # attention's q @ k^T and attn @ v: QLinearMatMul
+_SOFTMAX = {"softmax", F.softmax, torch.softmax}
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze, F.softmax,
@@ -1203,23 +1204,30 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             kind[node] = "quant_after"
             if node.target in _ADD and _is_act(_only_user(node), gm):
                 kind[node] = "pass"  # quantize after the activation that follows the add
-            if node.target in ("softmax", F.softmax, torch.softmax):
+            if node.target in _SOFTMAX:
                 node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
-            if node.target in _MATMUL | {"matmul"} and (u := _only_user(node)) is not None and \
-                    u.target in ("softmax", F.softmax, torch.softmax):
-                kind[node] = "pass"  # attention scores stay float: MatMulIntegerToFloat, then a float Softmax
         else:
             kind[node] = "float"
         if kind.get(node) in ("quant_after", "input") and not is_tensor(node):
             kind[node] = "pass"  # shapes and tuples (x.shape, chunk) are not quantized
         if kind[node] == "float" and is_tensor(node):
             float_ops.append((node.name, op_name(node), "no INT8 kernel in ONNX Runtime"))
+    # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
+    # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
+    # into Swin's float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
+    takes_float = {n for n in kind if kind[n] == "float" or n.target in _SOFTMAX}
+    for node in reversed(list(kind)):
+        if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
+                all(u in takes_float for u in node.users):
+            kind[node] = "pass"
+            if node.target not in _MATMUL | {"matmul"}:  # a matmul still takes INT8 inputs
+                takes_float.add(node)
     count = 0
 
     def insert_after(node: fx.Node, only_quantized_users: bool = False, module: nn.Module | None = None) -> None:
         nonlocal count
         users = [u for u in node.users
-                 if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output"))]
+                 if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output" or u.target in _SOFTMAX))]
         if not users:
             return
         name = f"act_quant_{count}"
