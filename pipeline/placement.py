@@ -9,9 +9,10 @@ Besides module names, ``qat.float_layers`` takes two tokens:
   first k blocks FP32 (k = 0 .. half the blocks, until two in a row are far slower than the best; one
   QuantizeLinear at the boundary), each is prepared, calibrated and exported as the qat/export stages
   would, and ONNX Runtime times them interleaved against each other and the FP32 model on this CPU.
-  One more candidate keeps FP32 every block holding an op ONNX Runtime has no INT8 kernel for (LayerNorm,
-  GELU, ...): each such op costs a DequantizeLinear/QuantizeLinear pair, which on small token counts
-  (MobileViT's and EfficientViT's attention blocks) costs more than their INT8 matmuls save.
+  One more candidate keeps FP32 every module whose own code runs an op ONNX Runtime has no INT8 kernel for
+  (the parent of a LayerNorm or GELU: a transformer layer, an MLP): each such op costs a
+  DequantizeLinear/QuantizeLinear pair, which on small token counts (MobileViT's attention) costs more than
+  the INT8 matmuls save.
   The fastest wins, and of candidates within ``MARGIN`` of it the one with the fewest FP32 blocks (timing
   noise on a shared machine is of that size). Speed does not depend on the weights, so any weights do.
 """
@@ -116,18 +117,25 @@ def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     return []
 
 
-def float_islands(gm: fx.GraphModule, blocks: list[str]) -> list[str]:
-    """The ``blocks`` that hold an op the QAT form ``gm`` leaves float between DequantizeLinear and QuantizeLinear
-    (not layers kept FP32 on purpose)."""
+def float_islands(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """The modules of ``model`` whose own code runs an op the QAT form ``gm`` leaves float between
+    DequantizeLinear and QuantizeLinear (a LayerNorm's or GELU's parent: a transformer layer, an MLP), outermost
+    first; ops kept FP32 on purpose (``qat.float_layers``) do not count."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    paths = set()
+    modules = dict(model.named_modules())
+    found: list[str] = []
     for name, _, why in gm.meta.get("float_ops", []):
         node = nodes.get(name)
         if node is None or why == "qat.float_layers":
             continue
-        stack = list(node.meta.get("nn_module_stack") or {})
-        paths.add(str(node.target) if node.op == "call_module" else stack[-1].split("@")[0] if stack else "")
-    return [b for b in blocks if any(inside(p, (b,)) for p in paths if p)]
+        stack = [k.split("@")[0] for k in node.meta.get("nn_module_stack") or {}]
+        path = str(node.target).rsplit(".", 1)[0] if node.op == "call_module" and "." in str(node.target) else \
+            stack[-1] if stack and node.op != "call_module" else ""
+        while path and path not in modules:
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        if path and path not in found:
+            found.append(path)
+    return [p for p in found if not inside(p, tuple(q for q in found if q != p))]
 
 
 def export_int8(gm: fx.GraphModule, images: torch.Tensor, path: Path) -> None:
@@ -149,10 +157,10 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     blocks = every[: len(every) // 2]
     plans = [[]] + [blocks[:k] for k in range(1, len(blocks) + 1)]  # all-INT8, then FP32 prefixes
     labels = ["all INT8"] + [f"FP32 up to {b}" for b in blocks]
-    islands = float_islands(all_int8, every)
-    if islands and len(islands) < len(every) and islands not in plans:
+    islands = [m for m in float_islands(all_int8, model) if not inside(m, spec.float_layers)]
+    if islands and islands not in plans:
         plans.insert(1, islands)
-        labels.insert(1, f"FP32 where ops stay float ({len(islands)} blocks)")
+        labels.insert(1, f"FP32 where ops stay float ({len(islands)} modules)")
     x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"

@@ -1215,7 +1215,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
     # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
     # into Swin's float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
-    takes_float = {n for n in kind if kind[n] == "float" or n.target in _SOFTMAX}
+    takes_float = {n for n in kind if (kind[n] == "float" and is_tensor(n)) or n.target in _SOFTMAX}
     for node in reversed(list(kind)):
         if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
                 all(u in takes_float for u in node.users):

@@ -593,6 +593,32 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
+def test_attention_scores_come_out_float_and_split_qkv_keeps_its_scale(tmp_path):
+    """EfficientViT's pattern: q, k, v cut from one quantized tensor (chunk) keep its scale, ``q @ k^T`` runs on an
+    INT8 kernel with float scores into a float Softmax (ORT's QLinearSoftmax is slower), ``attn @ v`` is
+    QLinearMatMul; the result computes what the float model does."""
+
+    class Att(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 24, 4, stride=4)
+
+        def forward(self, x):
+            q, k, v = self.conv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+            return ((q @ k.transpose(-1, -2)).softmax(-1) @ v).mean(1)
+
+    torch.manual_seed(0)
+    model = Att().eval()
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    x = torch.randn(8, 3, 16, 16)
+    dep, ops = _calibrated_export(gm, x, tmp_path)
+    assert ops["QLinearMatMul"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Softmax"] == 1, ops
+    assert "QLinearSoftmax" not in ops and quant.activation_matmuls(dep) == 2, ops
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), model(x), rtol=0.1, atol=0.05)
+
+
 class _WithFlag(torch.nn.Module):
     """A forward with an optional flag it branches on (timm's attn_mask=None, is_causal=False are the same)."""
 

@@ -102,16 +102,18 @@ def test_the_speed_probe_quantizes_with_the_measured_placement(monkeypatch, tmp_
 
 
 def test_blocks_with_float_ops_are_one_more_candidate(monkeypatch):
-    """The blocks holding ops without an INT8 kernel (a GELU here) kept FP32 together: one candidate besides the
-    prefixes, chosen when it is the fastest, and named as such."""
+    """The modules running ops without an INT8 kernel (a GELU here, as a module and as a function) kept FP32
+    together: one candidate besides the prefixes, chosen when it is the fastest, and named as such."""
 
     class Block(torch.nn.Module):
         def __init__(self, act: bool):
             super().__init__()
             self.conv, self.act = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.GELU() if act else torch.nn.ReLU()
+            self.fn = False
 
         def forward(self, x):
-            return self.act(self.conv(x)) + x
+            y = self.conv(x)
+            return (torch.nn.functional.gelu(y) if isinstance(self.act, torch.nn.GELU) and self.fn else self.act(y)) + x
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -125,14 +127,15 @@ def test_blocks_with_float_ops_are_one_more_candidate(monkeypatch):
 
     torch.manual_seed(0)
     model = Net().eval()
+    model.blocks[6].fn = True  # F.gelu in the block's own code
     gm = quant.prepare_qat(model, SPEC, 8)
     every = placement.leading_blocks(gm, model)
-    assert placement.float_islands(gm, every) == ["blocks.5", "blocks.6"]
+    assert placement.float_islands(gm, model) == ["blocks.5", "blocks.6"]
     ms = {"fp32.onnx": 1.0, "int8-0.onnx": 0.9, "int8-1.onnx": 0.6}  # int8-1: the islands; prefixes 0.95
     monkeypatch.setattr(onnxio, "session", lambda path, threads=0: path.name)
     monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 0.95) / 1e3))
     p = placement.measure(model, SPEC, 8, torch.randn(4, 3, 8, 8), 2, progress=False)
     assert p.float_layers == ["blocks.5", "blocks.6"]
-    assert p.candidates[1]["label"] == "FP32 where ops stay float (2 blocks)"
+    assert p.candidates[1]["label"] == "FP32 where ops stay float (2 modules)"
     assert len(p.candidates) == 2 + len(every) // 2
-    assert p.summary().startswith("FP32 where ops stay float (2 blocks): 1.67x FP32, 1.50x all-INT8")
+    assert p.summary().startswith("FP32 where ops stay float (2 modules): 1.67x FP32, 1.50x all-INT8")
