@@ -81,7 +81,7 @@ class Placement:
 
     def lines(self) -> list[str]:
         """One line per candidate, for the log."""
-        return [f"{_label(c):<28} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
+        return [f"{_label(c):<40} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
                 for c in self.candidates]
 
     def as_dict(self) -> dict:

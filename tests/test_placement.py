@@ -134,8 +134,13 @@ def test_blocks_with_float_ops_are_one_more_candidate(monkeypatch):
     ms = {"fp32.onnx": 1.0, "int8-0.onnx": 0.9, "int8-1.onnx": 0.6}  # int8-1: the islands; prefixes 0.95
     monkeypatch.setattr(onnxio, "session", lambda path, threads=0: path.name)
     monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 0.95) / 1e3))
+    exported = []  # the exports themselves are tested above
+    monkeypatch.setattr(placement, "export_int8", lambda gm, images, path: exported.append(gm))
+    monkeypatch.setattr(onnxio, "export_onnx", lambda *a, **k: None)
     p = placement.measure(model, SPEC, 8, torch.randn(4, 3, 8, 8), 2, progress=False)
     assert p.float_layers == ["blocks.5", "blocks.6"]
     assert p.candidates[1]["label"] == "FP32 where ops stay float (2 modules)"
-    assert len(p.candidates) == 2 + len(every) // 2
+    assert len(p.candidates) == len(exported) == 2 + len(every) // 2
+    assert quant.quantized_layers(exported[1]) == [n for n in quant.quantized_layers(gm) if n not in
+                                                   ("blocks.5.conv", "blocks.6.conv")]  # the islands FP32
     assert p.summary().startswith("FP32 where ops stay float (2 modules): 1.67x FP32, 1.50x all-INT8")
