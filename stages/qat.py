@@ -95,7 +95,8 @@ def check(view: GraphView) -> list[str]:
 
 
 def key_extra(view: GraphView, node: str) -> dict | None:
-    """``auto`` settings mean another model on another CPU: the key holds the resolved bits and, for
+    """``auto`` settings mean another model on another CPU: the key holds the resolved bits, the version of the
+    QAT rewrite (``quant.REWRITE``) and, for
     ``float_layers=[auto]``, the rule's version and the CPU architecture it resolves for; for ``[measure]``
     the CPU model and flags it was timed on."""
     import platform
@@ -103,7 +104,7 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     from pipeline.onnxio import cpu_info
 
     cfg: Config = view.settings["qat"]
-    extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0]}
+    extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0], "rewrite": quant.REWRITE}
     if placement.AUTO in cfg.float_layers:
         extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
     if placement.MEASURE in cfg.float_layers:

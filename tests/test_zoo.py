@@ -3,6 +3,7 @@ validate, with ops that have no INT8 kernel kept float and every conv/linear on 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -309,6 +310,12 @@ def test_branches_on_tensor_sizes_are_traced_for_the_input_size(tmp_path, caplog
     assert quant.quantized_layers(gm) == ["0", "2.conv", "3"]
     assert set(quant.float_ops(gm)) <= {"pad (no INT8 kernel in ONNX Runtime)"}, quant.float_ops(gm)  # .float(): none
     assert _calibrated_coverage(gm, model, torch.randn(8, 3, 9, 9), tmp_path, tol=0.15)["int8_kernels"] == 3
+    before_loading = torch.nn.Sequential(*(copy.deepcopy(m) for m in model)).eval()  # a checkpoint's model: NaN
+    with torch.no_grad():  # weights until its state dict is loaded must not change how it is traced
+        for p in before_loading.parameters():
+            p.fill_(float("nan"))
+    assert quant.quantized_layers(quant.prepare_qat(before_loading, quant.QuantSpec("uint8", 8, 0.01, ()), 9)) == \
+        ["0", "2.conv", "3"]
 
 
 def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line(tmp_path):
