@@ -758,8 +758,7 @@ class _Tracer(fx.Tracer):
         """The value of ``obj`` on the example input, where it follows from sizes only; else fx's error."""
         if self.example is None or not self.is_static(obj) or (val := self.value(obj)) is _UNKNOWN:
             raise fx.proxy.TraceError(f"symbolically traced variables cannot be used as inputs to {what}")
-        self.specialized.setdefault(self.scope.module_path, self.scope.module_type.__name__
-                                    if self.scope.module_type else "")
+        self.specialized.setdefault(self.scope.module_path, (self.scope.module_type or type(self.root)).__name__)
         return val
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -965,11 +964,15 @@ def _default_args(model: nn.Module) -> dict | None:
 def _differs_at_batch_2(model: nn.Module, gm: fx.GraphModule, image_size: int) -> str:
     """Why the size-specialised trace ``gm`` does not compute ``model`` at another batch size ('' if it does)."""
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            want, got = model(x), gm(x)
-    except Exception as e:
-        return f"{type(e).__name__}: {first_line(e)}"
+    with torch.no_grad():
+        try:
+            want = model(x)
+        except Exception:
+            return ""  # the model itself does not run on this input: the shape check after tracing says so
+        try:
+            got = gm(x)
+        except Exception as e:
+            return f"{type(e).__name__}: {first_line(e)}"
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
         return "other outputs"
     if not torch.equal(want.isnan(), got.isnan()):  # weights not loaded yet (a checkpoint's model) may give NaN
@@ -1030,9 +1033,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     if (said := (type(model).__name__, tuple(untraceable), tuple(tracer.specialized))) not in _SAID_UNTRACEABLE:
         _SAID_UNTRACEABLE.add(said)  # once per process: prepare_qat runs in qat, export and placement
         if tracer.specialized:
+            where = [f"{m or 'the model'} ({c})" for m, c in tracer.specialized.items()]
             log.info("qat: traced for %dx%d inputs (their code branches on tensor sizes): %s", image_size,
-                     image_size, ", ".join(f"{m} ({c})" for m, c in list(tracer.specialized.items())[:6]) +
-                     (f" and {len(tracer.specialized) - 6} more" if len(tracer.specialized) > 6 else ""))
+                     image_size, ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else ""))
         if untraceable:
             log.info("qat: torch.fx cannot trace these modules; kept FP32, called whole: %s",
                      grouped_reasons(untraceable))
