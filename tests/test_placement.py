@@ -39,16 +39,17 @@ def test_base_spec_combines_names_and_auto(monkeypatch):
     assert spec.keeping_fp32(["layer2"]).float_layers == ("fc", "conv1", "layer1.0", "layer2")
 
 
-@pytest.mark.parametrize("int8_ms,chosen,tried", [
-    ([0.8, 0.5, 0.55, 0.55, 0.55, 0.55], 1, 6),  # one FP32 block is fastest
-    pytest.param([0.8, 0.79, 0.6, 0.65, 0.65, 0.65], 2, 6, marks=pytest.mark.zoo),  # as the first, two blocks
-    ([0.8, 0.79, 0.9, 0.9, 0.85, 0.85], 0, 6),  # within the margin of all-INT8: timing noise must not decide
-    ([0.8, 0.6, 0.59, 0.58, 0.7, 0.7], 1, 6),  # as fast within the margin: the fewest FP32 blocks
-    ([0.5, 0.9, 0.9, 0.5, 0.5, 0.5], 0, 3),  # two in a row far slower than the best: no more candidates exported
-    ([1.3, 1.2, 1.25, 1.25, 1.3, 1.3], 1, 6),  # every placement slower than FP32 (1.0 ms): the advice says so
+@pytest.mark.parametrize("int8_ms,chosen,tried,real", [
+    ([0.8, 0.5, 0.55, 0.55, 0.55, 0.55], 1, 6, True),  # one FP32 block is fastest
+    pytest.param([0.8, 0.79, 0.6, 0.65, 0.65, 0.65], 2, 6, True, marks=pytest.mark.zoo),  # two blocks
+    ([0.8, 0.79, 0.9, 0.9, 0.85, 0.85], 0, 6, False),  # within the margin of all-INT8: noise must not decide
+    ([0.8, 0.6, 0.59, 0.58, 0.7, 0.7], 1, 6, False),  # as fast within the margin: the fewest FP32 blocks
+    ([0.5, 0.9, 0.9, 0.5, 0.5, 0.5], 0, 3, True),  # two in a row far slower than the best: no more exported
+    ([1.3, 1.2, 1.25, 1.25, 1.3, 1.3], 1, 6, False),  # every placement slower than FP32 (1.0 ms): the advice says so
 ])
-def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
-    """Real exports of every candidate; ONNX Runtime's timer replaced by fixed times per file."""
+def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried, real):
+    """Every candidate exported (``real``; else the export stubbed, the choice is the same); ONNX Runtime's timer
+    replaced by fixed times per file."""
     torch.manual_seed(0)
     model = build_model(R8).eval()
     blocks = placement.leading_blocks(quant.prepare_qat(model, SPEC), model)
@@ -61,6 +62,9 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried):
 
     monkeypatch.setattr(onnxio, "session", fake_session)
     monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 9.0) / 1e3))
+    if not real:
+        monkeypatch.setattr(placement, "export_int8", lambda gm, images, path: None)
+        monkeypatch.setattr(onnxio, "export_onnx", lambda *a, **k: None)
     p = placement.measure(model, SPEC, 32, torch.randn(8, 3, 32, 32), 4, progress=False)
     assert len(blocks) // 2 + 1 == len(int8_ms)  # candidates k = 0 .. half the blocks
     assert len(p.candidates) == tried == len(exported) - 1  # + the FP32 model
