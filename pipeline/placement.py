@@ -67,7 +67,7 @@ class Placement:
     def summary(self) -> str:
         """One line: what was chosen, its speed against FP32 and against all-INT8."""
         all_int8, best = self.candidates[0], self.chosen
-        return (f"{_label(best)}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
+        return (f"{best['label']}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
                 f"(batch {self.batch}, {len(self.candidates)} placements timed)")
 
     def advice(self) -> str | None:
@@ -81,15 +81,11 @@ class Placement:
 
     def lines(self) -> list[str]:
         """One line per candidate, for the log."""
-        return [f"{_label(c):<40} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
+        return [f"{c['label']:<40} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
                 for c in self.candidates]
 
     def as_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
-
-
-def _label(candidate: dict) -> str:
-    return candidate["label"]
 
 
 def leading_blocks(gm: fx.GraphModule, model: nn.Module) -> list[str]:
@@ -128,11 +124,13 @@ def float_islands(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         node = nodes.get(name)
         if node is None or why == "qat.float_layers":
             continue
-        stack = [k.split("@")[0] for k in node.meta.get("nn_module_stack") or {}]
-        path = str(node.target).rsplit(".", 1)[0] if node.op == "call_module" and "." in str(node.target) else \
-            stack[-1] if stack and node.op != "call_module" else ""
+        if node.op == "call_module":  # a LayerNorm module: its parent
+            path = str(node.target).rpartition(".")[0]
+        else:  # F.gelu in a module's forward: that module
+            stack = [k.split("@")[0] for k in node.meta.get("nn_module_stack") or {}]
+            path = stack[-1] if stack else ""
         while path and path not in modules:
-            path = path.rsplit(".", 1)[0] if "." in path else ""
+            path = path.rpartition(".")[0]
         if path and path not in found:
             found.append(path)
     return [p for p in found if not inside(p, tuple(q for q in found if q != p))]
@@ -158,9 +156,11 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     plans = [[]] + [blocks[:k] for k in range(1, len(blocks) + 1)]  # all-INT8, then FP32 prefixes
     labels = ["all INT8"] + [f"FP32 up to {b}" for b in blocks]
     islands = [m for m in float_islands(all_int8, model) if not inside(m, spec.float_layers)]
+    island_k = None  # its candidate's index: not a prefix, so no part of the stopping rule
     if islands and islands not in plans:
-        plans.insert(1, islands)
-        labels.insert(1, f"FP32 where ops stay float ({len(islands)} modules)")
+        island_k = 1
+        plans.insert(island_k, islands)
+        labels.insert(island_k, f"FP32 where ops stay float ({len(islands)} modules)")
     x = np.ascontiguousarray(np.resize(images.numpy(), (batch, *images.shape[1:])))
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -175,8 +175,8 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
                         path)
             sessions[k] = onnxio.session(path, threads)
             t = float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs)))
-            if labels[k].startswith("FP32 where"):
-                continue  # not a prefix: no part of the stopping rule
+            if k == island_k:
+                continue
             quick.append(t)
             if len(quick) >= 3 and min(quick[-2:]) > STOP * min(quick):
                 break  # two prefixes in a row far slower than the best: more FP32 blocks will not pay

@@ -627,7 +627,7 @@ _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Fla
 _ADD = {operator.add, torch.add, operator.iadd}
 _MUL = {operator.mul, torch.mul, operator.imul}  # SE gates: QLinearMul
 _MATMUL = {torch.matmul, operator.matmul}  # attention's q @ k^T and attn @ v: QLinearMatMul
-_SOFTMAX = {"softmax", F.softmax, torch.softmax}
+_SOFTMAX = {F.softmax, torch.softmax}  # and the method .softmax
 _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze, F.softmax,
@@ -643,7 +643,7 @@ _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 
 _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module (split so conv-BN folds)
 _MAX_UNTRACEABLE = 64  # modules fx cannot trace that are kept FP32 before giving up
-_SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...]]] = set()
+_SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...], tuple[str, ...]]] = set()  # (model, untraceable, size-traced)
 _SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
 
 
@@ -767,6 +767,11 @@ class _Tracer(fx.Tracer):
     def iter(self, obj: fx.Proxy):
         n = len(self.concrete(obj, "iteration"))  # a size: iterate its elements as graph values (batch stays dynamic)
         return iter([obj[i] for i in range(n)])
+
+
+def _calls(node: fx.Node, funcs: set, method: str) -> bool:
+    """Whether ``node`` calls one of ``funcs`` or the tensor method ``method`` (``torch.matmul`` / ``x.matmul``)."""
+    return (node.op == "call_function" and node.target in funcs) or (node.op == "call_method" and node.target == method)
 
 
 def _flat(a) -> list:
@@ -1213,7 +1218,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             kind[node] = "quant_after"
             if node.target in _ADD and _is_act(_only_user(node), gm):
                 kind[node] = "pass"  # quantize after the activation that follows the add
-            if node.target in _SOFTMAX:
+            if _calls(node, _SOFTMAX, "softmax"):
                 node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
         else:
             kind[node] = "float"
@@ -1224,19 +1229,20 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
     # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
     # into Swin's float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
-    takes_float = {n for n in kind if (kind[n] == "float" and is_tensor(n)) or n.target in _SOFTMAX}
+    takes_float = {n for n in kind if (kind[n] == "float" and is_tensor(n)) or _calls(n, _SOFTMAX, "softmax")}
     for node in reversed(list(kind)):
         if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
                 all(u in takes_float for u in node.users):
             kind[node] = "pass"
-            if node.target not in _MATMUL | {"matmul"}:  # a matmul still takes INT8 inputs
+            if not _calls(node, _MATMUL, "matmul"):  # a matmul still takes INT8 inputs
                 takes_float.add(node)
     count = 0
 
     def insert_after(node: fx.Node, only_quantized_users: bool = False, module: nn.Module | None = None) -> None:
         nonlocal count
         users = [u for u in node.users
-                 if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output" or u.target in _SOFTMAX))]
+                 if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output" or
+                                                   _calls(u, _SOFTMAX, "softmax")))]
         if not users:
             return
         name = f"act_quant_{count}"
@@ -1293,10 +1299,8 @@ def activation_matmuls(model: nn.Module) -> int:
         return isinstance(a, fx.Node) and a.op == "call_module" and \
             isinstance(model.get_submodule(a.target), (ActQuant, SharedQuant))
 
-    def matmul(n: fx.Node) -> bool:
-        return (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target == "matmul")
-
-    return sum(1 for n in graph.nodes if matmul(n) and len(n.args) >= 2 and all(map(quantized, n.args[:2])))
+    return sum(1 for n in graph.nodes
+               if _calls(n, _MATMUL, "matmul") and len(n.args) >= 2 and all(map(quantized, n.args[:2])))
 
 
 def act_quants(model: nn.Module) -> list[ActQuant]:
