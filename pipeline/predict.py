@@ -2,6 +2,7 @@
 
     python -m pipeline.predict outputs/runs/<run>/deploy photo.jpg            # top-5 with class names
     python -m pipeline.predict outputs/runs/<run>/deploy images/ --csv out.csv  # a folder, batched
+    python -m pipeline.predict outputs/runs/<run>/deploy a.jpg b.png           # several files or folders
     python -m pipeline.predict model.onnx img.png --labels cat,dog --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25
 
 The model's ``metadata_props`` (written by the pipeline's bundle) give class names, mean, std and
@@ -147,7 +148,7 @@ def _floats(text: str | None) -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="bundle folder (outputs/runs/<run>/deploy) or .onnx file")
-    ap.add_argument("images", help="an image file or a folder of images")
+    ap.add_argument("images", nargs="+", help="image files or folders of images (a shell glob works)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--csv", help="also write the predictions to this CSV file")
     ap.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError("--top-k and --batch must be >= 1")
         pred = Predictor(args.model, args.threads, args.labels.split(",") if args.labels else None,
                          _floats(args.mean), _floats(args.std), args.size)
-        single = Path(args.images).is_file()
+        single = len(args.images) == 1 and Path(args.images[0]).is_file()
         rows, failed, batch, names = [], 0, [], []
 
         def flush() -> None:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch.clear()
                 names.clear()
 
-        for path in iter_images(Path(args.images)):
+        for path in (p for arg in args.images for p in iter_images(Path(arg))):
             try:
                 pixels, note = pred.load(path)
             except PipelineError as e:
@@ -195,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 w.writerow(["file", *[h for i in range(1, args.top_k + 1) for h in (f"class{i}", f"prob{i}")]])
                 w.writerows(rows)
         if not rows:
-            raise PipelineError(f"no image in {args.images} could be read")
+            raise PipelineError(f"no image in {' '.join(args.images)} could be read")
         if failed:
-            print(f"note: {failed} images could not be read and were skipped", file=sys.stderr)
+            print(f"note: {failed} image{'s' * (failed > 1)} could not be read and {'were' if failed > 1 else 'was'} "
+                  "skipped", file=sys.stderr)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

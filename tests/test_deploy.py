@@ -103,6 +103,15 @@ def test_predict_resizes_other_sizes_with_a_note(fp32_onnx, tmp_path, capsys):
     assert rc == 0 and "resized from 90x50 to 32x32" in out.err and "skipped 1 files that are not images" in out.err
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert rows[0] == "file,class1,prob1,class2,prob2" and rows[1].startswith(str(tmp_path / "wide.png"))
+    # several files at once (a shell glob): an unreadable one is skipped, not fatal
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.png")
+    (tmp_path / "broken.jpg").write_bytes(b"no jpeg")
+    rc = main([str(fp32_onnx), *(str(tmp_path / n) for n in ("wide.png", "broken.jpg", "b.png")), "--labels",
+               ",".join("abcdefghij"), "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"])
+    out = capsys.readouterr()
+    assert rc == 0 and [line.split(":")[0] for line in out.out.splitlines()] == [
+        str(tmp_path / "wide.png"), str(tmp_path / "b.png")]
+    assert "1 image could not be read and was skipped" in out.err
 
 
 @pytest.mark.slow
