@@ -306,6 +306,8 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             shapes[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+            if extra := _own_tensors(m, skip=("weight", "bias")):  # a per-channel gain (timm's ScaledStdConv2d)
+                shapes[name]["tensors"] = extra
         elif isinstance(m, nn.Linear):
             shapes[name] = {"in": m.in_features, "out": m.out_features}
         elif isinstance(m, nn.BatchNorm2d):
@@ -315,12 +317,14 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
         elif is_attention(m):  # timm-style attention: head count, width, softmax scale (pruned with the qkv linear)
             shapes[name] = {"heads": {"num_heads": m.num_heads, "head_dim": m.head_dim,
                                       **({"scale": float(m.scale)} if hasattr(m, "scale") else {})}}
-        else:  # any other layer with its own tensors (LayerNorm, ConvNeXt's layer_scale, ...): their shapes
-            own = {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-                   if t is not None}
-            if own:
-                shapes[name] = {"tensors": own}
+        elif own := _own_tensors(m):  # any other layer with its own tensors (LayerNorm, layer scales): their shapes
+            shapes[name] = {"tensors": own}
     return shapes
+
+
+def _own_tensors(m: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
+    return {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+            if t is not None and n not in skip}
 
 
 def unknown_layer_errors(key: str, wanted: list[str], model: nn.Module, model_name: str) -> list[str]:
@@ -372,6 +376,7 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
             m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], kh, kw))
             if m.bias is not None:
                 m.bias = nn.Parameter(torch.empty(s["out"]))
+            _resize_tensors(m, s.get("tensors", {}))
         elif isinstance(m, nn.Linear):
             m.in_features, m.out_features = s["in"], s["out"]
             m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
@@ -386,17 +391,21 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
                 if getattr(m, attr) is not None:
                     setattr(m, attr, torch.empty(s["out"]))
         elif "tensors" in s:
-            params = dict(m.named_parameters(recurse=False))
-            for attr, shape in s["tensors"].items():
-                t = getattr(m, attr, None)
-                if t is None or list(t.shape) == shape:
-                    continue
-                setattr(m, attr, nn.Parameter(torch.empty(shape)) if attr in params else torch.empty(shape))
+            _resize_tensors(m, s["tensors"])
             if isinstance(m, nn.LayerNorm) and m.weight is not None:
                 m.normalized_shape = tuple(m.weight.shape)
             elif isinstance(m, nn.GroupNorm) and m.weight is not None:
                 m.num_channels = m.weight.shape[0]
     return model
+
+
+def _resize_tensors(m: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Give ``m``'s own parameters and buffers named in ``shapes`` those shapes (empty; weights load next)."""
+    params = dict(m.named_parameters(recurse=False))
+    for attr, shape in shapes.items():
+        t = getattr(m, attr, None)
+        if t is not None and list(t.shape) != shape:
+            setattr(m, attr, nn.Parameter(torch.empty(shape)) if attr in params else torch.empty(shape))
 
 
 def check_trusted(model_cfg: dict, trusted_target: str | None, source: str) -> None:

@@ -106,6 +106,30 @@ def session(path: Path, threads: int = 0, opt_level: str = "all", providers: lis
         raise PipelineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
 
 
+def _unshare_float_initializers(path: Path) -> None:
+    """Give every node its own copy of a float initializer several nodes read (the exporter and ORT share equal
+    constants: GroupNorm's InstanceNormalization scale of ones), which ORT's quantize_static refuses to
+    quantize ("shared mode is not supported for weight")."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT,
+                                                                            onnx.TensorProto.FLOAT16)}
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                copy = numpy_helper.from_array(numpy_helper.to_array(inits[name]), f"{name}__{seen[name]}")
+                model.graph.initializer.append(copy)
+                node.input[k] = copy.name
+    if any(v > 1 for v in seen.values()):
+        onnx.save(model, str(path))
+
+
 def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str, weight_bits: int,
                         work_dir: Path) -> None:
     """ONNX Runtime's own static QDQ quantization (per-channel S8 weights, MinMax calibration on ``calib``)."""
@@ -143,6 +167,7 @@ def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str,
         log.warning("ONNX Runtime %s's symbolic shape inference failed on %s (%s: %s); pre-processing without it",
                     onnxruntime.__version__, Path(src).name, type(e).__name__, first_line(e))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    _unshare_float_initializers(pre)
     root = logging.getLogger()
     root.addFilter(per_channel_fallback)
     try:

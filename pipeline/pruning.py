@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -151,7 +152,7 @@ def _analysable() -> Iterator[None]:
     patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
                (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
                (swin.PatchMergingV2, "forward", merging_v2)]
-    patches += _bounded_groups()
+    patches += _bounded_groups() + list(_std_convs())
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -160,6 +161,48 @@ def _analysable() -> Iterator[None]:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+
+
+@functools.cache  # the same functions every time: Torch-Pruning tells its pruning functions apart by identity
+def _std_convs() -> list[tuple[object, str, Callable]]:
+    """timm's weight-standardised convs (``StdConv2d`` family: BiT, NFNet, NF-ResNet) as plain convs while
+    Torch-Pruning traces them (through the standardisation it loses the channel dependencies), and their
+    per-output-channel ``gain``, which it does not know, pruned with the conv's output channels: the conv
+    pruning functions wrapped, where Torch-Pruning binds them and where it compares them (``function.*``)."""
+    from types import MethodType
+
+    from torch_pruning import ops
+    from torch_pruning.pruner import function
+
+    def gained(prune: Callable) -> Callable:
+        def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            n = layer.out_channels
+            layer = prune(self, layer, idxs)
+            gain = getattr(layer, "gain", None)
+            if isinstance(gain, nn.Parameter) and gain.shape[0] == n:
+                layer.gain = self._prune_parameter_and_grad(gain, sorted(set(range(n)) - set(idxs)), 0)
+            return layer
+        return prune_out_channels
+
+    conv_box, dw_box = function.PrunerBox[ops.OPTYPE.CONV], function.PrunerBox[ops.OPTYPE.DEPTHWISE_CONV]
+    conv, dw = gained(type(conv_box).prune_out_channels), gained(type(dw_box).prune_out_channels)
+    patches = [(type(conv_box), "prune_out_channels", conv), (type(dw_box), "prune_out_channels", dw),
+               (type(dw_box), "prune_in_channels", dw),  # one function for both, as Torch-Pruning has it
+               (function, "prune_conv_out_channels", MethodType(conv, conv_box)),
+               (function, "prune_depthwise_conv_out_channels", MethodType(dw, dw_box)),
+               (function, "prune_depthwise_conv_in_channels", MethodType(dw, dw_box))]
+    try:
+        from timm.layers import std_conv
+    except ImportError:  # timm is an optional extra
+        return patches
+
+    def plain(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "same_pad", False):
+            x = std_conv.pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    names = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")
+    return patches + [(getattr(std_conv, n), "forward", plain) for n in names if hasattr(std_conv, n)]
 
 
 class _Unbounded(Exception):

@@ -14,7 +14,9 @@ onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import math
 import operator
@@ -483,6 +485,58 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
             replace_module(model, name, WindowAttention(mod, sizes[name]))
         else:
             mod.fused_attn = False
+    return model
+
+
+_STD_CONVS = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")  # timm (BiT, NFNet)
+
+
+def _is_split_qkv_bias(m: nn.Module) -> bool:
+    """timm's BEiT / EVA attention: a bias-free ``qkv`` linear and q / v biases concatenated on every call."""
+    return (isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv.bias is None
+            and isinstance(getattr(m, "q_bias", None), torch.Tensor) and isinstance(getattr(m, "v_bias", None),
+                                                                                    torch.Tensor))
+
+
+def plain_layers(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
+    """A copy of ``model`` whose layers that compute their weights from other parameters on every call hold
+    those weights instead, as BN folds into a conv (same outputs; QAT then fine-tunes the folded weights):
+    weight-standardised convs (timm's ``StdConv2d`` family: BiT, NFNet, ViT hybrids) become plain convs, and
+    BEiT / EVA attention's q / v biases the ``qkv`` linear's bias (they ran ``F.linear`` on its weight). fx
+    would trace that arithmetic and leave the conv or linear float. ``model`` itself when there is none."""
+    import copy
+
+    names = [n for n, m in model.named_modules() if (type(m).__name__ in _STD_CONVS or _is_split_qkv_bias(m))
+             and not inside(n, float_layers)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        mod = model.get_submodule(name)
+        if _is_split_qkv_bias(mod):
+            k_bias = mod.k_bias if isinstance(getattr(mod, "k_bias", None), torch.Tensor) else \
+                torch.zeros_like(mod.v_bias)
+            mod.qkv.bias = nn.Parameter(torch.cat((mod.q_bias, k_bias, mod.v_bias)).detach().clone())
+            mod.q_bias = mod.k_bias = mod.v_bias = None  # its forward then calls the qkv linear
+            continue
+        gain = (mod.gain * mod.scale).view(-1) if hasattr(mod, "gain") else None
+        with torch.no_grad():
+            weight = F.batch_norm(mod.weight.reshape(1, mod.out_channels, -1), None, None, weight=gain,
+                                  training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
+        if getattr(mod, "same_pad", False):  # 'SAME' padding from the input size: fixed later for this size
+            from timm.layers import Conv2dSame
+
+            conv: nn.Conv2d = Conv2dSame(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, 0,
+                                         mod.dilation, mod.groups, mod.bias is not None)
+        else:
+            conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                             mod.dilation, mod.groups, mod.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if mod.bias is not None:
+                conv.bias.copy_(mod.bias)
+        conv.train(mod.training)
+        replace_module(model, name, conv)
     return model
 
 
@@ -987,6 +1041,29 @@ def _differs_at_batch_2(model: nn.Module, gm: fx.GraphModule, image_size: int) -
     return "" if err <= 1e-4 * (1.0 + want.abs().max().item()) else f"max |difference| {err:.2g}"
 
 
+def _shapes(gm: fx.GraphModule, image_size: int) -> None:
+    """Record every node's tensor shape (``ShapeProp``); a graph that does not run on the input size is one
+    line naming the layer that fails (ShapeProp would print its traceback first)."""
+    class Prop(ShapeProp):
+        node: fx.Node | None = None
+
+        def run_node(self, n: fx.Node):
+            self.node = n
+            return super().run_node(n)
+
+    prop = Prop(gm)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:
+        cause, node = e.__cause__ or e, prop.node
+        stack = list((node.meta.get("nn_module_stack") or {}).values()) if node is not None else []
+        where = node.target if node is not None and node.op == "call_module" else stack[-1][0] if stack else ""
+        raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input"
+                            f"{f' in {where!r}' if where else ''} ({type(cause).__name__}: {first_line(cause)}); "
+                            "check data.image_size") from None
+
+
 def _float_test(prefixes: tuple[str, ...]):
     """node -> True when it lies inside one of the modules named in ``prefixes`` (kept in FP32)."""
 
@@ -1008,7 +1085,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     from them into the quantized part get an ``ActQuant`` for their quantized users only.
     """
     model = model.cpu().eval()
-    model = _unroll_attention(model, spec.float_layers, image_size)
+    model = _unroll_attention(plain_layers(model, spec.float_layers), spec.float_layers, image_size)
     untraceable: dict[str, str] = {}  # module -> why fx cannot trace it (it stays FP32, called whole)
     example = None  # after a failed trace: an input, so branches on tensor sizes can be followed
     while True:
@@ -1047,14 +1124,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     _split_norm_act(gm)
     graph = gm.graph
     is_float = _float_test(spec.float_layers)
-    try:  # tensor shapes on every node: only tensors are quantized
-        ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
-        if _static_same_padding(gm) | _fold_zero_pads(gm):
-            ShapeProp(gm).propagate(torch.zeros(1, 3, image_size, image_size))
-    except Exception as e:
-        first = first_line(e)
-        raise PipelineError(f"the traced model does not run on a {image_size}x{image_size} input "
-                            f"({type(e).__name__}: {first}); check data.image_size") from None
+    _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
+    if _static_same_padding(gm) | _fold_zero_pads(gm):
+        _shapes(gm, image_size)
 
     # a layer whose parameters the forward code also reads (EdgeNeXt's positional encoding takes its conv's
     # weight dtype) stays float: its quantized replacement has other parameters; so does a module fx cannot trace

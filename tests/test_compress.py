@@ -100,6 +100,15 @@ def test_a_layer_whose_weight_the_code_reads_stays_float(tmp_path):
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm)) == 2
 
 
+def test_a_model_that_does_not_run_at_the_input_size_is_one_line_naming_the_layer(capsys):
+    """torch.fx's shape propagation prints a traceback before it raises: the error is one line, no traceback."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 5)).eval()
+    with pytest.raises(PipelineError, match=r"does not run on a 6x6 input in '2' \(RuntimeError: Calculated padded "
+                                            r"input size .*\); check data.image_size$"):
+        quant.prepare_qat(model, SPEC, 6)
+    assert capsys.readouterr().err == ""
+
+
 def test_qat_with_a_zero_batch_norm_weight_stays_finite_and_learns_it():
     """timm zero-initialises the last BN of a residual block: QAT with live BN divided by that zero (NaN)."""
     bn = torch.nn.BatchNorm2d(8)
@@ -528,6 +537,39 @@ def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
         onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
     assert "out-of-range" not in caplog.text
     assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
+
+
+def test_ort_static_quantizes_group_norms_that_share_their_constants(tmp_path):
+    """GroupNorm exports as InstanceNormalization with a scale of ones, one initializer shared by all of them,
+    which ORT's quantize_static refused on timm's BiT ("shared mode is not supported for weight"): each node
+    gets its own copy, the model computes the same."""
+    import shutil
+
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.GroupNorm(4, 8), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    onnxio.export_onnx(model, torch.from_numpy(x[:2]), tmp_path / "f.onnx", 18)
+
+    def shared(path) -> set[str]:
+        import collections
+
+        import onnx
+
+        m = onnx.load(str(path))
+        floats = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        return {k for k, v in collections.Counter(i for n in m.graph.node for i in n.input if i in floats).items()
+                if v > 1}
+
+    assert shared(tmp_path / "f.onnx")  # the scale of ones, and GroupNorm's affine weights while equal
+    shutil.copy(tmp_path / "f.onnx", tmp_path / "u.onnx")
+    onnxio._unshare_float_initializers(tmp_path / "u.onnx")
+    assert not shared(tmp_path / "u.onnx")
+    np.testing.assert_array_equal(onnxio.predict(onnxio.session(tmp_path / "u.onnx", 1), x),
+                                  onnxio.predict(onnxio.session(tmp_path / "f.onnx", 1), x))
+    onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_ops"] == {"QLinearConv": 2, "QGemm": 1}
 
 
 def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkeypatch, caplog):

@@ -459,3 +459,63 @@ def test_bench_zoo_measures_one_model_and_says_how_far_rounds_differ(tmp_path):
     assert r["int8"] == r["ort_int8"] == "21/21" and r["float"] == {}
     lo, hi = r["spread"][2]
     assert lo <= r["ratios"][2][0] <= hi  # with two rounds the ratio of medians lies between the rounds'
+
+
+def test_weight_standardised_convs_prune_reload_and_quantize(tmp_path):
+    """timm's NF-ResNet (``ScaledStdConv2d``: the weight standardised on every call, times a per-channel gain):
+    Torch-Pruning sees plain convs and prunes the gain with them, the recorded shapes rebuild it, and the QAT
+    rewrite folds the standardisation into plain convs, so every conv runs on an INT8 kernel."""
+    from timm.layers import StdConv2dSame
+    from timm.models.nfnet import NfCfg, NormFreeNet
+
+    from pipeline import quant
+    from pipeline.models import apply_shapes, count_macs, module_shapes
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    def build() -> torch.nn.Module:  # nf_resnet26's blocks, one per stage, narrower
+        return NormFreeNet(NfCfg(depths=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_chs=16, stem_type="3x3",
+                                 group_size=None, bottle_ratio=0.25, extra_conv=False, attn_layer=None), 10)
+
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(4, 3, 32, 32)
+    before = count_macs(model, 32)
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, [], 1, 0, 8, False), 32)
+    conv = model.stages[1][0].conv2
+    assert type(conv).__name__ == "ScaledStdConv2d" and conv.gain.shape[0] == conv.out_channels < 16
+    assert count_macs(model, 32) < 0.5 * before
+    fresh = apply_shapes(build(), module_shapes(model))  # as a checkpoint is loaded
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the folded convs compute exactly what the standardising ones do
+        torch.testing.assert_close(fresh.eval()(x), model(x))
+        torch.testing.assert_close(quant.plain_layers(model, ())(x), model(x), rtol=0, atol=0)
+    assert quant.float_ops(quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)) == {}
+    _runs_on_int8_kernels(model, x, tmp_path)
+    # the 'SAME' variant (ViT hybrids): padded for the input size like timm's other 'SAME' convs
+    same = torch.nn.Sequential(StdConv2dSame(3, 8, 3, stride=2, padding="same"), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quant.plain_layers(same, ())(x[:, :, :9, :9]), same(x[:, :, :9, :9]))
+    gm = quant.prepare_qat(same, quant.QuantSpec("uint8", 8, 0.01, ()), 9)
+    assert isinstance(gm.get_submodule("0.conv"), quant.SamePadConv2d) and quant.float_ops(gm) == {}
+
+
+def test_beit_attention_biases_fold_into_its_qkv_linear():
+    """timm's BEiT (and EVA) concatenate their q / v biases and call ``F.linear`` on the qkv weight every time,
+    so the qkv linear stayed float: the biases now fold into it, same outputs, and it is quantized."""
+    from timm.models.beit import Beit
+
+    from pipeline import quant
+
+    torch.manual_seed(0)
+    model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                 use_rel_pos_bias=True).eval()
+    for p in model.parameters():  # the q / v biases start at zero
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    folded = quant.plain_layers(model, ())
+    assert folded.blocks[0].attn.q_bias is None and model.blocks[0].attn.q_bias is not None  # the caller's is kept
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    assert isinstance(gm.get_submodule("blocks.0.attn.qkv"), quant.QLinear)
+    assert not any(op.startswith("linear") for op in quant.float_ops(gm))
