@@ -56,8 +56,9 @@ class QuantSpec:
 
 # ---------------------------------------------------------------- choices that depend on the CPU
 
-REWRITE = 2  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
-# 2: branches on tensor sizes traced, attention scores float into a float softmax)
+REWRITE = 3  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
+# 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
+# Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -1153,6 +1154,18 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             graph.erase_node(node)
     gm.recompile()
 
+    # 0a. x ** 2 -> x * x (MetaFormer's StarReLU): QLinearMul instead of a float Pow
+    for node in list(graph.nodes):
+        squared = (_calls(node, {operator.pow, torch.pow}, "pow") and node.args[1:] in ((2,), (2.0,))) or \
+            _calls(node, {torch.square}, "square")
+        if squared and isinstance(node.args[0], fx.Node) and not node.kwargs and not is_float(node):
+            with graph.inserting_after(node):
+                mul = graph.call_function(operator.mul, (node.args[0], node.args[0]))
+            mul.meta = dict(node.meta)
+            node.replace_all_uses_with(mul)
+            graph.erase_node(node)
+    gm.recompile()
+
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -1254,6 +1267,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     for node in graph.nodes:
         if node.op == "placeholder":
             kind[node] = "input"
+        elif node.op == "get_attr" and is_tensor(node) and node.meta["tensor_meta"].dtype.is_floating_point:
+            kind[node] = "input"  # a parameter an op reads (layer scale, StarReLU's scale): quantized for it
         elif node.op not in ("call_module", "call_function", "call_method"):
             continue
         elif node.op == "call_module" and node.target in untraceable:
@@ -1310,11 +1325,22 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 takes_float.add(node)
     count = 0
 
+    def quantized(a: object) -> bool:  # a tensor that reaches its users through an ActQuant (placed or to come)
+        while isinstance(a, fx.Node) and kind.get(a) == "pass" and a.args and (  # identities, dropout, casts
+                a.op != "call_module" or isinstance(gm.get_submodule(a.target), _PASS_MODULES)):
+            a = a.args[0]
+        return isinstance(a, fx.Node) and (kind.get(a) in ("quant_after", "shared", "input") or (
+            a.op == "call_module" and isinstance(gm.get_submodule(a.target), (ActQuant, SharedQuant))))
+
     def insert_after(node: fx.Node, only_quantized_users: bool = False, module: nn.Module | None = None) -> None:
         nonlocal count
         users = [u for u in node.users
                  if not (only_quantized_users and (kind.get(u) == "float" or u.op == "output" or
                                                    _calls(u, _SOFTMAX, "softmax")))]
+        if node.op == "get_attr":  # a parameter into an Add / Mul whose other input is INT8: QLinearAdd / QLinearMul
+            users = [u for u in users if (_calls(u, _ADD, "add") or _calls(u, _MUL, "mul")) and
+                     kind.get(u) == "quant_after" and
+                     all(quantized(a) for a in _flat(u.args) if isinstance(a, fx.Node) and a is not node)]
         if not users:
             return
         name = f"act_quant_{count}"

@@ -194,6 +194,38 @@ def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     return dep, onnxio.op_counts(tmp_path / "o.onnx")
 
 
+class _StarReluScaled(torch.nn.Module):
+    """MetaFormer's StarReLU (``scale * relu(x) ** 2 + bias``, both parameters) and a layer scale (``x * gamma``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 16, 3)
+        self.scale, self.bias = torch.nn.Parameter(torch.tensor([0.8])), torch.nn.Parameter(torch.tensor([0.1]))
+        self.gamma = torch.nn.Parameter(torch.rand(16, 1, 1))
+
+    def forward(self, x):
+        y = self.scale * torch.relu(self.a(x)) ** 2 + self.bias
+        return self.b(y * self.gamma)
+
+
+def test_parameters_an_op_reads_and_squares_run_on_int8_kernels(tmp_path):
+    """A parameter read by an Add or Mul gets its own quantizer (ORT left such a Mul float between
+    DequantizeLinear and QuantizeLinear, unreported), and x ** 2 becomes x * x: all INT8, as PyTorch computes."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _StarReluScaled().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearMul"] == 3 and ops["QLinearAdd"] == 1 and not {"Mul", "Add", "Pow"} & set(ops), ops
+    with torch.no_grad():
+        want = dep(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
 def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     """MobileNetV3: Hardswish = QLinearAdd (x + an INT8 3) + QLinearMul, the ReLU6 clip and the /6 in the
     requantization; an SE gate's Hardsigmoid folds into its conv (bias + 3, ReLU6, /6). Nothing stays
