@@ -403,13 +403,14 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
 
 # What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
 # back to float is a regression. The first group runs in CI; `pytest -m zoo` runs the rest (about 4 min).
-FLOATS = {  # the default run (torchvision's ViT is quantized in test_torchvision_vit_heads_... too; SiLU, timm's
-    # BatchNormAct in test_timm_models_fold_...; Hardswish and float ops in test_compress)
+FLOATS = {  # the default run (torchvision's ViT is quantized in test_torchvision_vit_heads_..., timm's DeiT in
+    # test_attention_heads_...; SiLU, timm's BatchNormAct in test_timm_models_fold_...; Hardswish, float ops in
+    # test_compress)
     "resnet18": set(),
     "timm:mobilenetv3_small_100": set(), "timm:resnet18": set(),
-    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem"},  # class token; attention is INT8
 }
 FLOATS_ZOO = {
+    "timm:deit_tiny_patch16_224": {"layer_norm", "GELU", "expand", "getitem"},  # class token; attention is INT8
     "mobilenet_v3_small": set(), "efficientnet_b0": set(), "convnext_tiny": {"LayerNorm", "layer_norm", "GELU"},
     "vit_b_16": {"LayerNorm", "GELU", "expand", "getitem"},  # class token, as DeiT
     "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(),
