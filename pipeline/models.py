@@ -294,6 +294,10 @@ def is_plain_mha(m: nn.Module) -> bool:
             and m.in_proj_weight is not None and m.bias_k is None and not m.add_zero_attn)
 
 
+STD_CONVS = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")  # timm's weight-standardised
+# convs (BiT, NFNet, NF-ResNet, ViT hybrids): the weight is standardised on every call (quant folds, pruning patches)
+
+
 def is_attention(m: nn.Module) -> bool:
     """Attention with one fused q/k/v linear and ``num_heads`` / ``head_dim`` (timm's ``Attention``)."""
     return (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)

@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.models import (
+    STD_CONVS,
     HeadAttention,
     apply_shapes,
     count_macs,
@@ -201,8 +202,7 @@ def _std_convs() -> list[tuple[object, str, Callable]]:
             x = std_conv.pad_same(x, self.kernel_size, self.stride, self.dilation)
         return self._conv_forward(x, self.weight, self.bias)
 
-    names = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")
-    return patches + [(getattr(std_conv, n), "forward", plain) for n in names if hasattr(std_conv, n)]
+    return patches + [(getattr(std_conv, n), "forward", plain) for n in STD_CONVS if hasattr(std_conv, n)]
 
 
 class _Unbounded(Exception):

@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pipeline.errors import PipelineError, first_line
-from pipeline.models import HeadAttention, inside, is_plain_mha, replace_module
+from pipeline.models import STD_CONVS, HeadAttention, inside, is_plain_mha, replace_module
 from pipeline.pruning import grouped_reasons
 
 log = logging.getLogger(__name__)
@@ -489,9 +489,6 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
     return model
 
 
-_STD_CONVS = ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame")  # timm (BiT, NFNet)
-
-
 def _is_split_qkv_bias(m: nn.Module) -> bool:
     """timm's BEiT / EVA attention: a bias-free ``qkv`` linear and q / v biases concatenated on every call."""
     return (isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv.bias is None
@@ -507,7 +504,7 @@ def plain_layers(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
     would trace that arithmetic and leave the conv or linear float. ``model`` itself when there is none."""
     import copy
 
-    names = [n for n, m in model.named_modules() if (type(m).__name__ in _STD_CONVS or _is_split_qkv_bias(m))
+    names = [n for n, m in model.named_modules() if (type(m).__name__ in STD_CONVS or _is_split_qkv_bias(m))
              and not inside(n, float_layers)]
     if not names:
         return model
