@@ -123,9 +123,21 @@ def not_in_key() -> Any:
     return dataclasses.field(metadata={"in_key": False})
 
 
+def key_neutral(value: Any) -> Any:
+    """Mark a required config field added after artifacts were built: at ``value`` (what the code did
+    before it existed) artifact keys leave it out, so existing artifacts stay valid."""
+    return dataclasses.field(metadata={"key_neutral": value})
+
+
 def key_settings(obj: Any) -> dict[str, Any]:
-    """The fields of a bound config that change the artifact (all but those marked ``not_in_key``)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("in_key", True)}
+    """The fields of a bound config that change the artifact (all but those marked ``not_in_key``, and
+    those at their ``key_neutral`` value)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("in_key", True) and not ("key_neutral" in f.metadata and value == f.metadata["key_neutral"]):
+            out[f.name] = value
+    return out
 
 
 def raise_if_errors(errors: list[str]) -> None:

@@ -74,8 +74,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
         proto = onnx.load(str(tmp_path))
     for node in proto.graph.node:  # exporter debug info (stack traces with local paths): not shipped
         del node.metadata_props[:]
+    _unique_node_names(proto.graph)
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(path, proto.SerializeToString())
+
+
+def _unique_node_names(graph) -> int:
+    """Rename nodes whose name another node already has (ONNX Runtime refuses such a model; torch 2.11's
+    exporter wrote two ``node_conv2d_4`` into a QAT MobileNetV2, which ``onnx.checker`` lets pass).
+    Returns how many were renamed."""
+    taken = {n.name for n in graph.node}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.node:
+        if not node.name or node.name not in seen:
+            seen.add(node.name)
+            continue
+        k = 1
+        while f"{node.name}_{k}" in taken:
+            k += 1
+        node.name = f"{node.name}_{k}"
+        taken.add(node.name)
+        seen.add(node.name)
+        renamed += 1
+    return renamed
 
 
 def session(path: Path, threads: int = 0, opt_level: str = "all", providers: list[str] | None = None,

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write_bytes
+from pipeline.config import key_neutral
 from pipeline.data import DataConfig, Splits, batches
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
@@ -49,6 +50,7 @@ class FitConfig:
     warmup_epochs: float  # linear warm-up (cosine/constant); onecycle has its own ramp
     label_smoothing: float
     select: Literal["best", "last"]  # which weights to keep: best validation accuracy or last epoch
+    clip_grad_norm: float | None = key_neutral(None)  # clip the global gradient norm to this (None: off)
 
     def check(self) -> list[str]:
         errs = []
@@ -66,6 +68,8 @@ class FitConfig:
             errs.append(f"weight_decay: {self.weight_decay} must be >= 0")
         if self.warmup_epochs < 0:
             errs.append(f"warmup_epochs: {self.warmup_epochs} must be >= 0")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            errs.append(f"clip_grad_norm: {self.clip_grad_norm} must be > 0 or null")
         return errs
 
 
@@ -250,6 +254,9 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 rt.average_grads_(extra_params)
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
@@ -262,7 +269,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
                         kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last_path}" if epoch > 0
                                 else "no epoch had finished, so no checkpoint was kept")
                         raise PipelineError(f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped ({kept}); "
-                                            f"lower {section}.lr or check the data")
+                                            f"lower {section}.lr, set {section}.clip_grad_norm=1.0 or check the data")
                     bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -604,6 +604,28 @@ def test_ort_static_quantizes_group_norms_that_share_their_constants(tmp_path):
     assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_ops"] == {"QLinearConv": 2, "QGemm": 1}
 
 
+def test_duplicate_node_names_are_made_unique(tmp_path):
+    """torch 2.11's exporter named two nodes of a QAT MobileNetV2 alike; ONNX Runtime refuses such a model
+    ("two nodes with same node name") though onnx.checker passes it. The export renames the second."""
+    import numpy as np
+    import onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    onnxio.export_onnx(model, torch.from_numpy(x), tmp_path / "f.onnx", 18)
+    proto = onnx.load(str(tmp_path / "f.onnx"))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    convs[1].name = convs[0].name  # what the exporter wrote
+    onnx.save(proto, str(tmp_path / "dup.onnx"))
+    with pytest.raises(PipelineError, match="same node name"):
+        onnxio.session(tmp_path / "dup.onnx", 1)
+    assert onnxio._unique_node_names(proto.graph) == 1
+    assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
+    onnx.save(proto, str(tmp_path / "fixed.onnx"))
+    np.testing.assert_array_equal(onnxio.predict(onnxio.session(tmp_path / "fixed.onnx", 1), x),
+                                  onnxio.predict(onnxio.session(tmp_path / "f.onnx", 1), x))
+
+
 def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkeypatch, caplog):
     """ORT 1.30's symbolic shape inference raises on ViT and Swin exports: pre-processing is redone without it
     (one warning) and the model is still quantized; a failing quantize_static is one line naming the way out."""

@@ -160,7 +160,8 @@ def _noisy_setup():
     dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, True, 2, None, "squash", 0.875, "pad",
                     [0.08, 1.0], 0, 1)  # augmented
     cfg = FitConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                    schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, select="last")
+                    schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, select="last",
+                    clip_grad_norm=None)
     return splits, dc, cfg
 
 

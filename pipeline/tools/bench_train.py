@@ -71,7 +71,8 @@ def main() -> None:
                     full.test_y[:0], full.classes)
     rt = make_runtime(args.device, 0, args.amp, True, False, False)
     cfg = FitConfig(epochs=1, batch_size=args.batch, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                    schedule="cosine", warmup_epochs=0.0, label_smoothing=0.0, select="last")
+                    schedule="cosine", warmup_epochs=0.0, label_smoothing=0.0, select="last",
+                    clip_grad_norm=None)
     mc = {"name": args.model, "num_classes": 10}
     ratios = []
     for r in range(args.rounds):
