@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,9 +57,11 @@ class QuantSpec:
 
 # ---------------------------------------------------------------- choices that depend on the CPU
 
-REWRITE = 3  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
+REWRITE = 4  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
 # 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
-# Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded)
+# Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
+# 4: sums over short dimensions as adds, stacks as concatenations, reshapes of a softmax on its grid, Conv1d
+# quantized, an expand before a broadcasting Add / Mul dropped)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -561,9 +564,9 @@ def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QConvBn(nn.Module):
-    """Conv2d (+ BatchNorm folded into the fake-quantized weight) (+ ReLU/ReLU6)."""
+    """Conv2d or Conv1d (+ BatchNorm folded into the fake-quantized weight) (+ ReLU/ReLU6)."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec,
+    def __init__(self, conv: nn.Conv2d | nn.Conv1d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec,
                  shift: float = 0.0):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
@@ -587,7 +590,8 @@ class QConvBn(nn.Module):
         c = self.conv
         if isinstance(c, SamePadConv2d):
             x = F.pad(x, c.same_pad)
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        conv = F.conv1d if w.dim() == 3 else F.conv2d  # ECA's gate: a Conv1d across the channels
+        return conv(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None and self.training and not self.bn_frozen:
@@ -660,7 +664,7 @@ class DeployConv(nn.Module):
             return F.linear(x, w, b)
         if self.same_pad is not None:
             x = F.pad(x, self.same_pad)  # ONNX Runtime folds it into QLinearConv's pads
-        y = F.conv2d(x, w, b, **self.kw)
+        y = (F.conv1d if w.dim() == 3 else F.conv2d)(x, w, b, **self.kw)
         return self.act(y) if self.act is not None else y
 
 
@@ -670,8 +674,9 @@ class DeployConv(nn.Module):
 # Coverage is a table, as in ONNX Runtime's quantizer registry: the ops below get an ActQuant on their output
 # (ORT fuses DequantizeLinear -> op -> QuantizeLinear into an INT8 kernel, or moves the QDQ pair through
 # shape-only ops); Hardswish/Hardsigmoid become Add + Mul on quantized tensors (QHardSwish), SiLU Sigmoid * x, a
-# BatchNorm after no conv a depthwise QConvBn. Every other op (GELU, LayerNorm, Swin's position bias, anything
-# unknown) stays float between DequantizeLinear and QuantizeLinear; `float_ops(gm)` lists them.
+# BatchNorm after no conv a depthwise QConvBn, a sum over a short dimension adds of its slices, a stack a concat.
+# Every other op (GELU, LayerNorm, Swin's position bias, anything unknown) stays float between DequantizeLinear
+# and QuantizeLinear; `float_ops(gm)` lists them.
 _ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
 _PASS_MODULES = (nn.Dropout, nn.Identity, StochasticDepth)  # no op in the exported (eval) graph
 _QUANT_AFTER_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.ReLU, nn.ReLU6,
@@ -688,6 +693,7 @@ _PASS_FUNCS = {getattr, stochastic_depth, F.dropout, torch.dropout}  # identitie
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
+_MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
 _CAST_METHODS = {"float", "to", "type_as", "type"}  # no op where the dtype stays (EfficientViT's attention)
 _SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}  # tuples of slices, then getitem
 _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
@@ -977,6 +983,75 @@ def _fold_zero_pads(gm: fx.GraphModule) -> bool:
     return changed
 
 
+_MAX_SUM_TERMS = 4  # a sum over a dimension this short becomes adds (each add one QLinearAdd)
+
+
+def _sums_to_adds(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool], image_size: int) -> bool:
+    """``torch.stack(xs, dim)`` -> ``torch.cat([x.unsqueeze(dim) ...], dim)``, and ``x.sum(dim)`` over a dimension
+    of 2 to ``_MAX_SUM_TERMS`` -> ``x.unbind(dim)[0] + x.unbind(dim)[1] + ...`` (``split(1, dim)`` with
+    ``keepdim``); returns whether any changed. Needs the shapes (``_shapes``)."""
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):  # torch.stack -> unsqueezes concatenated: QLinearConcat (SKNet's branches)
+        if node.op == "call_function" and node.target is torch.stack and not node.kwargs.keys() - {"dim"} and \
+                isinstance(node.args[0], (list, tuple)) and all(isinstance(t, fx.Node) for t in node.args[0]) and \
+                not is_float(node):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            with graph.inserting_before(node):
+                parts = [graph.call_method("unsqueeze", (t, dim)) for t in node.args[0]]
+                cat = graph.call_function(torch.cat, (parts, dim))
+            node.replace_all_uses_with(cat)
+            graph.erase_node(node)
+            changed = True
+    gm.recompile()
+    if changed:
+        _shapes(gm, image_size)
+    for node in list(graph.nodes):
+        if not _calls(node, {torch.sum}, "sum") or is_float(node) or not isinstance(node.args[0], fx.Node):
+            continue
+        x, kw = node.args[0], dict(node.kwargs)
+        dim = node.args[1] if len(node.args) > 1 else kw.pop("dim", None)
+        keepdim = node.args[2] if len(node.args) > 2 else kw.pop("keepdim", False)
+        meta = x.meta.get("tensor_meta")
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        if kw or not isinstance(dim, int) or not isinstance(meta, TensorMetadata) or not \
+                meta.dtype.is_floating_point or not 2 <= meta.shape[dim] <= _MAX_SUM_TERMS:
+            continue
+        with graph.inserting_before(node):
+            parts = graph.call_method("split", (x, 1, dim)) if keepdim else graph.call_method("unbind", (x, dim))
+            out = graph.call_function(operator.getitem, (parts, 0))
+            for i in range(1, meta.shape[dim]):
+                out = graph.call_function(operator.add, (out, graph.call_function(operator.getitem, (parts, i))))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        changed = True
+    gm.recompile()
+    return changed
+
+
+def _drop_broadcast_expands(gm: fx.GraphModule) -> bool:
+    """``x * y.expand_as(x)`` -> ``x * y`` where the Add / Mul broadcasts to the same shape anyway (ECA's gate):
+    a float Expand of a whole feature map between DequantizeLinear and QuantizeLinear saved. Needs the shapes."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_method" and node.target in ("expand_as", "expand")) or \
+                not isinstance(src := node.args[0], fx.Node) or not node.users:
+            continue
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        ok = shape is not None
+        for u in node.users:
+            others = [a for a in u.args if a is not node]
+            ok &= (_calls(u, _ADD, "add") or _calls(u, _MUL, "mul")) and not u.kwargs and len(u.args) == 2 and \
+                len(others) == 1 and isinstance(others[0], fx.Node) and \
+                getattr(others[0].meta.get("tensor_meta"), "shape", None) == shape
+        if ok:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            changed = True
+    gm.recompile()
+    return changed
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -1163,12 +1238,20 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             graph.erase_node(node)
     gm.recompile()
 
+    # 0b. a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on
+    #     slices of the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float);
+    #     a stack -> a concatenation of unsqueezes (QLinearConcat)
+    if _sums_to_adds(gm, is_float, image_size) | _drop_broadcast_expands(gm):
+        _shapes(gm, image_size)
+
     # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, nn.Conv1d) and isinstance(mod.padding, tuple) and not is_float(node):
+            gm.add_submodule(node.target, QConvBn(mod, None, None, spec))  # no BN folding in 1-D
+        elif isinstance(mod, nn.Conv2d):
             last, bn, act = node, None, None
             nxt = _only_user(last)
             if nxt is not None and nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.BatchNorm2d):
@@ -1295,6 +1378,13 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) == \
                 "quant_after" and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
             kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
+        elif node.op == "call_method" and node.target in _MOVE_METHODS and is_tensor(node) and \
+                isinstance(src := node.args[0], fx.Node) and kind.get(src) in ("quant_after", "shared") and \
+                src.meta.get("fixed_quant", (1.0, 0.0))[1] == 1.0:
+            # a reshape of a fixed-range output (a softmax's 1/256 grid) keeps that grid: an own observer's
+            # measured range would differ and leave the reshape float between DQ and Q (ResNeSt's radix softmax)
+            kind[node] = "shared"
+            node.meta["fixed_quant"] = src.meta["fixed_quant"]
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
                 (node.op == "call_method" and node.target in _CAST_METHODS and same_dtype(node)):
             kind[node] = "pass"
@@ -1352,7 +1442,8 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         if k == "quant_after":
             insert_after(node)
         elif k == "shared":  # its source's ActQuant is in place by now (sources come first)
-            insert_after(node, module=SharedQuant(gm.get_submodule(sliced_from(node).target)))
+            source = gm.get_submodule(sliced_from(node).target)
+            insert_after(node, module=SharedQuant(source.source if isinstance(source, SharedQuant) else source))
         elif k in ("float", "input") and is_tensor(node):
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
     gm.meta["float_ops"] = float_ops

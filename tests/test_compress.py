@@ -226,6 +226,87 @@ def test_parameters_an_op_reads_and_squares_run_on_int8_kernels(tmp_path):
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
+class _SplitAttention(torch.nn.Module):
+    """ResNeSt's split attention (radix 2: a sum over the splits, a softmax across them, the weighted sum) and
+    SKNet's stacked branches (``torch.stack`` then the same)."""
+
+    def __init__(self, stack: bool):
+        super().__init__()
+        self.stack = stack
+        self.conv = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2, self.conv3 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(3, 16, 5, padding=2)
+        self.fc1, self.fc2 = torch.nn.Conv2d(16, 8, 1), torch.nn.Conv2d(8, 32, 1)
+        self.out, self.pool = torch.nn.Conv2d(16, 8, 1), torch.nn.AdaptiveAvgPool2d(1)  # a classifier's head
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.stack:
+            x = torch.stack([torch.relu(self.conv2(x)), torch.relu(self.conv3(x))], dim=1)
+        else:
+            x = torch.relu(self.conv(x)).reshape(b, 2, 16, x.shape[2], x.shape[3])
+        gap = x.sum(dim=1).mean((2, 3), keepdim=True)
+        attn = self.fc2(torch.relu(self.fc1(gap))).view(b, 2, 16).softmax(dim=1)
+        return self.pool(self.out((x * attn.reshape(b, 2, 16, 1, 1)).sum(dim=1))).flatten(1)
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["resnest", "sknet"])
+def test_split_attention_sums_and_stacks_run_on_int8_kernels(stack, tmp_path):
+    """A sum over 2 splits becomes one add of two slices (QLinearAdd; ORT has no INT8 ReduceSum, and the Mul
+    before it stayed float too), a stack a concatenation (QLinearConcat), and the reshape of the softmax keeps
+    its 1/256 grid: nothing runs float between DequantizeLinear and QuantizeLinear, as PyTorch computes."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _SplitAttention(stack).eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearAdd"] == 2 and ops["QLinearMul"] == 1, ops
+    assert not {"ReduceSum", "Mul", "Add", "Concat", "Conv", "ReduceMean"} & set(ops), ops
+    assert ops.get("QLinearConcat", 0) == stack, ops
+    with torch.no_grad():
+        want = dep(x).numpy()
+        ref = model(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()  # a step of the last quantizer at most
+    assert np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()  # and the INT8 model still computes the float one
+
+
+class _Eca(torch.nn.Module):
+    """ECA's channel gate: a Conv1d across the pooled channels, a sigmoid, ``x * gate.expand_as(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.head, self.pool = torch.nn.Conv2d(16, 8, 1), torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        y = self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)).sigmoid().view(x.shape[0], -1, 1, 1)
+        return self.pool(self.head(x * y.expand_as(x))).flatten(1)
+
+
+def test_eca_gate_conv1d_and_expand_run_on_int8_kernels(tmp_path):
+    """ECA's Conv1d is a QLinearConv (it ran float between DequantizeLinear and QuantizeLinear), and the
+    ``expand_as`` before the gate's Mul is dropped (the Mul broadcasts; ORT ran a float Expand of the map)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _Eca().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearConv"] == 3 and ops["QLinearMul"] == 1, ops
+    assert not {"Conv", "Expand", "Mul"} & set(ops), ops
+    with torch.no_grad():
+        want, ref = dep(x).numpy(), model(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()  # a step of the last quantizer at most
+    assert np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()
+
+
 def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     """MobileNetV3: Hardswish = QLinearAdd (x + an INT8 3) + QLinearMul, the ReLU6 clip and the /6 in the
     requantization; an SE gate's Hardsigmoid folds into its conv (bias + 3, ReLU6, /6). Nothing stays

@@ -416,7 +416,8 @@ FLOATS_ZOO = {
     "resnet50": set(), "mobilenet_v2": set(), "mobilenet_v3_large": set(),
     "regnet_x_400mf": set(), "shufflenet_v2_x1_0": set(), "densenet121": set(),
     "swin_t": {"LayerNorm", "GELU", "window_attention_bias", "pad", "_patch_merging_pad"},  # window attention INT8
-    "timm:efficientnet_b0": set(),
+    "timm:efficientnet_b0": set(), "timm:resnest14d": set(), "timm:skresnet18": set(),  # split attention
+    "timm:ecaresnet26t": set(),  # ECA: its Conv1d gate
 }
 
 
