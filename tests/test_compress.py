@@ -194,6 +194,24 @@ def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     return dep, onnxio.op_counts(tmp_path / "o.onnx")
 
 
+def _all_int8_export(make, tmp_path) -> tuple:
+    """A 16 px model from ``make()`` prepared (nothing may stay float), calibrated and exported; returns ORT's
+    optimised op counts, ORT's largest difference from the PyTorch export form and the export form's from the
+    float model, both relative to the largest output."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    with torch.no_grad():
+        want, ref = dep(x).numpy(), model(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    return ops, np.abs(got - want).max() / np.abs(want).max(), np.abs(want - ref).max() / np.abs(ref).max()
+
+
 class _StarReluScaled(torch.nn.Module):
     """MetaFormer's StarReLU (``scale * relu(x) ** 2 + bias``, both parameters) and a layer scale (``x * gamma``)."""
 
@@ -211,19 +229,9 @@ class _StarReluScaled(torch.nn.Module):
 def test_parameters_an_op_reads_and_squares_run_on_int8_kernels(tmp_path):
     """A parameter read by an Add or Mul gets its own quantizer (ORT left such a Mul float between
     DequantizeLinear and QuantizeLinear, unreported), and x ** 2 becomes x * x: all INT8, as PyTorch computes."""
-    import numpy as np
-
-    torch.manual_seed(0)
-    model = _StarReluScaled().eval()
-    x = torch.randn(8, 3, 16, 16)
-    gm = quant.prepare_qat(model, SPEC, 16)
-    assert quant.float_ops(gm) == {}
-    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    ops, ort_err, _ = _all_int8_export(_StarReluScaled, tmp_path)
     assert ops["QLinearMul"] == 3 and ops["QLinearAdd"] == 1 and not {"Mul", "Add", "Pow"} & set(ops), ops
-    with torch.no_grad():
-        want = dep(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
-    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert ort_err <= 1e-3
 
 
 class _SplitAttention(torch.nn.Module):
@@ -254,23 +262,12 @@ def test_split_attention_sums_and_stacks_run_on_int8_kernels(stack, tmp_path):
     """A sum over 2 splits becomes one add of two slices (QLinearAdd; ORT has no INT8 ReduceSum, and the Mul
     before it stayed float too), a stack a concatenation (QLinearConcat), and the reshape of the softmax keeps
     its 1/256 grid: nothing runs float between DequantizeLinear and QuantizeLinear, as PyTorch computes."""
-    import numpy as np
-
-    torch.manual_seed(0)
-    model = _SplitAttention(stack).eval()
-    x = torch.randn(8, 3, 16, 16)
-    gm = quant.prepare_qat(model, SPEC, 16)
-    assert quant.float_ops(gm) == {}
-    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    ops, ort_err, float_err = _all_int8_export(lambda: _SplitAttention(stack), tmp_path)
     assert ops["QLinearAdd"] == 2 and ops["QLinearMul"] == 1, ops
     assert not {"ReduceSum", "Mul", "Add", "Concat", "Conv", "ReduceMean"} & set(ops), ops
     assert ops.get("QLinearConcat", 0) == stack, ops
-    with torch.no_grad():
-        want = dep(x).numpy()
-        ref = model(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
-    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()  # a step of the last quantizer at most
-    assert np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()  # and the INT8 model still computes the float one
+    assert ort_err <= 0.01  # a step of the last quantizer at most
+    assert float_err <= 0.1  # and the INT8 model still computes the float one
 
 
 class _Eca(torch.nn.Module):
@@ -290,21 +287,10 @@ class _Eca(torch.nn.Module):
 def test_eca_gate_conv1d_and_expand_run_on_int8_kernels(tmp_path):
     """ECA's Conv1d is a QLinearConv (it ran float between DequantizeLinear and QuantizeLinear), and the
     ``expand_as`` before the gate's Mul is dropped (the Mul broadcasts; ORT ran a float Expand of the map)."""
-    import numpy as np
-
-    torch.manual_seed(0)
-    model = _Eca().eval()
-    x = torch.randn(8, 3, 16, 16)
-    gm = quant.prepare_qat(model, SPEC, 16)
-    assert quant.float_ops(gm) == {}
-    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    ops, ort_err, float_err = _all_int8_export(_Eca, tmp_path)
     assert ops["QLinearConv"] == 3 and ops["QLinearMul"] == 1, ops
     assert not {"Conv", "Expand", "Mul"} & set(ops), ops
-    with torch.no_grad():
-        want, ref = dep(x).numpy(), model(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
-    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()  # a step of the last quantizer at most
-    assert np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()
+    assert ort_err <= 0.01 and float_err <= 0.1
 
 
 def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
