@@ -275,19 +275,34 @@ def op_counts(path: Path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+def dequantized_ops(path: Path) -> dict[str, int]:
+    """Op types (with counts) that read a DequantizeLinear's output: in ORT's optimised graph, the ops it runs
+    in float between DequantizeLinear and QuantizeLinear, whatever the exporter or quantizer intended."""
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    dq = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    found = collections.Counter(n.op_type for n in nodes if n.op_type not in ("DequantizeLinear", "QuantizeLinear")
+                                and any(i in dq for i in n.input))
+    return dict(found.most_common())
+
+
 def kernel_coverage(path: Path, threads: int = 1) -> dict:
-    """Count convs/matmuls that ORT runs as INT8 kernels in its optimised (EXTENDED) graph."""
+    """Count convs/matmuls that ORT runs as INT8 kernels in its optimised (EXTENDED) graph, and the ops it runs
+    in float on dequantized data there."""
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
         session(path, threads=threads, opt_level="extended", optimized_path=opt)
         counts = op_counts(opt)
+        dequantized = dequantized_ops(opt)
     int8 = {k: v for k, v in counts.items() if k in INT8_KERNELS}
     fp = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
     total = sum(int8.values()) + sum(fp.values())
     return {"int8_kernels": sum(int8.values()), "float_kernels": sum(fp.values()),
             "coverage": (sum(int8.values()) / total) if total else 0.0,
             "int8_ops": int8, "float_ops": fp,
-            "qdq_left": counts.get("QuantizeLinear", 0) + counts.get("DequantizeLinear", 0)}
+            "qdq_left": counts.get("QuantizeLinear", 0) + counts.get("DequantizeLinear", 0),
+            "dequantized_ops": dequantized}
 
 
 def cpu_info() -> dict:

@@ -60,8 +60,8 @@ class QuantSpec:
 REWRITE = 4  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
 # 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
 # Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
-# 4: sums over short dimensions as adds, stacks as concatenations, reshapes of a softmax on its grid, Conv1d
-# quantized, an expand before a broadcasting Add / Mul dropped)
+# 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
+# broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant))
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -694,6 +694,9 @@ _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
 _MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
+_MOVE_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+               F.max_pool2d}  # with _MOVE_METHODS and _MOVE_MODULES: outputs hold input values (SharedQuant)
+_MOVE_MODULES = (nn.MaxPool2d, nn.Flatten)
 _CAST_METHODS = {"float", "to", "type_as", "type"}  # no op where the dtype stays (EfficientViT's attention)
 _SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}  # tuples of slices, then getitem
 _SPLIT_FUNCS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
@@ -1342,6 +1345,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             src = src.args[0]
         return src if isinstance(src, fx.Node) else None
 
+    def moves(node: fx.Node) -> bool:  # data movement only: the output holds input values
+        if node.op == "call_module":
+            return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
+        return (node.op == "call_method" and node.target in _MOVE_METHODS) or \
+            (node.op == "call_function" and node.target in _MOVE_FUNCS)
+
     kind: dict[fx.Node, str] = {}
     float_ops: list[tuple[str, str, str]] = []  # (node, op, why)
     for node in graph.nodes:
@@ -1360,6 +1369,15 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
                 float_ops.append((node.name, op_name(node), "qat.float_layers"))
             continue
+        elif moves(node) and is_tensor(node) and isinstance(src := node.args[0], fx.Node) and \
+                kind.get(src) in ("quant_after", "shared") and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
+            # a reshape, transpose or max pool of a quantized tensor keeps its grid (SharedQuant), as ORT's own
+            # quantizer does: an own observer sees the fake-quantized values, whose range differs by up to half
+            # a step, and ORT runs the op float between DQ and Q when the two scales differ (SKNet's unsqueezes,
+            # a softmax's 1/256 grid reshaped in ResNeSt)
+            kind[node] = "shared"
+            if "fixed_quant" in src.meta:
+                node.meta["fixed_quant"] = src.meta["fixed_quant"]
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
@@ -1375,16 +1393,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 kind[node] = "quant_after"
             else:
                 kind[node] = "float"
-        elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) == \
-                "quant_after" and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
+        elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) in \
+                ("quant_after", "shared") and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
             kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
-        elif node.op == "call_method" and node.target in _MOVE_METHODS and is_tensor(node) and \
-                isinstance(src := node.args[0], fx.Node) and kind.get(src) in ("quant_after", "shared") and \
-                src.meta.get("fixed_quant", (1.0, 0.0))[1] == 1.0:
-            # a reshape of a fixed-range output (a softmax's 1/256 grid) keeps that grid: an own observer's
-            # measured range would differ and leave the reshape float between DQ and Q (ResNeSt's radix softmax)
-            kind[node] = "shared"
-            node.meta["fixed_quant"] = src.meta["fixed_quant"]
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
                 (node.op == "call_method" and node.target in _CAST_METHODS and same_dtype(node)):
             kind[node] = "pass"

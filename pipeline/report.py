@@ -160,6 +160,20 @@ def plot_points(points: list[tuple[str, float, float]], title: str, path: Path, 
     atomic_write_bytes(path, buf.getvalue())
 
 
+def float_markdown(rows: list[dict]) -> list[str]:
+    """What stays float per INT8 model: the QAT rewrite's list (op, why) and the ops ONNX Runtime's optimised
+    graph runs on dequantized data (also for ORT's own quantizer, whose model has no such list)."""
+    def line(r: dict) -> str:
+        ours = ", ".join(f"{op} x{n}" for op, n in (r.get("float_ops") or {}).items())
+        ort = ", ".join(f"{op} x{n}" for op, n in (r.get("dequantized_ops") or {}).items())
+        return f"- {r['name']}: " + "; ".join(p for p in (ours, ort and f"ONNX Runtime runs float: {ort}") if p)
+
+    floats = [line(r) for r in rows if r.get("float_ops") or r.get("dequantized_ops")]
+    if not floats:
+        return []
+    return ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", "", *floats, ""]
+
+
 def kept_markdown(rows: list[dict]) -> list[str]:
     """The report's lines on layers channel pruning kept at full width because Torch-Pruning cannot prune them."""
     kept = [(r["name"], r["kept_unprunable"]) for r in rows if r.get("kept_unprunable")]
@@ -193,10 +207,7 @@ def write_report(run_dir: Path, rep: dict) -> None:
     if env.get("note"):
         md.insert(4, f"Note: {env['note']}.")
     md += int8_markdown(rep)
-    floats = [(r["name"], r["float_ops"]) for r in rep["rows"] if r.get("float_ops")]
-    if floats:
-        md += ["What stays float in the INT8 models (between DequantizeLinear and QuantizeLinear):", ""]
-        md += [f"- {name}: " + ", ".join(f"{op} x{n}" for op, n in ops.items()) for name, ops in floats] + [""]
+    md += float_markdown(rep["rows"])
     md += kept_markdown(rep["rows"])
     bits = [f"{r['name']} {r['weight_bits']}" for r in rep["rows"] if r.get("weight_bits")]
     if bits:

@@ -184,6 +184,7 @@ def run(ctx: StageContext) -> dict:
                      "int8_kernels": (f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
                                       if cov else None),
                      "parity_top1_agreement": m["parity"]["top1_agreement"],
+                     **({"dequantized_ops": cov["dequantized_ops"]} if cov.get("dequantized_ops") else {}),
                      **({"fp32_input": names[m["fp32_input"]]} if m.get("fp32_input") in names else {}),
                      **{k: m[k] for k in ("float_ops", "placement", "weight_bits", "kept_unprunable")
                         if m.get(k)}})

@@ -206,6 +206,7 @@ def _all_int8_export(make, tmp_path) -> tuple:
     gm = quant.prepare_qat(model, SPEC, 16)
     assert quant.float_ops(gm) == {}
     dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert onnxio.dequantized_ops(tmp_path / "o.onnx") == {}  # ORT runs nothing float on dequantized data
     with torch.no_grad():
         want, ref = dep(x).numpy(), model(x).numpy()
     got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
@@ -668,7 +669,9 @@ def test_ort_static_quantizes_group_norms_that_share_their_constants(tmp_path):
     np.testing.assert_array_equal(onnxio.predict(onnxio.session(tmp_path / "u.onnx", 1), x),
                                   onnxio.predict(onnxio.session(tmp_path / "f.onnx", 1), x))
     onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_ops"] == {"QLinearConv": 2, "QGemm": 1}
+    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    assert cov["int8_ops"] == {"QLinearConv": 2, "QGemm": 1}
+    assert cov["dequantized_ops"].get("InstanceNormalization") == 2, cov  # the GroupNorms run float
 
 
 def test_duplicate_node_names_are_made_unique(tmp_path):

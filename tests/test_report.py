@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from pipeline.report import build_report, int8_markdown, kept_markdown, markdown_table
+from pipeline.report import build_report, float_markdown, int8_markdown, kept_markdown, markdown_table
 from pipeline.sweep import summarize
 
 
@@ -67,3 +67,13 @@ def test_layers_pruning_kept_are_listed_by_reason():
     assert kept_markdown(rows)[2] == ("- prune: pruning it breaks the model (IndexError): a.conv, b.conv; a slice of "
                                       "part of its channels follows: stem")
     assert kept_markdown(_rows()) == []
+
+
+def test_what_stays_float_lists_the_rewrite_and_what_onnx_runtime_runs_on_dequantized_data():
+    rows = [{"name": "baseline"}, {"name": "qat-int8", "float_ops": {"sum (no INT8 kernel in ONNX Runtime)": 8},
+                                   "dequantized_ops": {"ReduceSum": 4, "Softmax": 4}},
+            {"name": "ort-static-int8", "dequantized_ops": {"ReduceSum": 8}}]
+    md = float_markdown(rows)
+    assert md[2:4] == ["- qat-int8: sum (no INT8 kernel in ONNX Runtime) x8; ONNX Runtime runs float: ReduceSum x4, "
+                       "Softmax x4", "- ort-static-int8: ONNX Runtime runs float: ReduceSum x8"]
+    assert float_markdown([{"name": "qat-int8", "float_ops": {}, "dequantized_ops": {}}]) == []
