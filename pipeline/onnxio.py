@@ -282,8 +282,8 @@ def dequantized_ops(path: Path) -> dict[str, int]:
 
     nodes = onnx.load(str(path)).graph.node
     dq = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
-    found = collections.Counter(n.op_type for n in nodes if n.op_type not in ("DequantizeLinear", "QuantizeLinear")
-                                and any(i in dq for i in n.input))
+    skip = ("DequantizeLinear", "QuantizeLinear", "Shape", "Size")  # Shape and Size read no data
+    found = collections.Counter(n.op_type for n in nodes if n.op_type not in skip and any(i in dq for i in n.input))
     return dict(found.most_common())
 
 
