@@ -269,18 +269,23 @@ def runs_for(sess, x: np.ndarray, seconds: float, least: int = 3, most: int = 20
     return max(least, min(most, int(seconds / max(once, 1e-6))))
 
 
-def op_counts(path: Path) -> collections.Counter:
+def _nodes(model) -> list:
+    """The graph nodes of an ONNX file (a path) or of an already loaded ``ModelProto``."""
     import onnx
 
-    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    return list((onnx.load(str(model)) if isinstance(model, (str, Path)) else model).graph.node)
 
 
-def dequantized_ops(path: Path) -> dict[str, int]:
+def op_counts(model) -> collections.Counter:
+    """Op types with counts, of an ONNX file or a loaded ``ModelProto``."""
+    return collections.Counter(n.op_type for n in _nodes(model))
+
+
+def dequantized_ops(model) -> dict[str, int]:
     """Op types (with counts) that read a DequantizeLinear's output: in ORT's optimised graph, the ops it runs
-    in float between DequantizeLinear and QuantizeLinear, whatever the exporter or quantizer intended."""
-    import onnx
-
-    nodes = onnx.load(str(path)).graph.node
+    in float between DequantizeLinear and QuantizeLinear, whatever the exporter or quantizer intended. Takes
+    an ONNX file or a loaded ``ModelProto``."""
+    nodes = _nodes(model)
     dq = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
     skip = ("DequantizeLinear", "QuantizeLinear", "Shape", "Size")  # Shape and Size read no data
     found = collections.Counter(n.op_type for n in nodes if n.op_type not in skip and any(i in dq for i in n.input))
@@ -290,11 +295,13 @@ def dequantized_ops(path: Path) -> dict[str, int]:
 def kernel_coverage(path: Path, threads: int = 1) -> dict:
     """Count convs/matmuls that ORT runs as INT8 kernels in its optimised (EXTENDED) graph, and the ops it runs
     in float on dequantized data there."""
+    import onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
         session(path, threads=threads, opt_level="extended", optimized_path=opt)
-        counts = op_counts(opt)
-        dequantized = dequantized_ops(opt)
+        proto = onnx.load(str(opt))  # once, for both counts
+    counts, dequantized = op_counts(proto), dequantized_ops(proto)
     int8 = {k: v for k, v in counts.items() if k in INT8_KERNELS}
     fp = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
     total = sum(int8.values()) + sum(fp.values())

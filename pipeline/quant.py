@@ -1336,7 +1336,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             node.meta["tensor_meta"].dtype == src.meta["tensor_meta"].dtype
 
     def sliced_from(node: fx.Node) -> fx.Node | None:
-        """The tensor a getitem cuts from: ``x[i]``, or ``x.chunk(...)[i]`` and the like."""
+        """The tensor a getitem cuts from (``x[i]``, or ``x.chunk(...)[i]`` and the like), or a move reads."""
         src = node.args[0]
         if not isinstance(src, fx.Node):
             return None
@@ -1344,6 +1344,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 (src.op == "call_function" and src.target in _SPLIT_FUNCS):
             src = src.args[0]
         return src if isinstance(src, fx.Node) else None
+
+    def on_grid(src: object) -> bool:  # quantized with a read-back of 1: a slice or move may share its quantizer
+        return isinstance(src, fx.Node) and kind.get(src) in ("quant_after", "shared") and \
+            src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0
 
     def moves(node: fx.Node) -> bool:  # data movement only: the output holds input values
         if node.op == "call_module":
@@ -1369,15 +1373,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
                 float_ops.append((node.name, op_name(node), "qat.float_layers"))
             continue
-        elif moves(node) and is_tensor(node) and isinstance(src := node.args[0], fx.Node) and \
-                kind.get(src) in ("quant_after", "shared") and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
+        elif moves(node) and is_tensor(node) and on_grid(node.args[0]):
             # a reshape, transpose or max pool of a quantized tensor keeps its grid (SharedQuant), as ORT's own
             # quantizer does: an own observer sees the fake-quantized values, whose range differs by up to half
             # a step, and ORT runs the op float between DQ and Q when the two scales differ (SKNet's unsqueezes,
             # a softmax's 1/256 grid reshaped in ResNeSt)
             kind[node] = "shared"
-            if "fixed_quant" in src.meta:
-                node.meta["fixed_quant"] = src.meta["fixed_quant"]
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
@@ -1393,8 +1394,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 kind[node] = "quant_after"
             else:
                 kind[node] = "float"
-        elif node.target is operator.getitem and is_tensor(node) and kind.get(src := sliced_from(node)) in \
-                ("quant_after", "shared") and src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0:
+        elif node.target is operator.getitem and is_tensor(node) and on_grid(sliced_from(node)):
             kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
                 (node.op == "call_method" and node.target in _CAST_METHODS and same_dtype(node)):
