@@ -1158,11 +1158,42 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     """Rewrite a float model into its QAT form (see module docstring); raises on unknown layers.
 
     Layers named in ``spec.float_layers`` stay as they are (FP32 in ONNX Runtime); tensors crossing
-    from them into the quantized part get an ``ActQuant`` for their quantized users only.
+    from them into the quantized part get an ``ActQuant`` for their quantized users only. The steps, in order:
+    trace, ops rewritten into ops ONNX Runtime has INT8 kernels for, conv (+ BN) (+ activation) fused into
+    ``QConvBn`` / linears into ``QLinear``, every op classified, observers placed.
     """
     model = model.cpu().eval()
     model = _unroll_attention(plain_layers(model, spec.float_layers), spec.float_layers, image_size)
-    untraceable: dict[str, str] = {}  # module -> why fx cannot trace it (it stays FP32, called whole)
+    gm, untraceable = _trace(model, image_size)
+    _split_norm_act(gm)
+    is_float = _float_test(spec.float_layers)
+    _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
+    if _static_same_padding(gm) | _fold_zero_pads(gm):
+        _shapes(gm, image_size)
+    _mark_float_modules(gm, untraceable)
+    _silu_as_sigmoid_mul(gm, is_float)
+    _square_as_mul(gm, is_float)
+    # a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on slices of
+    # the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float); a stack -> a
+    # concatenation of unsqueezes (QLinearConcat)
+    if _sums_to_adds(gm, is_float, image_size) | _drop_broadcast_expands(gm):
+        _shapes(gm, image_size)
+    _fuse_convs(gm, spec, is_float)
+    _lone_batchnorms(gm, spec, is_float)
+    _hard_activations(gm, spec, is_float)
+    kind, float_ops = _classify(gm, untraceable, is_float)
+    _place_quants(gm, kind, spec)
+    gm.meta["float_ops"] = float_ops
+    gm.recompile()
+    _link_input_quants(gm)
+    return gm
+
+
+def _trace(model: nn.Module, image_size: int) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``torch.fx`` trace of ``model``, and the modules it could not trace (kept FP32, called whole) with why.
+    A failed trace is retried with an example input (branches on tensor sizes followed), then with the failing
+    module called whole; a trace specialised on sizes must reproduce the model at batch 2."""
+    untraceable: dict[str, str] = {}  # module -> why fx cannot trace it
     example = None  # after a failed trace: an input, so branches on tensor sizes can be followed
     while True:
         tracer = _Tracer(set(untraceable), example)
@@ -1197,23 +1228,24 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         if untraceable:
             log.info("qat: torch.fx cannot trace these modules; kept FP32, called whole: %s",
                      grouped_reasons(untraceable))
-    _split_norm_act(gm)
-    graph = gm.graph
-    is_float = _float_test(spec.float_layers)
-    _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
-    if _static_same_padding(gm) | _fold_zero_pads(gm):
-        _shapes(gm, image_size)
+    return gm, untraceable
 
-    # a layer whose parameters the forward code also reads (EdgeNeXt's positional encoding takes its conv's
-    # weight dtype) stays float: its quantized replacement has other parameters; so does a module fx cannot trace
-    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
-    for node in graph.nodes:
+
+def _mark_float_modules(gm: fx.GraphModule, untraceable: dict[str, str]) -> None:
+    """A layer whose parameters the forward code also reads (EdgeNeXt's positional encoding takes its conv's
+    weight dtype) stays float: its quantized replacement has other parameters; so does a module fx cannot
+    trace."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for node in gm.graph.nodes:
         if node.op == "call_module" and (node.target in untraceable or
                                          any(r.startswith(f"{node.target}.") for r in read)):
             node.meta["float"] = True
 
-    # 0. SiLU/Swish -> x * sigmoid(x): ORT runs both as INT8 kernels (QLinearSigmoid, QLinearMul), as its own
-    #    quantizer does with the exported Sigmoid + Mul; left whole, SiLU would run float between DQ and Q
+
+def _silu_as_sigmoid_mul(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> None:
+    """SiLU/Swish -> ``x * sigmoid(x)``: ORT runs both as INT8 kernels (QLinearSigmoid, QLinearMul), as its own
+    quantizer does with the exported Sigmoid + Mul; left whole, SiLU would run float between DQ and Q."""
+    graph = gm.graph
     for node in list(graph.nodes):
         is_silu = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.SiLU)) or \
                   (node.op == "call_function" and node.target is F.silu)
@@ -1229,7 +1261,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             graph.erase_node(node)
     gm.recompile()
 
-    # 0a. x ** 2 -> x * x (MetaFormer's StarReLU): QLinearMul instead of a float Pow
+
+def _square_as_mul(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> None:
+    """``x ** 2`` -> ``x * x`` (MetaFormer's StarReLU): QLinearMul instead of a float Pow."""
+    graph = gm.graph
     for node in list(graph.nodes):
         squared = (_calls(node, {operator.pow, torch.pow}, "pow") and node.args[1:] in ((2,), (2.0,))) or \
             _calls(node, {torch.square}, "square")
@@ -1241,13 +1276,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             graph.erase_node(node)
     gm.recompile()
 
-    # 0b. a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on
-    #     slices of the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float);
-    #     a stack -> a concatenation of unsqueezes (QLinearConcat)
-    if _sums_to_adds(gm, is_float, image_size) | _drop_broadcast_expands(gm):
-        _shapes(gm, image_size)
 
-    # 1. conv (+ bn) (+ relu) -> QConvBn ; linear -> QLinear
+def _fuse_convs(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node], bool]) -> None:
+    """conv (+ BN) (+ ReLU / ReLU6 / a Hardsigmoid gate) -> ``QConvBn``; Conv1d -> ``QConvBn`` (no BN folding);
+    linear -> ``QLinear``. A conv in ``float_layers`` keeps its BN and activation FP32 with it."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -1286,8 +1319,11 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             gm.add_submodule(node.target, QLinear(mod, spec))
     gm.recompile()
 
-    # 1a. a BatchNorm that follows no conv (DenseNet's pre-activation BN -> ReLU) -> a depthwise 1x1 QConvBn
-    #     (unit weights, the BN folded in, the ReLU fused): one QLinearConv instead of float BN between DQ and Q
+
+def _lone_batchnorms(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node], bool]) -> None:
+    """A BatchNorm that follows no conv (DenseNet's pre-activation BN -> ReLU) -> a depthwise 1x1 ``QConvBn``
+    (unit weights, the BN folded in, the ReLU fused): one QLinearConv instead of float BN between DQ and Q."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), nn.BatchNorm2d) \
                 or is_float(node):
@@ -1303,7 +1339,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         gm.add_submodule(node.target, QConvBn(conv, bn, act, spec))
     gm.recompile()
 
-    # 1b. Hardswish / Hardsigmoid not folded into a conv -> QHardSwish (QLinearAdd + QLinearMul in ORT)
+
+def _hard_activations(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node], bool]) -> None:
+    """Hardswish / Hardsigmoid not folded into a conv -> ``QHardSwish`` (QLinearAdd + QLinearMul in ORT)."""
+    graph = gm.graph
     for node in list(graph.nodes):
         hard = _is_hard(node, gm)
         if hard is None or is_float(node):
@@ -1321,59 +1360,74 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
             graph.erase_node(node)
     gm.recompile()
 
-    # 2. classify every op (the table above), then insert ActQuant where ORT's QDQ fusion needs one
-    def is_tensor(node: fx.Node) -> bool:
-        return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
 
-    def op_name(node: fx.Node) -> str:
-        if node.op == "call_module":
-            return type(gm.get_submodule(node.target)).__name__
-        return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+# what _classify says of each node: "input" (placeholder or parameter: quantized for its quantized users),
+# "quant_after" (an ActQuant follows), "shared" (on its source's grid: SharedQuant), "pass" (no quantizer: an
+# identity, a shape, or its users take float), "float" (no INT8 kernel: runs float between DQ and Q)
+_Kind = Literal["input", "quant_after", "shared", "pass", "float"]
 
-    def same_dtype(node: fx.Node) -> bool:
-        src = node.args[0] if node.args else None
-        return isinstance(src, fx.Node) and is_tensor(node) and is_tensor(src) and \
-            node.meta["tensor_meta"].dtype == src.meta["tensor_meta"].dtype
 
-    def sliced_from(node: fx.Node) -> fx.Node | None:
-        """The tensor a getitem cuts from (``x[i]``, or ``x.chunk(...)[i]`` and the like), or a move reads."""
-        src = node.args[0]
-        if not isinstance(src, fx.Node):
-            return None
-        if (src.op == "call_method" and src.target in _SPLIT_METHODS) or \
-                (src.op == "call_function" and src.target in _SPLIT_FUNCS):
-            src = src.args[0]
-        return src if isinstance(src, fx.Node) else None
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
 
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def _same_dtype(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return isinstance(src, fx.Node) and _is_tensor(node) and _is_tensor(src) and \
+        node.meta["tensor_meta"].dtype == src.meta["tensor_meta"].dtype
+
+
+def _sliced_from(node: fx.Node) -> fx.Node | None:
+    """The tensor a getitem cuts from (``x[i]``, or ``x.chunk(...)[i]`` and the like), or a move reads."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    if (src.op == "call_method" and src.target in _SPLIT_METHODS) or \
+            (src.op == "call_function" and src.target in _SPLIT_FUNCS):
+        src = src.args[0]
+    return src if isinstance(src, fx.Node) else None
+
+
+def _moves(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Data movement only: the output holds input values (reshape, transpose, max pool, ...)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
+    return (node.op == "call_method" and node.target in _MOVE_METHODS) or \
+        (node.op == "call_function" and node.target in _MOVE_FUNCS)
+
+
+def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callable[[fx.Node], bool]
+              ) -> tuple[dict[fx.Node, _Kind], list[tuple[str, str, str]]]:
+    """Every op by the table above (``_Kind``), and the ops that stay float as (node, op, why)."""
     def on_grid(src: object) -> bool:  # quantized with a read-back of 1: a slice or move may share its quantizer
         return isinstance(src, fx.Node) and kind.get(src) in ("quant_after", "shared") and \
             src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0
 
-    def moves(node: fx.Node) -> bool:  # data movement only: the output holds input values
-        if node.op == "call_module":
-            return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
-        return (node.op == "call_method" and node.target in _MOVE_METHODS) or \
-            (node.op == "call_function" and node.target in _MOVE_FUNCS)
-
-    kind: dict[fx.Node, str] = {}
-    float_ops: list[tuple[str, str, str]] = []  # (node, op, why)
-    for node in graph.nodes:
+    kind: dict[fx.Node, _Kind] = {}
+    float_ops: list[tuple[str, str, str]] = []
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
             kind[node] = "input"
-        elif node.op == "get_attr" and is_tensor(node) and node.meta["tensor_meta"].dtype.is_floating_point:
+        elif node.op == "get_attr" and _is_tensor(node) and node.meta["tensor_meta"].dtype.is_floating_point:
             kind[node] = "input"  # a parameter an op reads (layer scale, StarReLU's scale): quantized for it
         elif node.op not in ("call_module", "call_function", "call_method"):
             continue
         elif node.op == "call_module" and node.target in untraceable:
             kind[node] = "float"
-            float_ops.append((node.name, op_name(node), "torch.fx cannot trace it"))
+            float_ops.append((node.name, _op_name(gm, node), "torch.fx cannot trace it"))
             continue
         elif is_float(node):
             kind[node] = "float"
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
-                float_ops.append((node.name, op_name(node), "qat.float_layers"))
+                float_ops.append((node.name, _op_name(gm, node), "qat.float_layers"))
             continue
-        elif moves(node) and is_tensor(node) and on_grid(node.args[0]):
+        elif _moves(gm, node) and _is_tensor(node) and on_grid(node.args[0]):
             # a reshape, transpose or max pool of a quantized tensor keeps its grid (SharedQuant), as ORT's own
             # quantizer does: an own observer sees the fake-quantized values, whose range differs by up to half
             # a step, and ORT runs the op float between DQ and Q when the two scales differ (SKNet's unsqueezes,
@@ -1394,10 +1448,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 kind[node] = "quant_after"
             else:
                 kind[node] = "float"
-        elif node.target is operator.getitem and is_tensor(node) and on_grid(sliced_from(node)):
+        elif node.target is operator.getitem and _is_tensor(node) and on_grid(_sliced_from(node)):
             kind[node] = "shared"  # a slice of a quantized tensor keeps its scale (SharedQuant)
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
-                (node.op == "call_method" and node.target in _CAST_METHODS and same_dtype(node)):
+                (node.op == "call_method" and node.target in _CAST_METHODS and _same_dtype(node)):
             kind[node] = "pass"
         elif node.target in (_QUANT_AFTER_FUNCS if node.op == "call_function" else _QUANT_AFTER_METHODS):
             kind[node] = "quant_after"
@@ -1407,20 +1461,28 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
         else:
             kind[node] = "float"
-        if kind.get(node) in ("quant_after", "input") and not is_tensor(node):
+        if kind.get(node) in ("quant_after", "input") and not _is_tensor(node):
             kind[node] = "pass"  # shapes and tuples (x.shape, chunk) are not quantized
-        if kind[node] == "float" and is_tensor(node):
-            float_ops.append((node.name, op_name(node), "no INT8 kernel in ONNX Runtime"))
+        if kind[node] == "float" and _is_tensor(node):
+            float_ops.append((node.name, _op_name(gm, node), "no INT8 kernel in ONNX Runtime"))
     # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
     # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
     # into Swin's float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
-    takes_float = {n for n in kind if (kind[n] == "float" and is_tensor(n)) or _calls(n, _SOFTMAX, "softmax")}
+    takes_float = {n for n in kind if (kind[n] == "float" and _is_tensor(n)) or _calls(n, _SOFTMAX, "softmax")}
     for node in reversed(list(kind)):
         if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
                 all(u in takes_float for u in node.users):
             kind[node] = "pass"
             if not _calls(node, _MATMUL, "matmul"):  # a matmul still takes INT8 inputs
                 takes_float.add(node)
+    return kind, float_ops
+
+
+def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpec) -> None:
+    """An ``ActQuant`` (``FixedQuant`` for a fixed range) after every "quant_after" node, a ``SharedQuant`` of
+    its source's after every "shared" one, and one for the quantized users of every float or input tensor
+    (the FP32 -> INT8 boundary)."""
+    graph = gm.graph
     count = 0
 
     def quantized(a: object) -> bool:  # a tensor that reaches its users through an ActQuant (placed or to come)
@@ -1453,13 +1515,15 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
         if k == "quant_after":
             insert_after(node)
         elif k == "shared":  # its source's ActQuant is in place by now (sources come first)
-            source = gm.get_submodule(sliced_from(node).target)
+            source = gm.get_submodule(_sliced_from(node).target)
             insert_after(node, module=SharedQuant(source.source if isinstance(source, SharedQuant) else source))
-        elif k in ("float", "input") and is_tensor(node):
+        elif k in ("float", "input") and _is_tensor(node):
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
-    gm.meta["float_ops"] = float_ops
-    gm.recompile()
-    for node in graph.nodes:  # tell each conv/linear which observer quantizes its input (bias scale)
+
+
+def _link_input_quants(gm: fx.GraphModule) -> None:
+    """Tell each conv / linear which observer quantizes its input (its bias is quantized on that scale)."""
+    for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
             src = node.args[0]
             while src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES):
@@ -1469,7 +1533,6 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
                 aq = aq.source
             if isinstance(aq, ActQuant):
                 object.__setattr__(m, "in_quant", aq)
-    return gm
 
 
 def float_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
