@@ -153,7 +153,7 @@ def _analysable() -> Iterator[None]:
     patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
                (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
                (swin.PatchMergingV2, "forward", merging_v2)]
-    patches += _bounded_groups() + list(_std_convs())
+    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel()
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -162,6 +162,36 @@ def _analysable() -> Iterator[None]:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+
+
+def _selective_kernel() -> list[tuple[object, str, Callable]]:
+    """timm's Selective Kernel (SKNet) in a form whose channel dependencies Torch-Pruning sees: its forward
+    stacks the paths into a 5-D tensor and views the attention's output as (paths, channels), which the
+    analysis cannot map, so every path and ``fc_select`` kept its channels. Here the paths are summed (one
+    width) and ``fc_select``'s output is split into one gate per path (the same channels of each). Where the
+    input is split across the paths (``split_input``), the split is written as channel slices, which keep the
+    layers writing that input whole (``_partial_channel_slice``): the forward splits it into equal parts of a
+    fixed width (a split with two uses of a part is one Torch-Pruning maps wrongly)."""
+    try:
+        from timm.layers.selective_kernel import SelectiveKernel
+    except ImportError:  # timm is an optional extra
+        return []
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_paths
+        if self.split_input:
+            w = x.shape[1] // n
+            parts = [x[:, i * w:(i + 1) * w] for i in range(n)]
+        else:
+            parts = [x] * n
+        paths = [op(p) for op, p in zip(self.paths, parts, strict=True)]
+        s = sum(paths[1:], paths[0])
+        a = self.attn
+        g = a.fc_select(a.act(a.bn(a.fc_reduce(s.mean((2, 3), keepdim=True)))))
+        gates = torch.split(g, g.shape[1] // n, 1)
+        return sum((p * w for p, w in zip(paths, gates, strict=True)), torch.zeros_like(s))
+
+    return [(SelectiveKernel, "forward", forward)]
 
 
 @functools.cache  # the same functions every time: Torch-Pruning tells its pruning functions apart by identity

@@ -178,6 +178,41 @@ def test_split_attention_leaves_excluded_and_unsupported_attention_alone():
         model[0](x, torch.randn(2, 5, 16), x)
 
 
+@pytest.mark.parametrize("split_input", [True, False])
+def test_selective_kernel_prunes_paths_and_gates_together(split_input):
+    """SKNet: a channel removed from the paths removes the same channel of every path's gate (fc_select's
+    outputs viewed as (paths, channels)). Channels made dead before pruning leave the outputs unchanged; a
+    gate pruned at the wrong place would not. A split input keeps the layer that writes it whole."""
+    import torch_pruning as tp
+    from timm.layers.selective_kernel import SelectiveKernel
+
+    from pipeline.pruning import ChannelPlan, _analysable, channel_prune
+
+    torch.manual_seed(0)
+    sk = SelectiveKernel(16, 32, split_input=split_input)
+    for p in sk.parameters():
+        torch.nn.init.normal_(p)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), sk, torch.nn.Conv2d(32, 4, 1)).eval()
+    dead = [3, 7, 20]
+    with torch.no_grad():
+        for path in sk.paths:
+            path.bn.weight[dead] = path.bn.bias[dead] = 0
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    with _analysable():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        conv = sk.paths[0].conv
+        graph.get_pruning_group(conv, graph.get_pruner_of_module(conv).prune_out_channels, idxs=dead).prune()
+    assert sk.attn.fc_select.out_channels == 2 * 29 and sk.paths[1].conv.out_channels == 29
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    notes: dict[str, str] = {}
+    channel_prune(model, ChannelPlan(0.3, None, "l1", False, False, ["2"], 1, 0, 1, False), 8, kept_notes=notes)
+    assert ("0" in notes) == split_input and model[0].out_channels == (16 if split_input else 11)
+    assert sk.paths[0].conv.out_channels == 20 and model(x).shape == (2, 4, 8, 8)
+
+
 def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path):
     """torchvision's ViT: nn.MultiheadAttention becomes HeadAttention (same outputs, same MACs), whose heads
     are narrowed; the embedding width (fixed by the model's hidden_dim) and the patch embedding are kept, the
