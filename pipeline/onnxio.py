@@ -42,18 +42,12 @@ def _mean_to_global_pool(x, dim, keepdim: bool = False, dtype=None):
     return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
 
 
-def _is_spatial_mean(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) for m in model.modules())
-
-
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
                 extra_translations: dict[Callable, Callable] | None = None) -> None:
     """``torch.onnx.export`` (dynamo) with a dynamic batch dimension, then ``onnx.checker``."""
     import onnx
 
-    table = dict(extra_translations or {})
-    if _is_spatial_mean(model):
-        table[torch.ops.aten.mean.dim] = _mean_to_global_pool
+    table = {torch.ops.aten.mean.dim: _mean_to_global_pool, **(extra_translations or {})}
     model = model.eval().cpu()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -61,7 +55,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
             program = torch.onnx.export(
                 model, (example.cpu(),), dynamo=True, opset_version=opset, input_names=["input"],
                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                custom_translation_table=table or None, optimize=True, verbose=False,
+                custom_translation_table=table, optimize=True, verbose=False,
             )
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

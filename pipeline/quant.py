@@ -57,11 +57,12 @@ class QuantSpec:
 
 # ---------------------------------------------------------------- choices that depend on the CPU
 
-REWRITE = 4  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
+REWRITE = 5  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
 # 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
 # Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
 # 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
-# broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant))
+# broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant);
+# 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -986,6 +987,46 @@ def _fold_zero_pads(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _functional_convs(gm: fx.GraphModule) -> bool:
+    """``F.conv2d(x, w, b, ...)`` with ``w`` (and ``b``) a parameter or buffer of the model (a fixed filter:
+    timm's BlurPool2d) -> an ``nn.Conv2d`` holding them, which ``_fuse_convs`` then quantizes (a QLinearConv
+    instead of a float Conv between DequantizeLinear and QuantizeLinear). True if anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d):
+            continue
+        a = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        a.update(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), node.args, strict=False))
+        a.update(node.kwargs)
+        given = [t for t in (a.get("weight"), a["bias"]) if t is not None]
+        if not (isinstance(a.get("weight"), fx.Node) and not isinstance(a["padding"], str) and
+                all(isinstance(t, fx.Node) and t.op == "get_attr" for t in given)):
+            continue
+        weight, bias = (operator.attrgetter(t.target)(gm) if t is not None else None for t in (a["weight"], a["bias"]))
+        if weight.dim() != 4:
+            continue
+        conv = nn.Conv2d(weight.shape[1] * a["groups"], weight.shape[0], tuple(weight.shape[2:]), a["stride"],
+                         a["padding"], a["dilation"], a["groups"], bias=bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        trained = any(isinstance(t, nn.Parameter) and t.requires_grad for t in (weight, bias))
+        conv.requires_grad_(trained)  # a buffer (a fixed filter) stays fixed in QAT
+        name = f"{node.name}_conv"
+        gm.add_submodule(name, conv)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (a["input"],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
+
+
 _MAX_SUM_TERMS = 4  # a sum over a dimension this short becomes adds (each add one QLinearAdd)
 
 
@@ -1168,7 +1209,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     _split_norm_act(gm)
     is_float = _float_test(spec.float_layers)
     _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
-    if _static_same_padding(gm) | _fold_zero_pads(gm):
+    if _static_same_padding(gm) | _functional_convs(gm) | _fold_zero_pads(gm):
         _shapes(gm, image_size)
     _mark_float_modules(gm, untraceable)
     _silu_as_sigmoid_mul(gm, is_float)
@@ -1398,6 +1439,8 @@ def _moves(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Data movement only: the output holds input values (reshape, transpose, max pool, ...)."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
+    if node.op == "call_function" and node.target is F.pad:  # reflect / replicate: copies of input values
+        return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") in ("reflect", "replicate")
     return (node.op == "call_method" and node.target in _MOVE_METHODS) or \
         (node.op == "call_function" and node.target in _MOVE_FUNCS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline import onnxio, quant
 from pipeline.artifacts import save_checkpoint
@@ -292,6 +293,45 @@ def test_eca_gate_conv1d_and_expand_run_on_int8_kernels(tmp_path):
     assert ops["QLinearConv"] == 3 and ops["QLinearMul"] == 1, ops
     assert not {"Conv", "Expand", "Mul"} & set(ops), ops
     assert ort_err <= 0.01 and float_err <= 0.1
+
+
+class _BlurPool(torch.nn.Module):
+    """TResNet's anti-aliased downsampling (timm's BlurPool2d: a reflect pad, then ``F.conv2d`` with a fixed
+    binomial filter in a buffer) and a squeeze-excitation written as ``x.mean((2, 3))`` (no AdaptiveAvgPool2d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Linear(16, 8)
+        self.register_buffer("filt", (torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16)
+                             .repeat(16, 1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = F.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), self.filt, stride=2, groups=16)
+        return self.head(x.mean((2, 3)))
+
+
+def test_blur_pool_and_spatial_means_run_on_int8_kernels(tmp_path):
+    """The fixed blur filter becomes a conv module (a QLinearConv, not a float Conv between DequantizeLinear and
+    QuantizeLinear; it stays fixed in QAT), the reflect pad keeps its input's grid, and a mean over H, W exports
+    as GlobalAveragePool (QLinearGlobalAveragePool) in any model, not only in those with an AdaptiveAvgPool2d."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _BlurPool().eval()
+    gm = quant.prepare_qat(model, SPEC, 16)
+    assert quant.float_ops(gm) == {}
+    blur = [m for m in gm.modules() if isinstance(m, quant.QConvBn) and m.conv.groups == 16]
+    assert len(blur) == 1 and not blur[0].conv.weight.requires_grad
+    x = torch.randn(8, 3, 16, 16)
+    dep, ops = _calibrated_export(gm, x, tmp_path, opt_level="extended")
+    assert ops["QLinearConv"] == 2 and ops["QLinearGlobalAveragePool"] == 1, ops
+    assert not {"Conv", "ReduceMean"} & set(ops), ops
+    assert onnxio.dequantized_ops(tmp_path / "o.onnx") == {"Pad": 1}  # ORT has no INT8 reflect pad
+    with torch.no_grad():
+        want, ref = dep(x).numpy(), model(x).numpy()
+    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max() and np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()
 
 
 def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
