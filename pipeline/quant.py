@@ -62,7 +62,8 @@ REWRITE = 5  # version of what prepare_qat quantizes where (in the qat stage's k
 # Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
 # 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
 # broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant);
-# 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid)
+# 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid, a layer
+# behind F.dropout quantizes its bias on its input's scale)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -1569,8 +1570,9 @@ def _link_input_quants(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
             src = node.args[0]
-            while src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES):
-                src = src.args[0]  # Dropout / Identity keep the quantized input
+            while (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES)) or \
+                    (src.op == "call_function" and src.target in _PASS_FUNCS - {getattr}):
+                src = src.args[0]  # Dropout / Identity keep the quantized input (GhostNet's F.dropout)
             aq = gm.get_submodule(src.target) if src.op == "call_module" else None
             if isinstance(aq, SharedQuant):
                 aq = aq.source

@@ -295,6 +295,28 @@ def test_eca_gate_conv1d_and_expand_run_on_int8_kernels(tmp_path):
     assert ort_err <= 0.01 and float_err <= 0.1
 
 
+class _DropoutHead(torch.nn.Module):
+    """timm's heads with ``drop_rate`` (EfficientNet, ResNet, MobileNetV3, GhostNet): ``F.dropout`` before the
+    classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(16, 8)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv(x))).flatten(1)
+        return self.head(F.dropout(x, p=0.2, training=self.training))
+
+
+def test_a_classifier_behind_functional_dropout_runs_on_int8_kernels(tmp_path):
+    """The classifier finds its input's quantizer through ``F.dropout`` (an identity in eval), so its bias is
+    INT32 on that scale and ORT fuses a QGemm (with a float bias it ran a float Gemm on dequantized data)."""
+    ops, ort_err, _ = _all_int8_export(_DropoutHead, tmp_path)
+    assert ops["QGemm"] == 1 and "Gemm" not in ops, ops
+    assert ort_err <= 0.01
+
+
 class _BlurPool(torch.nn.Module):
     """TResNet's anti-aliased downsampling (timm's BlurPool2d: a reflect pad, then ``F.conv2d`` with a fixed
     binomial filter in a buffer) and a squeeze-excitation written as ``x.mean((2, 3))`` (no AdaptiveAvgPool2d)."""
