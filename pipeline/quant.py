@@ -63,7 +63,8 @@ REWRITE = 5  # version of what prepare_qat quantizes where (in the qat stage's k
 # 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
 # broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant);
 # 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid, a layer
-# behind F.dropout quantizes its bias on its input's scale)
+# behind F.dropout quantizes its bias on its input's scale, Python numbers in Add / Mul / Div / Sub as quantized
+# constants)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -1028,6 +1029,41 @@ def _functional_convs(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _scalar_operands(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> bool:
+    """``x * c``, ``x + c``, ``x / c`` and ``x - c`` with ``c`` a Python number -> ``x * t`` / ``x + t`` with ``t``
+    a constant of the model (a buffer): then ``t`` gets its own quantizer where ``x`` is INT8 (as a parameter an
+    Add / Mul reads does), so ORT runs QLinearMul / QLinearAdd; with ``c`` a float initializer it ran the op
+    float between DequantizeLinear and QuantizeLinear (MobileNetV4's and EfficientViT-M's ``q * scale``).
+    True if anything changed."""
+    graph, changed, count = gm.graph, False, 0
+    ops = {**dict.fromkeys(_ADD, "add"), **dict.fromkeys(_MUL, "mul"), operator.truediv: "div", operator.sub: "sub"}
+    for node in list(graph.nodes):
+        op = ops.get(node.target) if node.op == "call_function" else None
+        if op is None or len(node.args) != 2 or node.kwargs or is_float(node):
+            continue
+        x, c = node.args
+        if op in ("add", "mul") and isinstance(x, (int, float)):
+            x, c = c, x  # c + x, c * x
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if not (isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(meta, TensorMetadata)
+                and meta.dtype.is_floating_point) or c == 0:  # a zero: no range to quantize on
+            continue
+        value = 1.0 / c if op == "div" else -c if op == "sub" else c
+        while hasattr(gm, f"_scalar_{count}"):
+            count += 1
+        name = f"_scalar_{count}"
+        gm.register_buffer(name, torch.tensor(float(value), dtype=meta.dtype), persistent=False)
+        with graph.inserting_before(node):
+            const = graph.get_attr(name)
+            new = graph.call_function(operator.mul if op in ("mul", "div") else operator.add, (x, const))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    gm.recompile()
+    return changed
+
+
 _MAX_SUM_TERMS = 4  # a sum over a dimension this short becomes adds (each add one QLinearAdd)
 
 
@@ -1218,7 +1254,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     # a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on slices of
     # the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float); a stack -> a
     # concatenation of unsqueezes (QLinearConcat)
-    if _sums_to_adds(gm, is_float, image_size) | _drop_broadcast_expands(gm):
+    if _sums_to_adds(gm, is_float, image_size) | _drop_broadcast_expands(gm) | _scalar_operands(gm, is_float):
         _shapes(gm, image_size)
     _fuse_convs(gm, spec, is_float)
     _lone_batchnorms(gm, spec, is_float)

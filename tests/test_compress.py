@@ -295,6 +295,27 @@ def test_eca_gate_conv1d_and_expand_run_on_int8_kernels(tmp_path):
     assert ort_err <= 0.01 and float_err <= 0.1
 
 
+class _Scalars(torch.nn.Module):
+    """Python numbers in Adds and Muls of quantized tensors (attention's ``q * scale``, ``x / 4``, ``x - 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        return self.c(0.5 * x + self.b(x) / 4 - 1)
+
+
+def test_python_numbers_in_adds_and_muls_run_on_int8_kernels(tmp_path):
+    """A number an Add or Mul reads becomes a constant with its own quantizer (a division a Mul by 1 / c, a
+    subtraction an Add of -c), so ORT runs QLinearMul / QLinearAdd; with a float initializer it ran them float
+    between DequantizeLinear and QuantizeLinear (MobileNetV4-Hybrid's and EfficientViT-M's ``q * scale``)."""
+    ops, ort_err, float_err = _all_int8_export(_Scalars, tmp_path)
+    assert ops["QLinearMul"] == 2 and ops["QLinearAdd"] == 2 and not {"Mul", "Add", "Div", "Sub"} & set(ops), ops
+    assert ort_err <= 0.01 and float_err <= 0.1
+
+
 class _DropoutHead(torch.nn.Module):
     """timm's heads with ``drop_rate`` (EfficientNet, ResNet, MobileNetV3, GhostNet): ``F.dropout`` before the
     classifier."""
