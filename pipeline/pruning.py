@@ -188,8 +188,8 @@ def _selective_kernel() -> list[tuple[object, str, Callable]]:
         s = sum(paths[1:], paths[0])
         a = self.attn
         g = a.fc_select(a.act(a.bn(a.fc_reduce(s.mean((2, 3), keepdim=True)))))
-        gates = torch.split(g, g.shape[1] // n, 1)
-        return sum((p * w for p, w in zip(paths, gates, strict=True)), torch.zeros_like(s))
+        gated = [p * w for p, w in zip(paths, torch.split(g, g.shape[1] // n, 1), strict=True)]
+        return sum(gated[1:], gated[0])
 
     return [(SelectiveKernel, "forward", forward)]
 

@@ -692,7 +692,8 @@ _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, 
                       torch.cat, torch.sigmoid, F.sigmoid, F.leaky_relu, torch.permute, torch.transpose,
                       torch.reshape, torch.squeeze, torch.unsqueeze, F.softmax,
                       torch.softmax, torch.index_select} | _ADD | _MUL | _MATMUL
-_PASS_FUNCS = {getattr, stochastic_depth, F.dropout, torch.dropout}  # identities in the exported (eval) graph
+_IDENTITY_FUNCS = {stochastic_depth, F.dropout, torch.dropout}  # identities in the exported (eval) graph
+_PASS_FUNCS = {getattr} | _IDENTITY_FUNCS
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
                         "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
 _PASS_METHODS = {"size", "dim"}
@@ -1607,7 +1608,7 @@ def _link_input_quants(gm: fx.GraphModule) -> None:
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
             src = node.args[0]
             while (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES)) or \
-                    (src.op == "call_function" and src.target in _PASS_FUNCS - {getattr}):
+                    (src.op == "call_function" and src.target in _IDENTITY_FUNCS):
                 src = src.args[0]  # Dropout / Identity keep the quantized input (GhostNet's F.dropout)
             aq = gm.get_submodule(src.target) if src.op == "call_module" else None
             if isinstance(aq, SharedQuant):
