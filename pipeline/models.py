@@ -400,7 +400,15 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Modu
                 m.normalized_shape = tuple(m.weight.shape)
             elif isinstance(m, nn.GroupNorm) and m.weight is not None:
                 m.num_channels = m.weight.shape[0]
+            elif is_blur_pool(m):  # its filter is not in the state_dict (non-persistent): made for the width
+                m.channels = m.filt.shape[0]
+                m.init_non_persistent_buffers()
     return model
+
+
+def is_blur_pool(m: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` with a filter per channel (TResNet, ResNet-blur; pruning narrows it)."""
+    return type(m).__name__ == "BlurPool2d" and isinstance(getattr(m, "channels", None), int)
 
 
 def _resize_tensors(m: nn.Module, shapes: dict[str, list[int]]) -> None:

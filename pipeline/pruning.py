@@ -153,7 +153,7 @@ def _analysable() -> Iterator[None]:
     patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
                (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
                (swin.PatchMergingV2, "forward", merging_v2)]
-    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel()
+    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel() + _split_parts()
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -192,6 +192,79 @@ def _selective_kernel() -> list[tuple[object, str, Callable]]:
         return sum(gated[1:], gated[0])
 
     return [(SelectiveKernel, "forward", forward)]
+
+
+def _split_parts() -> list[tuple[object, str, Callable]]:
+    """Torch-Pruning maps a channel split's i-th user to its i-th part: where a part has two users (a CSP
+    stage's half feeding both a block's conv and its shortcut: CSPResNet, CSPDarkNet) later users got the wrong
+    channels, and a split by one part size counted one part per user, which ended the analysis (cs3darknet:
+    ``int + NoneType`` in its concat mapping). Where a split has more users than parts, every user gets the
+    part it reads (autograd's output number); one user per part keeps Torch-Pruning's mapping, whose groups
+    SKNet's analysable form is written for. Its split pruner updates the part sizes but not the offsets the
+    mapping reads, so later groups of a step used the unpruned offsets: they are recomputed each time."""
+    from torch_pruning import ops
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    init, mapping = shape_infer.init_shape_information, index_mapping.update_split_index_mapping
+    between, out_channels = shape_infer.infer_channels_between, shape_infer.infer_out_channels_recursively
+
+    def part(split, user) -> int | None:
+        return getattr(split.module, "part_of", {}).get(user) if split.type == ops.OPTYPE.SPLIT else None
+
+    def init_shape_information(graph) -> None:
+        init(graph)
+        for node in graph.module2node.values():
+            g = node.grad_fn
+            if node.type != ops.OPTYPE.SPLIT or getattr(g, "_saved_dim", None) != 1:
+                continue
+            if hasattr(g, "_saved_split_sizes"):
+                sizes = list(g._saved_split_sizes)
+            elif hasattr(g, "_saved_split_size") and hasattr(g, "_saved_self_sym_sizes"):
+                total, size = int(g._saved_self_sym_sizes[1]), int(g._saved_split_size)
+                sizes = [size] * (total // size) + ([total % size] if total % size else [])
+            else:
+                continue
+            if len(node.outputs) == len(sizes):  # one user per part: Torch-Pruning's mapping (its groups' roots)
+                continue
+            users = {u: {nr for fn, nr in getattr(u.grad_fn, "next_functions", ()) if fn is g} for u in node.outputs}
+            if all(len(nrs) == 1 for nrs in users.values()):  # else a user reads two parts: Torch-Pruning's way
+                node.module.split_sizes = sizes
+                node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                node.module.part_of = {u: nrs.pop() for u, nrs in users.items()}
+
+    def update_split_index_mapping(graph, node) -> None:
+        sizes = node.module.split_sizes
+        if sizes is not None and None not in sizes:  # as pruned so far (its pruner updates the sizes only)
+            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        if not getattr(node.module, "part_of", None):
+            return mapping(graph, node)
+        if not node.enable_index_mapping:
+            return None
+        offsets = node.module.offsets
+        for user, i in node.module.part_of.items():  # the first dependency each way, as Torch-Pruning maps them
+            dep = next((d for d in node.dependencies if d.target is user), None)
+            if dep is not None:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offsets[i:i + 2], reverse=False)
+            dep = next((d for d in user.dependencies if d.target is node), None)
+            if dep is not None:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offsets[i:i + 2], reverse=True)
+        return None
+
+    def infer_channels_between(graph, node_1, node_2) -> int | None:
+        i = part(node_1, node_2)
+        return between(graph, node_1, node_2) if i is None else node_1.module.split_sizes[i]
+
+    def infer_out_channels_recursively(graph, node, recursive_depth: list) -> int | None:
+        if node.type != ops.OPTYPE.CONCAT and graph.get_out_channels(node) is None:
+            for src in node.inputs:  # an element-wise op on a split part has the part's width
+                if (i := part(src, node)) is not None:
+                    return src.module.split_sizes[i]
+        return out_channels(graph, node, recursive_depth)
+
+    return [(shape_infer, "init_shape_information", init_shape_information),
+            (index_mapping, "update_split_index_mapping", update_split_index_mapping),
+            (shape_infer, "infer_channels_between", infer_channels_between),
+            (shape_infer, "infer_out_channels_recursively", infer_out_channels_recursively)]
 
 
 @functools.cache  # the same functions every time: Torch-Pruning tells its pruning functions apart by identity
@@ -233,6 +306,45 @@ def _std_convs() -> list[tuple[object, str, Callable]]:
         return self._conv_forward(x, self.weight, self.bias)
 
     return patches + [(getattr(std_conv, n), "forward", plain) for n in STD_CONVS if hasattr(std_conv, n)]
+
+
+@functools.cache  # one instance: Torch-Pruning tells its pruning functions apart by identity
+def _customized_pruners() -> dict[type, object]:
+    """Pruning functions for layers Torch-Pruning does not know: timm's ``BlurPool2d`` (anti-aliased
+    downsampling: TResNet, ResNet-blur), a fixed depthwise filter held as a per-channel buffer. Without one
+    its width stayed fixed while the layers around it shrank, so they were kept unpruned."""
+    try:
+        from timm.layers.blur_pool import BlurPool2d
+    except ImportError:  # timm is an optional extra
+        return {}
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class ChannelwisePruner(BasePruningFunc):
+        """A layer whose output channel i is a function of its input channel i alone (in and out prune
+        together): its per-channel buffer ``filt`` and ``channels`` follow the kept channels."""
+
+        def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            keep = sorted(set(range(layer.filt.shape[0])) - set(idxs))
+            layer.filt = layer.filt[keep].clone()
+            layer.channels = len(keep)
+            return layer
+
+        prune_in_channels = prune_out_channels  # one function: Torch-Pruning couples in and out through it
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.filt.shape[0]
+
+        get_in_channels = get_out_channels
+
+    return {BlurPool2d: ChannelwisePruner()}
+
+
+def _dependency_graph(model: nn.Module, image_size: int):
+    """Torch-Pruning's dependency graph of ``model`` (call inside ``_analysable``)."""
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size),
+                                                 customized_pruners=_customized_pruners())
 
 
 class _Unbounded(Exception):
@@ -287,12 +399,11 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], 
     """Layers (by name) whose output channels Torch-Pruning cannot prune correctly, and why: their group's
     search does not end, it runs through a partial channel slice, or pruning it by ``ratio`` (rounded to
     ``round_to`` channels) on a copy leaves a model that does not run. Channel pruning keeps them."""
-    import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     out = {}
     with _quiet_token_warning(), _analysable():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+        graph = _dependency_graph(model, image_size)
         for m in graph.module2node:
             if m in kept or not isinstance(m, (nn.Conv2d, nn.Linear)) or m not in names:
                 continue
@@ -354,7 +465,7 @@ def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float
         pruner = tp.pruner.BasePruner(
             model, example, importance=importance, pruning_ratio=ratio, iterative_steps=1, round_to=round_to,
             ignored_layers=[named[n] for n in kept], num_heads={qkv: a.num_heads for qkv, a in attention.items()},
-            prune_head_dims=True, head_pruning_ratio=ratio)
+            prune_head_dims=True, head_pruning_ratio=ratio, customized_pruners=_customized_pruners())
         try:
             for group in pruner.step(interactive=True):
                 current[0] = group
@@ -395,11 +506,10 @@ def _quiet_token_warning() -> Iterator[None]:
 
 def dependency_problem(model: nn.Module, image_size: int) -> str | None:
     """Why Torch-Pruning cannot build this model's dependency graph, or None when it can."""
-    import torch_pruning as tp
 
     try:
         with _quiet_token_warning(), _analysable():
-            tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+            _dependency_graph(model, image_size)
     except Exception as e:  # a graph pattern Torch-Pruning does not handle
         return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
     return None
@@ -437,6 +547,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
             ignored_layers=kept, round_to=plan.round_to,
             num_heads={qkv: a.num_heads for qkv, a in attention.items()}, prune_num_heads=plan.whole_heads,
             prune_head_dims=not plan.whole_heads, head_pruning_ratio=0.95 if by_macs else plan.ratio,
+            customized_pruners=_customized_pruners(),
         )
 
     def macs() -> float:

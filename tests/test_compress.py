@@ -574,6 +574,51 @@ def test_ghost_modules_lose_the_share_the_ratio_says():
         torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
+class _CrossStage(torch.nn.Module):
+    """A CSP stage (timm's cs3darknet): one half of a split feeds a block's conv and its shortcut, the other
+    goes to the concatenation; the split follows the block's width."""
+
+    def __init__(self, sizes: bool):
+        super().__init__()
+        self.sizes = sizes  # split by a list of sizes, else by one size (the last part the rest)
+        self.exp, self.trans = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)
+        self.block = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.exp(x)
+        w = self.block.in_channels
+        a, b = x.split([w, x.shape[1] - w] if self.sizes else w, dim=1)
+        return self.trans(torch.cat([b, a + self.block(a)], 1))
+
+
+@pytest.mark.parametrize("sizes", [True, False], ids=["sizes", "one_size"])
+def test_a_split_part_with_two_users_prunes_its_own_channels(sizes):
+    """Torch-Pruning gave a split's i-th user the i-th part: with the block's conv and its shortcut both reading
+    part 0, the concatenation got part 1's offset (split by one size, the analysis counted three parts and
+    failed). Channels made dead before pruning leave the outputs unchanged only where each user gets its own
+    part: one of part 0 (block, shortcut, the concatenation's second half), one of part 1 (its first half)."""
+    import torch_pruning as tp
+
+    from pipeline.pruning import _analysable
+
+    torch.manual_seed(0)
+    model, x = _CrossStage(sizes).eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        if sizes:  # channel 1 of part 0
+            model.exp.weight[1] = model.exp.bias[1] = model.block.weight[1] = model.block.bias[1] = 0
+            model.trans.weight[:, 4 + 1] = 0
+        else:  # channel 1 of part 1 (exp's channel 5): the split's sizes stay 4 and the rest
+            model.exp.weight[5] = model.exp.bias[5] = model.trans.weight[:, 1] = 0
+        before = model(x)
+    with _analysable():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        layer, idxs = (model.block, [1]) if sizes else (model.exp, [5])
+        graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, idxs=idxs).prune()
+    assert (model.exp.out_channels, model.block.out_channels, model.trans.in_channels) == (7, 3 if sizes else 4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
 def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
     """Torch-Pruning loops forever on RexNet's partial residuals, cuts a channel slice at its traced bounds, and
     cannot know a width a module stored: those layers keep their channels, the rest is pruned, nothing hangs."""

@@ -213,6 +213,37 @@ def test_selective_kernel_prunes_paths_and_gates_together(split_input):
     assert sk.paths[0].conv.out_channels == 20 and model(x).shape == (2, 4, 8, 8)
 
 
+def test_blur_pool_is_pruned_with_its_conv_and_rebuilds():
+    """timm's BlurPool2d (TResNet's anti-aliased downsampling) holds one fixed filter per channel: pruning the
+    conv before it narrows it to the same channels (dead channels removed: outputs unchanged), and the recorded
+    shapes rebuild it with its filter, which is not in the state_dict."""
+    from timm.layers.blur_pool import BlurPool2d
+
+    from pipeline.models import apply_shapes, module_shapes
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    def make() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), BlurPool2d(8),
+                                   torch.nn.Conv2d(8, 4, 1)).eval()
+
+    torch.manual_seed(0)
+    model, dead = make(), [1, 2, 5, 6]
+    with torch.no_grad():
+        model[0].weight[dead] = model[0].bias[dead] = model[3].weight[:, dead] = 0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    notes: dict[str, str] = {}
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, ["3"], 1, 0, 1, False), 16, kept_notes=notes)
+    assert not notes and model[0].out_channels == 4 and model[2].channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    rebuilt = apply_shapes(make(), module_shapes(model))
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), before)
+
+
 def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path):
     """torchvision's ViT: nn.MultiheadAttention becomes HeadAttention (same outputs, same MACs), whose heads
     are narrowed; the embedding width (fixed by the model's hidden_dim) and the patch embedding are kept, the
