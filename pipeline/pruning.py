@@ -162,6 +162,7 @@ def _analysable() -> Iterator[None]:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+        _IN_ORDER_SPLITS.clear()
 
 
 def _selective_kernel() -> list[tuple[object, str, Callable]]:
@@ -188,20 +189,27 @@ def _selective_kernel() -> list[tuple[object, str, Callable]]:
         s = sum(paths[1:], paths[0])
         a = self.attn
         g = a.fc_select(a.act(a.bn(a.fc_reduce(s.mean((2, 3), keepdim=True)))))
-        gated = [p * w for p, w in zip(paths, torch.split(g, g.shape[1] // n, 1), strict=True)]
+        gates = torch.split(g, g.shape[1] // n, 1)
+        if gates[0].grad_fn is not None:  # traced (not a forward without grad)
+            _IN_ORDER_SPLITS.append(gates[0].grad_fn)
+        gated = [p * w for p, w in zip(paths, gates, strict=True)]
         return sum(gated[1:], gated[0])
 
     return [(SelectiveKernel, "forward", forward)]
 
 
+_IN_ORDER_SPLITS: list = []  # autograd nodes of splits mapped to users in order (SKNet's gates; while analysed)
+
+
 def _split_parts() -> list[tuple[object, str, Callable]]:
-    """Torch-Pruning maps a channel split's i-th user to its i-th part: where a part has two users (a CSP
-    stage's half feeding both a block's conv and its shortcut: CSPResNet, CSPDarkNet) later users got the wrong
-    channels, and a split by one part size counted one part per user, which ended the analysis (cs3darknet:
-    ``int + NoneType`` in its concat mapping). Where a split has more users than parts, every user gets the
-    part it reads (autograd's output number); one user per part keeps Torch-Pruning's mapping, whose groups
-    SKNet's analysable form is written for. Its split pruner updates the part sizes but not the offsets the
-    mapping reads, so later groups of a step used the unpruned offsets: they are recomputed each time."""
+    """Torch-Pruning maps a channel split's i-th user (in the order its trace met them) to its i-th part: where
+    that order is not the parts' (Res2Net) or a part has two users (a CSP stage's half feeding both a block's
+    conv and its shortcut: CSPResNet, CSPDarkNet), users got another part's channels, and a split by one part
+    size counted one part per user, which ended the analysis (cs3darknet: ``int + NoneType`` in its concat
+    mapping). Here every user gets the part it reads (autograd's output number), except SKNet's gate split
+    (``_IN_ORDER_SPLITS``: the same channels of every part; its groups are written for the order mapping).
+    Its split pruner updates the part sizes but not the offsets the mapping reads, so later groups of a step
+    used the unpruned offsets: they are recomputed each time."""
     from torch_pruning import ops
     from torch_pruning.dependency import index_mapping, shape_infer
 
@@ -224,7 +232,7 @@ def _split_parts() -> list[tuple[object, str, Callable]]:
                 sizes = [size] * (total // size) + ([total % size] if total % size else [])
             else:
                 continue
-            if len(node.outputs) == len(sizes):  # one user per part: Torch-Pruning's mapping (its groups' roots)
+            if any(g is o for o in _IN_ORDER_SPLITS):  # SKNet's gates: the same channels of every part
                 continue
             users = {u: {nr for fn, nr in getattr(u.grad_fn, "next_functions", ()) if fn is g} for u in node.outputs}
             if all(len(nrs) == 1 for nrs in users.values()):  # else a user reads two parts: Torch-Pruning's way
@@ -442,12 +450,14 @@ def _copy(model: nn.Module) -> nn.Module:
 def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float,
                  round_to: int | None) -> tuple[str, str] | None:
     """Prune every group by ``ratio`` in one step, running the model after each group; the first layer whose
-    group fails (Torch-Pruning raises, or the model no longer runs) and why, or None."""
+    group fails (Torch-Pruning raises, the model no longer runs, or it computes something else although the
+    channels the group names were zeroed first: the group removes other channels) and why, or None."""
     import torch_pruning as tp
 
     named = dict(model.named_modules())
     names = {m: n for n, m in named.items()}
     example = torch.zeros(1, 3, image_size, image_size)
+    x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # to compare outputs
     attention = {m.qkv: m for m in model.modules() if is_attention(m)}
     current: list = [None]
     magnitude = tp.importance.GroupMagnitudeImportance(p=1)
@@ -469,19 +479,42 @@ def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float
         try:
             for group in pruner.step(interactive=True):
                 current[0] = group
-                _prune_as_chosen(group, pruner, round_to)
-                if not attention:  # heads are set after the step
-                    with torch.no_grad():
-                        model(example)
+                chosen = _chosen_group(group, pruner, round_to)
+                if chosen is None:
+                    continue
+                if attention:  # heads are set after the step: the model runs then
+                    chosen.prune()
+                    continue
+                checked = _zero_group(chosen)  # the chosen channels contribute nothing now
+                with torch.no_grad():
+                    before = model(x) if checked else None
+                    chosen.prune()
+                    after = model(x)
+                if checked and not _same_outputs(before, after):
+                    raise _WrongChannels
         except Exception as e:  # any failure of a group keeps its layer
             name = root(current[0]) if current[0] is not None else None
             if name is None:
                 raise PipelineError(f"channel pruning fails on this model ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:150] if str(e) else ''}); use prune.method=magnitude"
                                     ) from None
+            if isinstance(e, _WrongChannels):
+                return name, "Torch-Pruning's group for it names other channels than it removes"
             why = "its dependency search does not end" if isinstance(e, _Unbounded) else type(e).__name__
             return name, f"pruning it breaks the model ({why})"
     return None
+
+
+class _WrongChannels(Exception):
+    """A trial-pruned group changed the outputs although the channels it names had been zeroed."""
+
+
+def _same_outputs(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Equal up to float noise (a deep random-weight model stays below 1e-3 of its largest output; a group
+    naming other channels than it removes moves them by 1e-2 to 1)."""
+    if before.shape != after.shape:
+        return False
+    return float((after - before).abs().max()) <= 1e-3 * float(before.abs().max()) + 1e-6
 
 
 def _importance(name: str):
@@ -565,7 +598,8 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
             grads(model)
         with _analysable():
             for group in pruner.step(interactive=True):
-                _prune_as_chosen(group, pruner, plan.round_to)
+                if (chosen := _chosen_group(group, pruner, plan.round_to)) is not None:
+                    chosen.prune()
                 if goal is not None and macs() <= goal:
                     break
         for qkv, attn in attention.items():  # the forward pass reads the head count and width
@@ -588,28 +622,60 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     return model
 
 
-def _prune_as_chosen(group, pruner, round_to: int | None) -> None:
-    """Prune one group as many channels as Torch-Pruning chose. Where its dependencies map each chosen channel
-    of a conv onto more channels of that conv itself (GhostNet: a ghost module's cheap half copies its primary
-    half's channels and both reach the conv again through a residual, so every channel removes its twin), the
-    group would lose a multiple of its share (ghostnet_100's stem 16 -> 2 channels at ratio 0.3); then only the
-    least important fraction of the chosen channels is given, which removes the share the plan asked for."""
+def _chosen_group(group, pruner, round_to: int | None):
+    """The group to prune: as many channels as Torch-Pruning chose, or None for none. Where its dependencies map
+    each chosen channel of a conv onto more channels of that conv itself (GhostNet: a ghost module's cheap half
+    copies its primary half's channels and both reach the conv again through a residual, so every channel
+    removes its twin), the group would lose a multiple of its share (ghostnet_100's stem 16 -> 2 channels at
+    ratio 0.3); then only the least important fraction of the chosen channels is given, which removes the share
+    the plan asked for."""
     item = group[0]  # the root: (dep, idxs, root_idxs)
     module, removed, chosen = item.dep.target.module, set(item.idxs), list(dict.fromkeys(item.root_idxs))
     if not isinstance(module, nn.Conv2d) or len(removed) <= len(chosen):
-        group.prune()
-        return
+        return group
     per = len(removed) / len(chosen)  # channels removed per chosen channel
     k = max(0, round(len(chosen) / per))
     step = round(per)
     while round_to and k > 0 and (module.out_channels - k * step) % round_to:
         k -= 1  # the kept width stays a multiple of round_to
     if k == 0:
-        return
+        return None
     imp = pruner.estimate_importance(group)
     if imp is not None and len(imp) == module.out_channels:
         chosen.sort(key=lambda i: float(imp[i]))
-    group.prune(idxs=chosen[:k])
+    return group._DG.get_pruning_group(module, item.dep.handler, chosen[:k])  # what group.prune(idxs) prunes
+
+
+def _zero_group(group) -> bool:
+    """Zero the channels ``group`` names in every layer it names (output channels, and input channels of the
+    layers reading them), so that pruning it removes nothing the model uses; False, with nothing changed where
+    that cannot be exact: a norm over channels (LayerNorm, GroupNorm) or a weight-standardised conv's inputs
+    (removing channels changes the others), a grouped conv (Torch-Pruning removes its channels by a rule of
+    its own: ResNeXt), or a layer or free parameter (a class token) this does not know."""
+    todo = []
+    for item in group._group:
+        m, idxs, out = item.dep.target.module, list(item.idxs), "out" in item.dep.handler.__name__
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if type(m).__name__ in STD_CONVS and not out:
+                return False
+            depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and not depthwise:
+                return False  # Torch-Pruning removes a grouped conv's channels by its own rule
+            if out or depthwise:
+                todo += [(t, idxs, 0) for t in (m.weight, m.bias, getattr(m, "gain", None)) if t is not None]
+            else:
+                todo.append((m.weight, idxs, 1))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            todo += [(t, idxs, 0) for t in (m.weight, m.bias) if t is not None]
+        elif isinstance(m, nn.Parameter) or (isinstance(m, nn.Module) and any(True for _ in m.parameters(False))
+                                             and not type(m).__module__.startswith("torch_pruning")):
+            return False
+    if any(max(idxs, default=-1) >= t.shape[dim] for t, idxs, dim in todo):
+        raise IndexError("the group names channels a layer does not have")
+    with torch.no_grad():
+        for t, idxs, dim in todo:
+            t.index_fill_(dim, torch.tensor(idxs, dtype=torch.long), 0)
+    return True
 
 
 def grouped_reasons(reasons: dict[str, str]) -> str:

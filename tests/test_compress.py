@@ -619,6 +619,43 @@ def test_a_split_part_with_two_users_prunes_its_own_channels(sizes):
         torch.testing.assert_close(model(x), before)
 
 
+def test_check_prune_finds_groups_that_name_the_wrong_channels(monkeypatch):
+    """``check_prune`` zeroes a group's channels, prunes the group and compares the outputs: a CSP stage checks
+    out; with Torch-Pruning's own split mapping (the users in the order met) no group does."""
+    import pipeline.pruning
+    from pipeline.tools.check_prune import check_model
+
+    torch.manual_seed(0)
+    model = _CrossStage(sizes=True).eval()
+    model.exp = torch.nn.Conv2d(3, 16, 1)  # parts of 8: the layers checked are exp and block
+    model.block, model.trans = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+    checked = check_model(model, 8)
+    assert (checked.ok, checked.bad) == (2, []), checked.line()
+    monkeypatch.setattr(pipeline.pruning, "_split_parts", lambda: [])
+    old = check_model(model, 8)  # the wrong channels: the pruned stage no longer runs
+    assert (old.ok, [b.split()[0] for b in old.breaks]) == (0, ["exp", "block"]), old.line()
+
+
+class _Roll(torch.nn.Module):
+    """Moves every channel one place on: an op Torch-Pruning takes for element-wise (channel i stays i)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, dims=1)
+
+
+def test_trial_prune_keeps_a_layer_whose_group_names_other_channels():
+    """A group that maps channels wrongly, yet leaves a model that runs, is caught by the trial prune: the
+    channels it names are zeroed first, so removing them must not change the outputs; here it does."""
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _Roll(), torch.nn.Conv2d(8, 4, 1)).eval()
+    notes: dict[str, str] = {}
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, ["2"], 1, 0, None, False), 8, kept_notes=notes)
+    assert notes == {"0": "Torch-Pruning's group for it names other channels than it removes"}
+    assert model[0].out_channels == 8
+
+
 def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
     """Torch-Pruning loops forever on RexNet's partial residuals, cuts a channel slice at its traced bounds, and
     cannot know a width a module stored: those layers keep their channels, the rest is pruned, nothing hangs."""
