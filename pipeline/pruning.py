@@ -259,8 +259,13 @@ def _split_parts() -> list[tuple[object, str, Callable]]:
         return None
 
     def infer_channels_between(graph, node_1, node_2) -> int | None:
-        i = part(node_1, node_2)
-        return between(graph, node_1, node_2) if i is None else node_1.module.split_sizes[i]
+        if (i := part(node_1, node_2)) is not None:
+            return node_1.module.split_sizes[i]
+        ch = between(graph, node_1, node_2)
+        meta = getattr(node_1.grad_fn, "_input_metadata", ())  # the traced output's shape
+        if ch is None and node_1.type != ops.OPTYPE.SPLIT and len(meta) == 1 and len(meta[0].shape) == 4:
+            ch = int(meta[0].shape[1])  # a map's channels, where Torch-Pruning's inference ends (a slice: DPN)
+        return ch
 
     def infer_out_channels_recursively(graph, node, recursive_depth: list) -> int | None:
         if node.type != ops.OPTYPE.CONCAT and graph.get_out_channels(node) is None:
@@ -410,7 +415,7 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], 
 
     names = {m: n for n, m in model.named_modules()}
     out = {}
-    with _quiet_token_warning(), _analysable():
+    with _quiet_warnings(), _analysable():
         graph = _dependency_graph(model, image_size)
         for m in graph.module2node:
             if m in kept or not isinstance(m, (nn.Conv2d, nn.Linear)) or m not in names:
@@ -471,7 +476,7 @@ def _trial_prune(model: nn.Module, image_size: int, kept: set[str], ratio: float
                      and d.target.module in names), None)
 
     model.eval()
-    with _quiet_token_warning(), _analysable():
+    with _quiet_warnings(), _analysable():
         pruner = tp.pruner.BasePruner(
             model, example, importance=importance, pruning_ratio=ratio, iterative_steps=1, round_to=round_to,
             ignored_layers=[named[n] for n in kept], num_heads={qkv: a.num_heads for qkv, a in attention.items()},
@@ -529,11 +534,13 @@ def _importance(name: str):
 
 
 @contextlib.contextmanager
-def _quiet_token_warning() -> Iterator[None]:
+def _quiet_warnings() -> Iterator[None]:
     """Torch-Pruning warns that it will prune free parameters (a ViT's class token and position embedding)
-    along their last dimension: that is their embedding dimension, so the warning says nothing to act on."""
+    along their last dimension: that is their embedding dimension; and that its channel inference reached its
+    depth limit (DPN), where the traced shapes answer instead (``_split_parts``): nothing to act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*prune the last non-singleton dimension")
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
         yield
 
 
@@ -541,7 +548,7 @@ def dependency_problem(model: nn.Module, image_size: int) -> str | None:
     """Why Torch-Pruning cannot build this model's dependency graph, or None when it can."""
 
     try:
-        with _quiet_token_warning(), _analysable():
+        with _quiet_warnings(), _analysable():
             _dependency_graph(model, image_size)
     except Exception as e:  # a graph pattern Torch-Pruning does not handle
         return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else 'in its graph analysis'}"
@@ -573,7 +580,7 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
     named = dict(model.named_modules())
     kept += [named[n] for n in unprunable]
     attention = {m.qkv: m for m in model.modules() if is_attention(m)}  # heads via the qkv linear
-    with _quiet_token_warning(), _analysable():
+    with _quiet_warnings(), _analysable():
         pruner = tp.pruner.BasePruner(
             model, example, importance=_importance(plan.importance), global_pruning=plan.global_pruning,
             pruning_ratio=0.95 if by_macs else plan.ratio, iterative_steps=200 if by_macs else plan.steps,

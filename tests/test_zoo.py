@@ -213,6 +213,16 @@ def test_selective_kernel_prunes_paths_and_gates_together(split_input):
     assert sk.paths[0].conv.out_channels == 20 and model(x).shape == (2, 4, 8, 8)
 
 
+def test_dual_path_networks_are_analysable():
+    """DPN concatenates slices of concatenations, where Torch-Pruning's channel inference reaches its depth
+    limit and its concat mapping then stopped (``int + NoneType``); the traced shapes answer instead."""
+    from pipeline.models import build_model
+    from pipeline.pruning import dependency_problem
+
+    model = build_model({"name": "dpn68", "family": "timm", "num_classes": 10, "image_size": 32}).eval()
+    assert dependency_problem(model, 32) is None
+
+
 def test_blur_pool_is_pruned_with_its_conv_and_rebuilds():
     """timm's BlurPool2d (TResNet's anti-aliased downsampling) holds one fixed filter per channel: pruning the
     conv before it narrows it to the same channels (dead channels removed: outputs unchanged), and the recorded

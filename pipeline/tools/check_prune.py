@@ -6,11 +6,12 @@ For each sampled conv / linear layer: Torch-Pruning's group for two of its outpu
 pruning builds it, with the same analysable forms), those channels zeroed in every layer of the group, the
 model run, the group pruned, the model run again. Where the group names the right channels the outputs are
 equal (the zeroed channels contributed nothing); where it maps a layer onto other channels they differ, or
-the group indexes past a layer's channels: ``bad``. ``breaks``: the pruned model no longer runs (channel
-pruning's trial prune keeps such layers); ``skipped``: a group through a norm over channels (LayerNorm,
-GroupNorm) or a weight-standardised conv's inputs, whose removal changes the other channels by design,
-through a layer this check does not know, or to the model's outputs (a second classifier head). Exits 1
-when any group is bad.
+the group indexes past a layer's channels: ``bad``. ``kept``: layers channel pruning keeps whole (its trial
+prune, which runs this check on every group it removes, found them unprunable), not checked. ``breaks``:
+the pruned model no longer runs (the trial prune keeps such layers). ``skipped``: a group through a norm
+over channels (LayerNorm, GroupNorm), a weight-standardised conv's inputs or a grouped conv, whose removal
+changes the other channels by design or follows Torch-Pruning's own rule, through a layer this check does
+not know, or to the model's outputs (a second classifier head). Exits 1 when any group is bad.
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from pipeline.pruning import (
     _analysable,
     _copy,
     _dependency_graph,
-    _quiet_token_warning,
+    _quiet_warnings,
     _same_outputs,
     _zero_group,
     classifier,
+    kept_layers,
+    unprunable_layers,
 )
 
 
 @dataclass
 class Checked:
+    kept: int = 0  # layers channel pruning keeps whole (Torch-Pruning cannot prune them correctly): not checked
     ok: int = 0
     skipped: int = 0
     breaks: list[str] = field(default_factory=list)
@@ -44,23 +48,30 @@ class Checked:
 
     def line(self) -> str:
         more = f": {', '.join(self.bad[:4])}" + (f" (+{len(self.bad) - 4} more)" if len(self.bad) > 4 else "")
-        return f"ok {self.ok}, breaks {len(self.breaks)}, skipped {self.skipped}, bad {len(self.bad)}" + \
+        return f"kept {self.kept}, ok {self.ok}, breaks {len(self.breaks)}, skipped {self.skipped}, " \
+            f"bad {len(self.bad)}" + \
             (more if self.bad else "")
 
 
-def check_model(model: nn.Module, image_size: int, layers: int = 40, seed: int = 0) -> Checked:
-    """Check up to ``layers`` evenly spaced conv / linear layers of ``model`` (left unchanged)."""
+def check_model(model: nn.Module, image_size: int, layers: int = 40, seed: int = 0,
+                skip_kept: bool = True) -> Checked:
+    """Check up to ``layers`` evenly spaced conv / linear layers of ``model`` (left unchanged); with ``skip_kept``
+    not those channel pruning keeps (``unprunable_layers`` at ratio 0.3)."""
     torch.manual_seed(seed)
     x = torch.randn(2, 3, image_size, image_size)
     head = classifier(model)  # its outputs are the classes
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 4 and m is not head]
+    kept = set(unprunable_layers(model, image_size, kept_layers(model, [], False), 0.3)) if skip_kept else set()
     result = Checked()
     for name in names[:: max(1, len(names) // layers)]:
+        if name in kept:
+            result.kept += 1
+            continue
         m = _copy(model).eval()
         layer = m.get_submodule(name)
         try:
-            with _quiet_token_warning(), _analysable():
+            with _quiet_warnings(), _analysable():
                 graph = _dependency_graph(m, image_size)
                 prune = graph.get_pruner_of_module(layer).prune_out_channels
                 group = graph.get_pruning_group(layer, prune, idxs=[1, layer.weight.shape[0] // 2])
@@ -77,7 +88,7 @@ def check_model(model: nn.Module, image_size: int, layers: int = 40, seed: int =
         try:
             with torch.no_grad():
                 before = m(x)
-            with _quiet_token_warning(), _analysable():
+            with _quiet_warnings(), _analysable():
                 group.prune()
             with torch.no_grad():
                 after = m(x)
