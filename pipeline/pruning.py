@@ -428,6 +428,9 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], 
             except _Unbounded:
                 out[names[m]] = "Torch-Pruning's dependency search does not end"
                 continue
+            except Exception as e:  # its index mapping fails on this graph (Hiera's head reshapes: a zero head size)
+                out[names[m]] = f"Torch-Pruning's dependency search fails ({type(e).__name__})"
+                continue
             if any(_partial_channel_slice(dep.target.module) for dep, _ in group):
                 out[names[m]] = "a slice of part of its channels follows"
     kept_names = {names[m] for m in kept if m in names}

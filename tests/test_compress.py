@@ -656,6 +656,30 @@ def test_trial_prune_keeps_a_layer_whose_group_names_other_channels():
     assert model[0].out_channels == 8
 
 
+def test_a_group_search_that_fails_keeps_its_layer(monkeypatch):
+    """Torch-Pruning's group search raising on a layer (Hiera: a zero head size in its index mapping) keeps that
+    layer with a note; the rest is pruned (it stopped channel pruning with a traceback)."""
+    from torch_pruning.dependency.graph import DependencyGraph
+
+    from pipeline.pruning import ChannelPlan, channel_prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    search = DependencyGraph.get_pruning_group
+
+    def failing(self, module, *args, **kwargs):
+        if module is model[0]:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return search(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(DependencyGraph, "get_pruning_group", failing)
+    notes: dict[str, str] = {}
+    channel_prune(model, ChannelPlan(0.5, None, "l1", False, False, ["4"], 1, 0, None, False), 8, kept_notes=notes)
+    assert notes == {"0": "Torch-Pruning's dependency search fails (ZeroDivisionError)"}
+    assert (model[0].out_channels, model[2].out_channels) == (8, 4)
+
+
 def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
     """Torch-Pruning loops forever on RexNet's partial residuals, cuts a channel slice at its traced bounds, and
     cannot know a width a module stored: those layers keep their channels, the rest is pruned, nothing hangs."""
