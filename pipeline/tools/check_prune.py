@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.errors import first_line
 from pipeline.models import build_model
@@ -64,7 +65,7 @@ def check_model(model: nn.Module, image_size: int, layers: int = 40, seed: int =
              if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 4 and m is not head]
     kept = set(unprunable_layers(model, image_size, kept_layers(model, [], False), 0.3)) if skip_kept else set()
     result = Checked()
-    for name in names[:: max(1, len(names) // layers)]:
+    for name in tqdm(names[:: max(1, len(names) // layers)], desc="check_prune", unit="layer", leave=False):
         if name in kept:
             result.kept += 1
             continue
