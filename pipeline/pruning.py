@@ -153,7 +153,7 @@ def _analysable() -> Iterator[None]:
     patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
                (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
                (swin.PatchMergingV2, "forward", merging_v2)]
-    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel() + _split_parts()
+    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel() + _split_and_concat_mapping()
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -201,7 +201,7 @@ def _selective_kernel() -> list[tuple[object, str, Callable]]:
 _IN_ORDER_SPLITS: list = []  # autograd nodes of splits mapped to users in order (SKNet's gates; while analysed)
 
 
-def _split_parts() -> list[tuple[object, str, Callable]]:
+def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
     """Torch-Pruning maps a channel split's i-th user (in the order its trace met them) to its i-th part: where
     that order is not the parts' (Res2Net) or a part has two users (a CSP stage's half feeding both a block's
     conv and its shortcut: CSPResNet, CSPDarkNet), users got another part's channels, and a split by one part
@@ -209,11 +209,15 @@ def _split_parts() -> list[tuple[object, str, Callable]]:
     mapping). Here every user gets the part it reads (autograd's output number), except SKNet's gate split
     (``_IN_ORDER_SPLITS``: the same channels of every part; its groups are written for the order mapping).
     Its split pruner updates the part sizes but not the offsets the mapping reads, so later groups of a step
-    used the unpruned offsets: they are recomputed each time."""
+    used the unpruned offsets: they are recomputed each time. In a concatenation, where its channel inference
+    gives up (DPN's slices of concatenations) the traced map's channels answer, and a concatenation of tokens
+    (TNT's class token: 3-D, dimension 1), which it took for one of channels and stopped on, gets no mapping:
+    every input has the same channels."""
     from torch_pruning import ops
     from torch_pruning.dependency import index_mapping, shape_infer
 
     init, mapping = shape_infer.init_shape_information, index_mapping.update_split_index_mapping
+    concat = index_mapping.update_concat_index_mapping
     between, out_channels = shape_infer.infer_channels_between, shape_infer.infer_out_channels_recursively
 
     def part(split, user) -> int | None:
@@ -274,8 +278,15 @@ def _split_parts() -> list[tuple[object, str, Callable]]:
                     return src.module.split_sizes[i]
         return out_channels(graph, node, recursive_depth)
 
+    def update_concat_index_mapping(graph, node) -> None:
+        meta = getattr(node.grad_fn, "_input_metadata", ())
+        if len(meta) == 1 and len(meta[0].shape) == 3 and getattr(node.grad_fn, "_saved_dim", None) in (1, -2):
+            return None  # tokens concatenated (TNT's class token): every input has the same channels
+        return concat(graph, node)
+
     return [(shape_infer, "init_shape_information", init_shape_information),
             (index_mapping, "update_split_index_mapping", update_split_index_mapping),
+            (index_mapping, "update_concat_index_mapping", update_concat_index_mapping),
             (shape_infer, "infer_channels_between", infer_channels_between),
             (shape_infer, "infer_out_channels_recursively", infer_out_channels_recursively)]
 
@@ -540,7 +551,7 @@ def _importance(name: str):
 def _quiet_warnings() -> Iterator[None]:
     """Torch-Pruning warns that it will prune free parameters (a ViT's class token and position embedding)
     along their last dimension: that is their embedding dimension; and that its channel inference reached its
-    depth limit (DPN), where the traced shapes answer instead (``_split_parts``): nothing to act on."""
+    depth limit (DPN), where the traced shapes answer instead (``_split_and_concat_mapping``): nothing to act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*prune the last non-singleton dimension")
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")

@@ -631,7 +631,7 @@ def test_check_prune_finds_groups_that_name_the_wrong_channels(monkeypatch):
     model.block, model.trans = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
     checked = check_model(model, 8, skip_kept=False)
     assert (checked.ok, checked.bad) == (2, []), checked.line()
-    monkeypatch.setattr(pipeline.pruning, "_split_parts", lambda: [])
+    monkeypatch.setattr(pipeline.pruning, "_split_and_concat_mapping", lambda: [])
     old = check_model(model, 8, skip_kept=False)  # the wrong channels: the pruned stage no longer runs
     assert (old.ok, [b.split()[0] for b in old.breaks]) == (0, ["exp", "block"]), old.line()
 

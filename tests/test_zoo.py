@@ -213,13 +213,15 @@ def test_selective_kernel_prunes_paths_and_gates_together(split_input):
     assert sk.paths[0].conv.out_channels == 20 and model(x).shape == (2, 4, 8, 8)
 
 
-def test_dual_path_networks_are_analysable():
+@pytest.mark.parametrize("name", ["dpn68", "tnt_s_patch16_224"])
+def test_concatenations_torch_pruning_could_not_map_are_analysable(name):
     """DPN concatenates slices of concatenations, where Torch-Pruning's channel inference reaches its depth
-    limit and its concat mapping then stopped (``int + NoneType``); the traced shapes answer instead."""
+    limit, and TNT concatenates tokens, which it took for channels: its concat mapping stopped on both
+    (``int + NoneType``). The traced shapes answer for the first; a token concatenation needs no mapping."""
     from pipeline.models import build_model
     from pipeline.pruning import dependency_problem
 
-    model = build_model({"name": "dpn68", "family": "timm", "num_classes": 10, "image_size": 32}).eval()
+    model = build_model({"name": name, "family": "timm", "num_classes": 10, "image_size": 32}).eval()
     assert dependency_problem(model, 32) is None
 
 
