@@ -162,7 +162,6 @@ def _analysable() -> Iterator[None]:
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
-        _IN_ORDER_SPLITS.clear()
 
 
 def _selective_kernel() -> list[tuple[object, str, Callable]]:
@@ -190,15 +189,10 @@ def _selective_kernel() -> list[tuple[object, str, Callable]]:
         a = self.attn
         g = a.fc_select(a.act(a.bn(a.fc_reduce(s.mean((2, 3), keepdim=True)))))
         gates = torch.split(g, g.shape[1] // n, 1)
-        if gates[0].grad_fn is not None:  # traced (not a forward without grad)
-            _IN_ORDER_SPLITS.append(gates[0].grad_fn)
         gated = [p * w for p, w in zip(paths, gates, strict=True)]
         return sum(gated[1:], gated[0])
 
     return [(SelectiveKernel, "forward", forward)]
-
-
-_IN_ORDER_SPLITS: list = []  # autograd nodes of splits mapped to users in order (SKNet's gates; while analysed)
 
 
 def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
@@ -206,8 +200,8 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
     that order is not the parts' (Res2Net) or a part has two users (a CSP stage's half feeding both a block's
     conv and its shortcut: CSPResNet, CSPDarkNet), users got another part's channels, and a split by one part
     size counted one part per user, which ended the analysis (cs3darknet: ``int + NoneType`` in its concat
-    mapping). Here every user gets the part it reads (autograd's output number), except SKNet's gate split
-    (``_IN_ORDER_SPLITS``: the same channels of every part; its groups are written for the order mapping).
+    mapping). Here every user gets the part it reads (autograd's output number), except the split of SKNet's
+    gate conv (the same channels of every part; its analysable form's groups are written for the order mapping).
     Its split pruner updates the part sizes but not the offsets the mapping reads, so later groups of a step
     used the unpruned offsets: they are recomputed each time. In a concatenation, where its channel inference
     gives up (DPN's slices of concatenations) the traced map's channels answer, and a concatenation of tokens
@@ -225,9 +219,11 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
 
     def init_shape_information(graph) -> None:
         init(graph)
+        sk_gates = {m.attn.fc_select for m in graph.model.modules() if type(m).__name__ == "SelectiveKernel"}
         for node in graph.module2node.values():
             g = node.grad_fn
-            if node.type != ops.OPTYPE.SPLIT or getattr(g, "_saved_dim", None) != 1:
+            if node.type != ops.OPTYPE.SPLIT or getattr(g, "_saved_dim", None) != 1 or \
+                    any(src.module in sk_gates for src in node.inputs):
                 continue
             if hasattr(g, "_saved_split_sizes"):
                 sizes = list(g._saved_split_sizes)
@@ -236,12 +232,9 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
                 sizes = [size] * (total // size) + ([total % size] if total % size else [])
             else:
                 continue
-            if any(g is o for o in _IN_ORDER_SPLITS):  # SKNet's gates: the same channels of every part
-                continue
             users = {u: {nr for fn, nr in getattr(u.grad_fn, "next_functions", ()) if fn is g} for u in node.outputs}
             if all(len(nrs) == 1 for nrs in users.values()):  # else a user reads two parts: Torch-Pruning's way
-                node.module.split_sizes = sizes
-                node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                node.module.split_sizes = sizes  # the offsets follow in update_split_index_mapping
                 node.module.part_of = {u: nrs.pop() for u, nrs in users.items()}
 
     def update_split_index_mapping(graph, node) -> None:

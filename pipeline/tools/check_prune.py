@@ -48,10 +48,10 @@ class Checked:
     bad: list[str] = field(default_factory=list)  # "layer (why)"
 
     def line(self) -> str:
-        more = f": {', '.join(self.bad[:4])}" + (f" (+{len(self.bad) - 4} more)" if len(self.bad) > 4 else "")
-        return f"kept {self.kept}, ok {self.ok}, breaks {len(self.breaks)}, skipped {self.skipped}, " \
-            f"bad {len(self.bad)}" + \
-            (more if self.bad else "")
+        line = f"kept {self.kept}, ok {self.ok}, breaks {len(self.breaks)}, skipped {self.skipped}, bad {len(self.bad)}"
+        if self.bad:
+            line += f": {', '.join(self.bad[:4])}" + (f" (+{len(self.bad) - 4} more)" if len(self.bad) > 4 else "")
+        return line
 
 
 def check_model(model: nn.Module, image_size: int, layers: int = 40, seed: int = 0,
