@@ -15,11 +15,13 @@ onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
 import math
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -466,8 +468,6 @@ def _unroll_attention(model: nn.Module, float_layers: tuple[str, ...], image_siz
     window attention by ``WindowAttention`` (for the input sizes an ``image_size`` image gives it) and other
     timm attention on its explicit path (q @ k^T, softmax, @ v) instead of SDPA; ``model`` itself when there
     is none (the caller's float model is kept)."""
-    import copy
-
     names = [n for n, m in model.named_modules()
              if (getattr(m, "fused_attn", False) is True or is_plain_mha(m) or isinstance(m, HeadAttention)
                  or _is_window_attention(m) or _is_timm_attention(m))
@@ -508,7 +508,6 @@ def plain_layers(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
     weight-standardised convs (timm's ``StdConv2d`` family: BiT, NFNet, ViT hybrids) become plain convs, and
     BEiT / EVA attention's q / v biases the ``qkv`` linear's bias (they ran ``F.linear`` on its weight). fx
     would trace that arithmetic and leave the conv or linear float. ``model`` itself when there is none."""
-    import copy
 
     names = [n for n, m in model.named_modules() if (type(m).__name__ in STD_CONVS or _is_split_qkv_bias(m))
              and not inside(n, float_layers)]
@@ -1263,6 +1262,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     kind, float_ops = _classify(gm, untraceable, is_float)
     _place_quants(gm, kind, spec)
     gm.meta["float_ops"] = float_ops
+    _one_module_per_call(gm)
     gm.recompile()
     _link_input_quants(gm)
     return gm
@@ -1602,6 +1602,26 @@ def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpe
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
 
 
+def _one_module_per_call(gm: fx.GraphModule) -> None:
+    """A conv / linear called in several places (CoaT's shared position encodings) gets a module per call, with
+    the same weights: its INT32 bias is quantized on the scale of its input, which differs between the calls."""
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
+            continue
+        if node.target not in seen:
+            seen.add(node.target)
+            continue
+        i = 2
+        while f"{node.target}_call{i}" in seen:
+            i += 1
+        call = copy.copy(m)  # the same weights, BatchNorm and activation: only `in_quant` is its own
+        call._parameters, call._buffers, call._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+        node.target = f"{node.target}_call{i}"
+        seen.add(node.target)
+        gm.add_submodule(node.target, call)
+
+
 def _link_input_quants(gm: fx.GraphModule) -> None:
     """Tell each conv / linear which observer quantizes its input (its bias is quantized on that scale)."""
     for node in gm.graph.nodes:
@@ -1626,8 +1646,9 @@ def float_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the convs/linears that run in INT8 (QAT or export form)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (QConvBn, QLinear, DeployConv))]
+    """Names of the convs/linears that run in INT8 (QAT or export form); a layer called in several places once."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (QConvBn, QLinear, DeployConv))]
+    return [n for n in names if not ((call := re.fullmatch(r"(.+)_call\d+", n)) and call[1] in names)]
 
 
 def activation_matmuls(model: nn.Module) -> int:
@@ -1701,8 +1722,6 @@ def load_quantized(ckpt: dict, source: str, trusted_target: str | None) -> fx.Gr
 
 def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
     """Export form of a QAT model: INT8 weight buffers and constant activation scales."""
-    import copy
-
     dep = copy.deepcopy(gm).eval()
     for name, m in list(dep.named_modules()):
         if isinstance(m, (QConvBn, QLinear)):

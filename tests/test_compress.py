@@ -236,6 +236,28 @@ def test_parameters_an_op_reads_and_squares_run_on_int8_kernels(tmp_path):
     assert ort_err <= 1e-3
 
 
+class _SharedConv(torch.nn.Module):
+    """One conv called twice, on inputs of different scales (CoaT's shared position encodings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.shared = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            self.shared.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.shared(self.shared(torch.relu(self.stem(x))))
+
+
+def test_a_conv_called_twice_gets_each_calls_input_scale_for_its_bias(tmp_path):
+    """Each call of a shared conv quantizes its INT32 bias on that call's input scale: ORT fuses both calls into
+    QLinearConv and computes what PyTorch does (one bias scale for both left one call float in ORT)."""
+    ops, ort_err, _ = _all_int8_export(_SharedConv, tmp_path)
+    assert ops["QLinearConv"] == 3 and "Conv" not in ops, ops
+    assert ort_err <= 1e-3
+    assert quant.quantized_layers(quant.prepare_qat(_SharedConv().eval(), SPEC, 16)) == ["stem", "shared"]
+
+
 class _SplitAttention(torch.nn.Module):
     """ResNeSt's split attention (radix 2: a sum over the splits, a softmax across them, the weighted sum) and
     SKNet's stacked branches (``torch.stack`` then the same)."""
