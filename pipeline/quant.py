@@ -709,6 +709,20 @@ _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module 
 _MAX_UNTRACEABLE = 64  # modules fx cannot trace that are kept FP32 before giving up
 _SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...], tuple[str, ...]]] = set()  # (model, untraceable, size-traced)
 _SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
+# library functions that write into a tensor in place (fx cannot trace `x[...] = y`): one float op in the graph
+_WHOLE_FUNCTIONS = (("timm.models.mvitv2", "cal_rel_pos_type"),)  # MViTv2's relative positions added to q @ k^T
+
+
+def _whole_functions() -> tuple[Callable, ...]:
+    """The functions of ``_WHOLE_FUNCTIONS`` whose library is installed."""
+    import importlib
+
+    found = []
+    for module, name in _WHOLE_FUNCTIONS:
+        with contextlib.suppress(ImportError):
+            if callable(fn := getattr(importlib.import_module(module), name, None)):
+                found.append(fn)
+    return tuple(found)
 
 
 _SHAPE_ATTRS = {"shape", "ndim", "device", "dtype", "is_cuda"}  # what a tensor says about itself, not its data
@@ -728,7 +742,7 @@ class _Tracer(fx.Tracer):
     failed_in: tuple[str, str] | None = None  # (qualified name, class name)
 
     def __init__(self, untraceable: set[str] = frozenset(), example: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(autowrap_functions=_whole_functions())
         self.untraceable = untraceable  # modules called whole (they stay FP32)
         self.example = example
         self.values: dict[fx.Node, object] = {}  # node -> its value on the example input

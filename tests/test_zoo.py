@@ -479,6 +479,28 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
         assert model(x).shape == (4, 10)  # the float model is left as it was
 
 
+def test_a_library_function_that_writes_in_place_is_one_float_op(tmp_path):
+    """MViTv2 adds its relative positions to q @ k^T in place (``attn[...] = ...``), which fx cannot trace: that
+    function is one float op, and the attention module around it is quantized (it stayed FP32 whole)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from pipeline import onnxio, quant
+
+    torch.manual_seed(0)
+    cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=(16, 32), num_heads=(1, 2), stride_q=((1, 1), (2, 2)))
+    model = MultiScaleVit(cfg, img_size=(32, 32), num_classes=10).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    floats = {k.split(" (")[0] for k in quant.float_ops(gm)}  # getitem: the head's x[:, 0:] of a LayerNorm output
+    assert floats == {"cal_rel_pos_type", "layer_norm", "GELU", "getitem"}, floats
+    assert "stages.0.blocks.0.attn.qkv" in quant.quantized_layers(gm)
+    x = torch.randn(8, 3, 32, 32)
+    assert _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)["int8_kernels"] >= len(quant.quantized_layers(gm))
+    with torch.no_grad():
+        want = quant.to_deploy(gm)(x)
+    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 # What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
 # back to float is a regression. The first group runs in CI; `pytest -m zoo` runs the rest (about 4 min).
 FLOATS = {  # the default run (torchvision's ViT is quantized in test_torchvision_vit_heads_..., timm's DeiT in
