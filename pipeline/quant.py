@@ -282,6 +282,20 @@ class SharedQuant(nn.Module):
         return self.source.fake_quant(x)  # a FixedQuant source reads back by 1 here (prepare_qat checks)
 
 
+class NormGrad(nn.Module):
+    """A LayerNorm / GroupNorm on a fake-quantized input, in training: its value on the quantized input, its
+    gradient from the unquantized one (the straight-through estimate carried through the norm).
+
+    Where quantization leaves a row constant (a class token far smaller than the tensor's range), the norm's
+    gradient there is 1 / sqrt(eps), a thousandfold per norm: QAT diverged (CoaT). ``to_deploy`` drops it.
+    """
+
+    def forward(self, quantized: torch.Tensor, unquantized: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return quantized
+        return unquantized + (quantized - unquantized).detach()
+
+
 class QHardSwish(nn.Module):
     """Hardswish ``x * relu6(x + 3) / 6`` (or its gate, Hardsigmoid ``relu6(x + 3) / 6``) on ORT INT8 kernels.
 
@@ -892,6 +906,17 @@ class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):
         return _SizedAttribute(self, k)
 
 
+def _softmax_modules_as_calls(gm: fx.GraphModule) -> None:
+    """``nn.Softmax`` modules (DaViT's, Swin V2's) -> ``F.softmax`` calls, which the rest treats as softmax."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), nn.Softmax) and \
+                m.dim is not None:
+            with gm.graph.inserting_after(node):
+                call = gm.graph.call_function(F.softmax, node.args[:1], {"dim": m.dim})
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+
+
 def _split_norm_act(gm: fx.GraphModule) -> None:
     """timm's BatchNormAct2d -> a plain BatchNorm2d (same state dict keys) followed by its activation."""
     for node in list(gm.graph.nodes):
@@ -1258,6 +1283,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     model = _unroll_attention(plain_layers(model, spec.float_layers), spec.float_layers, image_size)
     gm, untraceable = _trace(model, image_size)
     _split_norm_act(gm)
+    _softmax_modules_as_calls(gm)
     is_float = _float_test(spec.float_layers)
     _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
     if _static_same_padding(gm) | _functional_convs(gm) | _fold_zero_pads(gm):
@@ -1277,6 +1303,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     _place_quants(gm, kind, spec)
     gm.meta["float_ops"] = float_ops
     _one_module_per_call(gm)
+    _norm_grads(gm)
     gm.recompile()
     _link_input_quants(gm)
     return gm
@@ -1616,6 +1643,30 @@ def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpe
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
 
 
+_NORM_FUNCS = {F.layer_norm, F.group_norm, torch.layer_norm, torch.group_norm}
+
+
+def _norm_grads(gm: fx.GraphModule) -> None:
+    """Each LayerNorm / GroupNorm reading a fake-quantized tensor also runs on the unquantized one, for its
+    gradient only (``NormGrad``)."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        is_norm = (node.op == "call_function" and node.target in _NORM_FUNCS) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.LayerNorm, nn.GroupNorm)))
+        src = node.args[0] if is_norm and node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and
+                isinstance(gm.get_submodule(src.target), (ActQuant, SharedQuant))):
+            continue
+        name = f"norm_grad_{count}"
+        count += 1
+        gm.add_submodule(name, NormGrad())
+        with gm.graph.inserting_after(node):
+            unquantized = gm.graph.create_node(node.op, node.target, (src.args[0], *node.args[1:]), node.kwargs)
+        with gm.graph.inserting_after(unquantized):
+            grad = gm.graph.call_module(name, (node, unquantized))
+        node.replace_all_uses_with(grad, delete_user_cb=lambda u, g=grad: u is not g)
+
+
 def _one_module_per_call(gm: fx.GraphModule) -> None:
     """A conv / linear called in several places (CoaT's shared position encodings) gets a module per call, with
     the same weights: its INT32 bias is quantized on the scale of its input, which differs between the calls."""
@@ -1659,10 +1710,11 @@ def float_ops(gm: fx.GraphModule) -> dict[str, list[str]]:
     return out
 
 
-def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the convs/linears that run in INT8 (QAT or export form); a layer called in several places once."""
+def quantized_layers(model: nn.Module, calls: bool = False) -> list[str]:
+    """Names of the convs/linears that run in INT8 (QAT or export form); a layer called in several places once,
+    or (``calls``) once per call, as the ONNX graph has it."""
     names = [n for n, m in model.named_modules() if isinstance(m, (QConvBn, QLinear, DeployConv))]
-    return [n for n in names if not ((call := re.fullmatch(r"(.+)_call\d+", n)) and call[1] in names)]
+    return names if calls else [n for n in names if not ((c := re.fullmatch(r"(.+)_call\d+", n)) and c[1] in names)]
 
 
 def activation_matmuls(model: nn.Module) -> int:
@@ -1737,6 +1789,14 @@ def load_quantized(ckpt: dict, source: str, trusted_target: str | None) -> fx.Gr
 def to_deploy(gm: fx.GraphModule) -> fx.GraphModule:
     """Export form of a QAT model: INT8 weight buffers and constant activation scales."""
     dep = copy.deepcopy(gm).eval()
+    for node in list(dep.graph.nodes):  # the norms' gradient path: training only
+        if node.op == "call_module" and isinstance(dep.get_submodule(node.target), NormGrad):
+            quantized, unquantized = node.args
+            node.replace_all_uses_with(quantized)
+            dep.graph.erase_node(node)
+            dep.graph.erase_node(unquantized)
+            dep.delete_submodule(node.target)
+    dep.recompile()
     for name, m in list(dep.named_modules()):
         if isinstance(m, (QConvBn, QLinear)):
             dep.add_submodule(name, DeployConv(m))

@@ -234,7 +234,7 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
              metrics["size_mb"], metrics["parity"]["max_abs_diff"], agreement)
     if precision == "int8":
         cov = onnxio.kernel_coverage(path)
-        cov["quantized_layers"] = len(quant.quantized_layers(model))  # the rest: qat.float_layers
+        cov["quantized_layers"] = len(quant.quantized_layers(model, calls=True))  # the rest: qat.float_layers
         cov["activation_matmuls"] = quant.activation_matmuls(model)  # attention: kernels, not layers
         metrics["int8_coverage"] = cov
         metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why

@@ -255,7 +255,51 @@ def test_a_conv_called_twice_gets_each_calls_input_scale_for_its_bias(tmp_path):
     ops, ort_err, _ = _all_int8_export(_SharedConv, tmp_path)
     assert ops["QLinearConv"] == 3 and "Conv" not in ops, ops
     assert ort_err <= 1e-3
-    assert quant.quantized_layers(quant.prepare_qat(_SharedConv().eval(), SPEC, 16)) == ["stem", "shared"]
+    gm = quant.prepare_qat(_SharedConv().eval(), SPEC, 16)
+    assert quant.quantized_layers(gm) == ["stem", "shared"]
+    calls = quant.quantized_layers(gm, calls=True)  # what export compares ORT's INT8 kernels with
+    assert calls == ["stem", "shared", "shared_call2"]
+    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] == len(calls)
+
+
+class _ClassToken(torch.nn.Module):
+    """A class token far smaller than the image tokens it joins, a residual (one scale for all tokens), then
+    LayerNorm (CoaT): quantized, the class token's row is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.cls = torch.nn.Parameter(torch.linspace(-0.2, 0.2, 16).view(1, 1, 16))
+        self.proj, self.norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16, eps=1e-6)
+        self.head, self.skip = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            self.stem.weight.mul_(100)
+
+    def forward(self, x):
+        tokens = torch.cat((self.cls.expand(x.shape[0], -1, -1), self.stem(x).flatten(2).transpose(1, 2)), dim=1)
+        tokens = tokens + self.proj(tokens)
+        return self.head(self.norm(tokens)[:, 0]) + self.skip(tokens[:, 0])  # skip: the residual is quantized
+
+
+def test_a_norm_on_a_quantized_row_it_flattens_keeps_its_float_gradient(tmp_path):
+    """LayerNorm of a row quantization left constant has a gradient of 1 / sqrt(eps) there, and QAT diverged
+    (CoaT: loss nan in its first epoch). Its gradient now comes from the unquantized input; the export form
+    and ONNX keep the norm of the quantized input alone."""
+    torch.manual_seed(0)
+    model = _ClassToken()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    dep, ops = _calibrated_export(gm, x, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), gm(x))
+    assert not [m for m in dep.modules() if isinstance(m, quant.NormGrad)]
+    assert ops["LayerNormalization"] == 1, ops
+    grads = []
+    for m in (model, gm.train()):
+        m.zero_grad()
+        m(x).square().sum().backward()
+        grads.append(model.cls.grad.norm().item())
+    assert grads[1] <= 2 * grads[0], grads  # 87x the float model's before
 
 
 class _SplitAttention(torch.nn.Module):
@@ -970,19 +1014,22 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
-def test_attention_scores_come_out_float_and_split_qkv_keeps_its_scale(tmp_path):
+@pytest.mark.parametrize("module", [False, True])
+def test_attention_scores_come_out_float_and_split_qkv_keeps_its_scale(tmp_path, module):
     """EfficientViT's pattern: q, k, v cut from one quantized tensor (chunk) keep its scale, ``q @ k^T`` runs on an
     INT8 kernel with float scores into a float Softmax (ORT's QLinearSoftmax is slower), ``attn @ v`` is
-    QLinearMatMul; the result computes what the float model does."""
+    QLinearMatMul; the result computes what the float model does. An ``nn.Softmax`` module (DaViT) is the same
+    (it was listed as a float op, its output on an observed scale)."""
 
     class Att(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 24, 4, stride=4)
+            self.softmax = torch.nn.Softmax(dim=-1) if module else lambda t: t.softmax(-1)
 
         def forward(self, x):
             q, k, v = self.conv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)
-            return ((q @ k.transpose(-1, -2)).softmax(-1) @ v).mean(1)
+            return (self.softmax(q @ k.transpose(-1, -2)) @ v).mean(1)
 
     torch.manual_seed(0)
     model = Att().eval()
