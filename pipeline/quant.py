@@ -1068,6 +1068,35 @@ def _functional_convs(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _parameter_matmuls(gm: fx.GraphModule) -> bool:
+    """``x @ w`` with ``w`` a 2-D parameter of the model (SwiftFormer's attention weights) -> an ``nn.Linear``
+    holding ``w.T``, which ``_fuse_convs`` then quantizes (a float MatMul between DequantizeLinear and
+    QuantizeLinear before). True if anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not (_calls(node, _MATMUL, "matmul") and len(node.args) == 2 and
+                isinstance(w := node.args[1], fx.Node) and w.op == "get_attr"):
+            continue
+        weight = operator.attrgetter(w.target)(gm)
+        if not (isinstance(weight, nn.Parameter) and weight.dim() == 2):
+            continue
+        linear = nn.Linear(*weight.shape, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(weight.T)
+        name = f"{node.name}_linear"
+        gm.add_submodule(name, linear)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
+
+
 def _scalar_operands(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> bool:
     """``x * c``, ``x + c``, ``x / c`` and ``x - c`` with ``c`` a Python number -> ``x * t`` / ``x + t`` with ``t``
     a constant of the model (a buffer): then ``t`` gets its own quantizer where ``x`` is INT8 (as a parameter an
@@ -1286,7 +1315,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     _softmax_modules_as_calls(gm)
     is_float = _float_test(spec.float_layers)
     _shapes(gm, image_size)  # tensor shapes on every node: only tensors are quantized
-    if _static_same_padding(gm) | _functional_convs(gm) | _fold_zero_pads(gm):
+    if _static_same_padding(gm) | _functional_convs(gm) | _parameter_matmuls(gm) | _fold_zero_pads(gm):
         _shapes(gm, image_size)
     _mark_float_modules(gm, untraceable)
     _silu_as_sigmoid_mul(gm, is_float)
@@ -1600,6 +1629,20 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
     return kind, float_ops
 
 
+_INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_}
+
+
+def _writes_into(user: fx.Node, node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``user`` writes into ``node``'s tensor in place (``x.mul_(2)``, ``x[i] = y``, ``ReLU(inplace=True)``)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target.endswith("_") and not user.target.startswith("_")
+    if user.op == "call_function":
+        return user.target in _INPLACE_FUNCS or user.kwargs.get("inplace") is True
+    return user.op == "call_module" and getattr(gm.get_submodule(user.target), "inplace", False) is True
+
+
 def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpec) -> None:
     """An ``ActQuant`` (``FixedQuant`` for a fixed range) after every "quant_after" node, a ``SharedQuant`` of
     its source's after every "shared" one, and one for the quantized users of every float or input tensor
@@ -1623,15 +1666,29 @@ def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpe
             users = [u for u in users if (_calls(u, _ADD, "add") or _calls(u, _MUL, "mul")) and
                      kind.get(u) == "quant_after" and
                      all(quantized(a) for a in _flat(u.args) if isinstance(a, fx.Node) and a is not node)]
+        writes = [u for u in node.users if _writes_into(u, node, gm)]
+        order = {n: i for i, n in enumerate(graph.nodes)} if writes else {}
+        # an in-place write that other users follow (not `x = act_(x)`, the last use) writes the unquantized
+        # tensor, and the users after it read the written one through a quantizer placed after the write
+        writes = [w for w in writes if any(order[u] > order[w] for u in node.users)]
+        users = [u for u in users if u not in writes]
         if not users:
             return
-        name = f"act_quant_{count}"
-        count += 1
         fixed = node.meta.get("fixed_quant")
-        gm.add_submodule(name, module or (FixedQuant(spec, *fixed) if fixed else ActQuant(spec)))
-        with graph.inserting_after(node):
-            q = graph.call_module(name, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u in users)
+        first = module or (FixedQuant(spec, *fixed) if fixed else ActQuant(spec))
+        points = [node, *sorted(writes, key=order.get)]
+        for i, point in enumerate(points):
+            last = order[points[i + 1]] if i + 1 < len(points) else math.inf
+            part = [u for u in users if not writes or order[point] < order[u] < last]
+            if not part:
+                continue
+            name = f"act_quant_{count}"
+            count += 1
+            gm.add_submodule(name, first if point is node else ActQuant(spec))
+            with graph.inserting_after(point):
+                q = graph.call_module(name, (node,))
+            for u in part:
+                u.replace_input_with(node, q)
 
     for node, k in list(kind.items()):
         if k == "quant_after":

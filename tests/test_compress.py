@@ -302,6 +302,56 @@ def test_a_norm_on_a_quantized_row_it_flattens_keeps_its_float_gradient(tmp_path
     assert grads[1] <= 2 * grads[0], grads  # 87x the float model's before
 
 
+class _WritesInPlace(torch.nn.Module):
+    """A float op's output read by a conv, then written in place (``mul_``), then read by another conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (torch.nn.Conv2d(c, 8, 3) for c in (3, 8, 8))
+
+    def forward(self, x):
+        z = F.gelu(self.c1(x))
+        before = self.c3(z)
+        z.mul_(2)
+        return self.c2(z) + before
+
+
+def test_a_tensor_written_in_place_is_quantized_after_the_write(tmp_path):
+    """The users after an in-place write read the written tensor through a quantizer placed after the write
+    (the quantizer placed after the tensor, before the write, gave them the unwritten values once
+    calibrated: the INT8 model computed another function than the float one, silently)."""
+    torch.manual_seed(0)
+    model = _WritesInPlace().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = quant.prepare_qat(model, SPEC, 16)
+    dep, ops = _calibrated_export(gm, x, tmp_path)
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    ort = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    assert abs(ort - want.numpy()).max() <= 0.05 * want.abs().max().item()
+
+
+class _ParameterMatmul(torch.nn.Module):
+    """Tokens times a 2-D parameter (SwiftFormer's additive attention: ``query @ self.w_g``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.w = torch.nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        return (self.stem(x).flatten(2).transpose(1, 2) @ self.w).mean(1)
+
+
+def test_a_matmul_with_a_parameter_is_a_quantized_linear(tmp_path):
+    """``x @ w`` with a parameter ``w`` becomes a linear layer holding ``w.T``: INT8 in ORT (a float MatMul between
+    DequantizeLinear and QuantizeLinear before), computing what PyTorch does."""
+    ops, ort_err, float_err = _all_int8_export(_ParameterMatmul, tmp_path)
+    assert "MatMul" not in ops and ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0) == 1, ops
+    assert ort_err <= 1e-3 and float_err <= 0.05
+
+
 class _SplitAttention(torch.nn.Module):
     """ResNeSt's split attention (radix 2: a sum over the splits, a softmax across them, the weighted sum) and
     SKNet's stacked branches (``torch.stack`` then the same)."""
