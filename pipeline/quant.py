@@ -1054,18 +1054,23 @@ def _functional_convs(gm: fx.GraphModule) -> bool:
                 conv.bias.copy_(bias)
         trained = any(isinstance(t, nn.Parameter) and t.requires_grad for t in (weight, bias))
         conv.requires_grad_(trained)  # a buffer (a fixed filter) stays fixed in QAT
-        name = f"{node.name}_conv"
-        gm.add_submodule(name, conv)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (a["input"],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _call_instead(gm, node, conv, "conv", a["input"])
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+def _call_instead(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind: str, x: fx.Node) -> None:
+    """``node`` replaced by a call of ``module`` (registered as ``<node>_<kind>``) on ``x``."""
+    name = f"{node.name}_{kind}"
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def _parameter_matmuls(gm: fx.GraphModule) -> bool:
@@ -1083,13 +1088,7 @@ def _parameter_matmuls(gm: fx.GraphModule) -> bool:
         linear = nn.Linear(*weight.shape, bias=False)
         with torch.no_grad():
             linear.weight.copy_(weight.T)
-        name = f"{node.name}_linear"
-        gm.add_submodule(name, linear)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _call_instead(gm, node, linear, "linear", node.args[0])
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()
