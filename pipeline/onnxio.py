@@ -175,14 +175,17 @@ def ort_static_quantize(src: Path, dst: Path, calib: np.ndarray, act_dtype: str,
 
     import onnxruntime
 
-    pre = Path(work_dir) / "preprocessed.onnx"
-    try:
-        quant_pre_process(str(src), str(pre))
-    except Exception as e:  # noqa: BLE001 - ORT's own tool; retried without the failing part
-        # ORT 1.30's symbolic shape inference fails on ViT (Concat) and Swin (Range) exports; 1.32 passes
-        log.warning("ONNX Runtime %s's symbolic shape inference failed on %s (%s: %s); pre-processing without it",
-                    onnxruntime.__version__, Path(src).name, type(e).__name__, first_line(e))
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    src, pre = Path(src).resolve(), (Path(work_dir) / "preprocessed.onnx").resolve()
+    # where its symbolic shape inference fails, ORT saves the model it got to (sym_shape_infer_temp.onnx and its
+    # external data) in the working directory: the work directory instead of the user's
+    with contextlib.chdir(pre.parent):
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception as e:  # noqa: BLE001 - ORT's own tool; retried without the failing part
+            # ORT 1.30's symbolic shape inference fails on ViT (Concat) and Swin (Range) exports; 1.32 on CoaT
+            log.warning("ONNX Runtime %s's symbolic shape inference failed on %s (%s: %s); pre-processing without "
+                        "it", onnxruntime.__version__, src.name, type(e).__name__, first_line(e))
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     _unshare_float_initializers(pre)
     root = logging.getLogger()
     root.addFilter(per_channel_fallback)
