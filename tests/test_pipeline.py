@@ -110,13 +110,16 @@ def _cli(*args, cwd: Path, check=True):
 
 @pytest.mark.slow
 def test_cli_run_and_reproduce_from_saved_config(tmp_path):
-    out = _cli("experiment=tiny", f"paths.outputs={tmp_path}/o", "hydra.run.dir=" + str(tmp_path / "r1"), cwd=tmp_path)
+    # a shortened chain (test_tiny_pipeline_report_and_reuse runs all of it): its overrides must come back too
+    out = _cli("experiment=tiny", "pipeline=[train,prune,export,validate]", "validate.deploy=false",
+               f"paths.outputs={tmp_path}/o", "hydra.run.dir=" + str(tmp_path / "r1"), cwd=tmp_path)
     assert "report:" in out.stdout
     first = json.loads((tmp_path / "r1/report.json").read_text())
     saved = tmp_path / "r1/.hydra"
     _cli("--config-path", str(saved), "--config-name", "config", "force=all",
          f"paths.outputs={tmp_path}/o2", "hydra.run.dir=" + str(tmp_path / "r2"), cwd=tmp_path)
     second = json.loads((tmp_path / "r2/report.json").read_text())
+    assert [r["name"] for r in second["rows"]] == [r["name"] for r in first["rows"]] == ["baseline", "prune"]
     assert abs(first["rows"][0]["accuracy"] - second["rows"][0]["accuracy"]) <= 0.5
 
 
@@ -132,7 +135,8 @@ def test_cli_help_and_bad_input_are_short(tmp_path):
 @pytest.mark.slow
 def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
     """Two jobs in parallel (joblib launcher) need the same baseline: one builds it, the other waits."""
-    out = _cli("-m", "experiment=tiny", "prune.ratio=0.3,0.5", f"paths.outputs={tmp_path}/o", f"data.root={tmp_path}",
+    out = _cli("-m", "experiment=tiny", "pipeline=[train,prune,export,validate]", "prune.ratio=0.3,0.5",
+               f"paths.outputs={tmp_path}/o", f"data.root={tmp_path}",
                f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
     assert "sweep summary:" in out.stdout
     summary = json.loads((tmp_path / "sweep/summary.json").read_text())
