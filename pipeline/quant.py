@@ -59,14 +59,15 @@ class QuantSpec:
 
 # ---------------------------------------------------------------- choices that depend on the CPU
 
-REWRITE = 5  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
+REWRITE = 6  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
 # 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
 # Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
 # 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
 # broadcasting Add / Mul dropped, reshapes / transposes / max pools on their input's grid (SharedQuant);
 # 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid, a layer
 # behind F.dropout quantizes its bias on its input's scale, Python numbers in Add / Mul / Div / Sub as quantized
-# constants)
+# constants; 6: buffers followed as traced values after a warm-up call (ConViT's GPSA), tensors computed from
+# the model's constants alone kept float)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -763,6 +764,9 @@ class _Tracer(fx.Tracer):
         self.static: set[fx.Node] = set()  # nodes whose value follows from tensor sizes only
         self.specialized: dict[str, str] = {}  # module -> the class whose code branched on a size
         self.evaluating = False  # inside a leaf module's concrete call (fx's patches must stand aside)
+        # with an example, buffers are graph values too, so code on their sizes is followed like code on any
+        # tensor's (ConViT: ``self.rel_indices.expand(B, -1, -1, -1)``)
+        self.proxy_buffer_attributes = example is not None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
         return type(m).__name__ in _NORM_ACT + _SAME or isinstance(m, nn.Linear) or \
@@ -1241,6 +1245,16 @@ def _default_args(model: nn.Module) -> dict | None:
     return out or None
 
 
+def _warm_up(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward pass before tracing on ``x``: code that fills a cache on its first call (ConViT's relative
+    positions, sized to the token count) then takes the branch every later call takes."""
+    with torch.no_grad():
+        try:
+            model(x)
+        except Exception:
+            pass  # a model that does not run on this input: tracing says where
+
+
 def _differs_at_batch_2(model: nn.Module, gm: fx.GraphModule, image_size: int) -> str:
     """Why the size-specialised trace ``gm`` does not compute ``model`` at another batch size ('' if it does)."""
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
@@ -1317,6 +1331,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     if _static_same_padding(gm) | _functional_convs(gm) | _parameter_matmuls(gm) | _fold_zero_pads(gm):
         _shapes(gm, image_size)
     _mark_float_modules(gm, untraceable)
+    _mark_constants(gm)
+    if _constants_at_batch_1(gm, image_size):
+        _shapes(gm, image_size)
     _silu_as_sigmoid_mul(gm, is_float)
     _square_as_mul(gm, is_float)
     # a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on slices of
@@ -1352,6 +1369,7 @@ def _trace(model: nn.Module, image_size: int) -> tuple[fx.GraphModule, dict[str,
             name = tracer.failed_in[0] if tracer.failed_in else ""
             if example is None:
                 example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+                _warm_up(model, example)
                 continue
             if name and name not in untraceable and len(untraceable) < _MAX_UNTRACEABLE:
                 untraceable[name] = f"{type(e).__name__}: {first}"  # a branch on tensor values
@@ -1388,6 +1406,59 @@ def _mark_float_modules(gm: fx.GraphModule, untraceable: dict[str, str]) -> None
         if node.op == "call_module" and (node.target in untraceable or
                                          any(r.startswith(f"{node.target}.") for r in read)):
             node.meta["float"] = True
+
+
+def _mark_constants(gm: fx.GraphModule) -> None:
+    """Tensors the model computes from its parameters and buffers alone (at most expanded to the input's size)
+    stay float: ConViT's positional attention ``softmax(pos_proj(rel_indices))`` and its gates, a class token
+    expanded to the batch. Quantized, ConViT's relative positions at 224 px (-13 to 338) shared one scale of 1.38,
+    and offsets 1 and 2 became the same value; float, they are exact, and ONNX Runtime folds them into
+    initializers where no input size enters. A quantized op reads them through a quantizer, as a parameter."""
+    data: set[fx.Node] = set()  # nodes whose value depends on the input's values (not only on its size)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            data.add(node)
+        elif (node.op == "call_method" and node.target in _SHAPE_METHODS) or \
+                (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS):
+            continue  # x.size(0), x.shape: sizes, not data
+        elif any(a in data for a in _flat((node.args, node.kwargs)) if isinstance(a, fx.Node)):
+            data.add(node)
+        elif node.op in ("call_module", "call_function", "call_method") and _is_tensor(node):
+            node.meta["float"] = node.meta["constant"] = True
+
+
+def _constants_at_batch_1(gm: fx.GraphModule, image_size: int) -> bool:
+    """A constant expanded to the batch and computed on further (ConViT: ``pos_proj(rel_indices.expand(B, ...))``
+    and a softmax) is computed at batch 1 and broadcast where it meets the input instead, so ONNX Runtime folds
+    the chain into an initializer; it ran it on every call (10 float MatMuls of the batch's size in ConViT).
+    Kept as it was where that changes the model's outputs. True if anything changed."""
+    expands = [n for n in gm.graph.nodes if n.meta.get("constant") and _calls(n, set(), "expand") and n.users
+               and isinstance(src := n.args[0], fx.Node) and (src.op == "get_attr" or src.meta.get("constant"))
+               and all(u.meta.get("constant") for u in n.users)]
+    if not expands:
+        return False
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = gm(x)
+    users = {n: list(n.users) for n in expands}
+    for n in expands:
+        n.replace_all_uses_with(n.args[0])
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            got = gm(x)
+        same = isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == want.shape and \
+            torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1.0 + want.abs().max().item()))
+    except Exception:
+        same = False
+    for n in expands:
+        if same:
+            gm.graph.erase_node(n)
+        else:
+            for u in users[n]:
+                u.replace_input_with(n.args[0], n)
+    gm.recompile()
+    return same
 
 
 def _silu_as_sigmoid_mul(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> None:
@@ -1574,7 +1645,10 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
             continue
         elif is_float(node):
             kind[node] = "float"
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
+            layer = node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear))
+            if node.meta.get("constant") and (layer or any(not u.meta.get("constant") for u in node.users)):
+                float_ops.append((node.name, _op_name(gm, node), "input-independent: a constant of the model"))
+            elif layer:
                 float_ops.append((node.name, _op_name(gm, node), "qat.float_layers"))
             continue
         elif _moves(gm, node) and _is_tensor(node) and on_grid(node.args[0]):

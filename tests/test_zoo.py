@@ -501,6 +501,34 @@ def test_a_library_function_that_writes_in_place_is_one_float_op(tmp_path):
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
+def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_path):
+    """ConViT's GPSA builds its relative positions on its first call (``if self.rel_indices.shape[1] != N``) and
+    expands that buffer to the batch: traced after a warm-up call, with buffers as traced values, it is
+    quantized (it stayed FP32 whole). Its positional attention ``softmax(pos_proj(rel_indices))`` and its gates
+    depend on no input: float and exact, read through a quantizer where they meet the quantized scores."""
+    from timm.models.convit import ConVit
+
+    from pipeline import onnxio, quant
+
+    torch.manual_seed(0)
+    model = ConVit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1,
+                   num_classes=10).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    floats = {k.split(" (")[0]: v for k, v in quant.float_ops(gm).items()}
+    assert set(floats) == {"layer_norm", "GELU", "getitem", "sum", "truediv", "Linear", "sub", "mul", "expand"}
+    constant = "(input-independent: a constant of the model)"
+    assert quant.float_ops(gm)[f"Linear {constant}"] == ["blocks_0_attn_pos_proj"]
+    assert {"blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj"} <= set(quant.quantized_layers(gm))
+    x = torch.randn(8, 3, 32, 32)
+    cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)
+    # pos_proj runs at batch 1 (not on rel_indices expanded to the batch): ORT folds it into an initializer
+    assert cov["int8_kernels"] >= len(quant.quantized_layers(gm)) and cov["float_kernels"] == 0
+    with torch.no_grad():
+        want = quant.to_deploy(gm)(x)
+    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 # What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
 # back to float is a regression. The first group runs in CI; `pytest -m zoo` runs the rest (about 4 min).
 FLOATS = {  # the default run (torchvision's ViT is quantized in test_torchvision_vit_heads_..., timm's DeiT in
