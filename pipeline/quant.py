@@ -59,7 +59,7 @@ class QuantSpec:
 
 # ---------------------------------------------------------------- choices that depend on the CPU
 
-REWRITE = 6  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
+REWRITE = 7  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models;
 # 2: branches on tensor sizes traced, attention scores float into a float softmax; 3: parameters read by an
 # Add / Mul quantized where that makes it INT8, x ** 2 as x * x, weight standardisation and BEiT biases folded;
 # 4: sums over short dimensions as adds, stacks as concatenations, Conv1d quantized, an expand before a
@@ -67,7 +67,8 @@ REWRITE = 6  # version of what prepare_qat quantizes where (in the qat stage's k
 # 5: F.conv2d with a fixed weight as a conv (BlurPool), reflect / replicate pads on their input's grid, a layer
 # behind F.dropout quantizes its bias on its input's scale, Python numbers in Add / Mul / Div / Sub as quantized
 # constants; 6: buffers followed as traced values after a warm-up call (ConViT's GPSA), tensors computed from
-# the model's constants alone kept float)
+# the model's constants alone kept float; 7: BatchNorm1d folded into the linear layer before or after it,
+# reshape_as / view_as on their input's grid)
 
 NARROW_CONV = 16  # x86 ORT runs INT8 convs with fewer output channels on im2col + GEMM, slower than FP32
 
@@ -709,9 +710,11 @@ _QUANT_AFTER_FUNCS = {torch.flatten, F.relu, torch.relu, F.adaptive_avg_pool2d, 
 _IDENTITY_FUNCS = {stochastic_depth, F.dropout, torch.dropout}  # identities in the exported (eval) graph
 _PASS_FUNCS = {getattr} | _IDENTITY_FUNCS
 _QUANT_AFTER_METHODS = {"view", "reshape", "flatten", "relu", "mean", "permute", "transpose", "squeeze",
-                        "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax"}
+                        "unsqueeze", "contiguous", "sigmoid", "mul", "add", "matmul", "softmax", "reshape_as",
+                        "view_as"}
 _PASS_METHODS = {"size", "dim"}
-_MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
+_MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "permute", "transpose",
+                 "reshape_as", "view_as"}
 _MOVE_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                F.max_pool2d}  # with _MOVE_METHODS and _MOVE_MODULES: outputs hold input values (SharedQuant)
 _MOVE_MODULES = (nn.MaxPool2d, nn.Flatten)
@@ -1334,6 +1337,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, image_size: int = 32) -> fx.G
     _mark_constants(gm)
     if _constants_at_batch_1(gm, image_size):
         _shapes(gm, image_size)
+    _linear_batchnorms(gm, is_float)
     _silu_as_sigmoid_mul(gm, is_float)
     _square_as_mul(gm, is_float)
     # a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on slices of
@@ -1431,22 +1435,30 @@ def _constants_at_batch_1(gm: fx.GraphModule, image_size: int) -> bool:
     """A constant expanded to the batch and computed on further (ConViT: ``pos_proj(rel_indices.expand(B, ...))``
     and a softmax) is computed at batch 1 and broadcast where it meets the input instead, so ONNX Runtime folds
     the chain into an initializer; it ran it on every call (10 float MatMuls of the batch's size in ConViT).
-    Kept as it was where that changes the model's outputs. True if anything changed."""
+    Kept as it was where that changes the model's outputs (checked on weights of its own, so a model rebuilt
+    from a checkpoint, before its weights are loaded, gets the same graph). True if anything changed."""
     expands = [n for n in gm.graph.nodes if n.meta.get("constant") and _calls(n, set(), "expand") and n.users
                and isinstance(src := n.args[0], fx.Node) and (src.op == "get_attr" or src.meta.get("constant"))
                and all(u.meta.get("constant") for u in n.users)]
     if not expands:
         return False
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = gm(x)
+
+    def outputs() -> object:  # on weights of the check's own (a rebuilt model's may be uninitialised yet)
+        probe, g = copy.deepcopy(gm), torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for t in (*probe.parameters(), *probe.buffers()):
+                if t.is_floating_point():
+                    t.uniform_(0.5, 1.5, generator=g)
+            return probe(x)
+
+    want = outputs()
     users = {n: list(n.users) for n in expands}
     for n in expands:
         n.replace_all_uses_with(n.args[0])
     gm.recompile()
     try:
-        with torch.no_grad():
-            got = gm(x)
+        got = outputs()
         same = isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == want.shape and \
             torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1.0 + want.abs().max().item()))
     except Exception:
@@ -1459,6 +1471,80 @@ def _constants_at_batch_1(gm: fx.GraphModule, image_size: int) -> bool:
                 u.replace_input_with(n.args[0], n)
     gm.recompile()
     return same
+
+
+_RESHAPES = {"flatten", "reshape", "view", "contiguous"}  # keep the last dimension when it keeps its size
+
+
+def _one_data_user(node: fx.Node) -> fx.Node | None:
+    """The one user of ``node`` that reads its values; others may read its size only (LeViT's
+    ``bn(x.flatten(0, 1)).reshape_as(x)``)."""
+    data = [u for u in node.users if not (u.op == "call_method" and (
+        u.target in _SHAPE_METHODS or (u.target in ("reshape_as", "view_as", "expand_as") and u.args[0] is not node
+                                       and node not in u.args[2:])))]
+    return data[0] if len(data) == 1 else None
+
+
+def _linear_batchnorms(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> bool:
+    """A BatchNorm1d over a linear layer's output features (LeViT's ``bn(linear(x).flatten(0, 1))``) or over its
+    input features (LeViT's and EfficientViT-M's heads: ``linear(drop(bn(x)))``) folds into that linear layer,
+    as a BN folds into a conv: one INT8 kernel instead of a float BatchNormalization between DequantizeLinear
+    and QuantizeLinear. The folded layer is a new module (the float model keeps its own); QAT fine-tunes it with
+    the statistics frozen. True if anything changed."""
+    graph, changed = gm.graph, False
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    def linear(n: object) -> nn.Linear | None:  # a linear layer called here only
+        ok = isinstance(n, fx.Node) and n.op == "call_module" and calls[n.target] == 1 and not is_float(n)
+        return m if ok and type(m := gm.get_submodule(n.target)) is nn.Linear else None
+
+    def replace(n: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        new = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            new.bias.copy_(bias)
+        gm.add_submodule(n.target, new)
+
+    for node in list(graph.nodes):
+        if node.op != "call_module" or is_float(node) or type(bn := gm.get_submodule(node.target)) is not \
+                nn.BatchNorm1d or bn.running_mean is None or not isinstance(node.args[0], fx.Node):
+            continue
+        shape = getattr(node.args[0].meta.get("tensor_meta"), "shape", None)
+        if shape is None or len(shape) != 2:  # (N, C): the features are the last dimension
+            continue
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight if bn.affine else 1.0)
+            shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+        src, nxt = node.args[0], node  # after a linear layer, through reshapes that keep its features last
+        while src.op == "call_method" and src.target in _RESHAPES and _one_data_user(src) is nxt and \
+                isinstance(src.args[0], fx.Node) and \
+                getattr(src.args[0].meta.get("tensor_meta"), "shape", [None])[-1] == shape[-1]:
+            src, nxt = src.args[0], src
+        after = linear(src) if _one_data_user(src) is nxt else None
+        before = []  # or before linear layers, through dropouts
+        for u in node.users:
+            while u.op == "call_module" and isinstance(gm.get_submodule(u.target), (nn.Dropout, nn.Identity)) and \
+                    len(u.users) == 1:
+                u = next(iter(u.users))
+            before.append((u, linear(u)))
+        with torch.no_grad():
+            if after is not None and after.out_features == shape[-1]:
+                b = after.bias if after.bias is not None else torch.zeros_like(shift)
+                replace(src, after.weight * scale[:, None], b * scale + shift)
+            elif before and all(m is not None and m.in_features == shape[-1] for _, m in before):
+                for u, m in before:
+                    b = m.bias if m.bias is not None else torch.zeros(m.out_features)
+                    replace(u, m.weight * scale[None, :], b + m.weight @ shift)
+            else:
+                continue
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        changed = True
+    gm.recompile()
+    return changed
 
 
 def _silu_as_sigmoid_mul(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> None:
@@ -1855,6 +1941,9 @@ def activation_matmuls(model: nn.Module) -> int:
         return 0
 
     def quantized(a) -> bool:
+        while isinstance(a, fx.Node) and a.op == "call_module" and a.args and \
+                isinstance(model.get_submodule(a.target), _PASS_MODULES):  # attn_drop(attn) @ v
+            a = a.args[0]
         return isinstance(a, fx.Node) and a.op == "call_module" and \
             isinstance(model.get_submodule(a.target), (ActQuant, SharedQuant))
 

@@ -318,6 +318,51 @@ def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_p
     assert cov["int8_ops"]["MatMulIntegerToFloat"] == 5, cov  # q, k, v, proj, and q @ k^T: float scores
 
 
+def test_batchnorm1d_around_linear_layers_folds_into_them(tmp_path):
+    """LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` and its head's ``linear(drop(bn(x)))``: each
+    BatchNorm1d folds into its linear layer (it ran float between DequantizeLinear and QuantizeLinear); the
+    float model keeps its own layers."""
+    from pipeline import onnxio, quant
+
+    class LinearNorm(torch.nn.Module):  # timm's LeViT LinearNorm
+        def __init__(self, i: int, o: int):
+            super().__init__()
+            self.linear, self.bn = torch.nn.Linear(i, o, bias=False), torch.nn.BatchNorm1d(o)
+
+        def forward(self, x):
+            x = self.linear(x)
+            return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 4, 4)
+            self.mlp, self.act, self.mlp2 = LinearNorm(16, 32), torch.nn.Hardswish(), LinearNorm(32, 16)
+            self.bn, self.drop, self.head = torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.conv(x).flatten(2).transpose(1, 2)  # tokens
+            x = x + self.mlp2(self.act(self.mlp(x)))
+            return self.head(self.drop(self.bn(x.mean(1))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for bn in (model.mlp.bn, model.mlp2.bn, model.bn):  # statistics far from the identity
+        torch.nn.init.uniform_(bn.running_mean, -1, 1), torch.nn.init.uniform_(bn.running_var, 0.2, 3)
+        torch.nn.init.uniform_(bn.weight, 0.5, 2), torch.nn.init.uniform_(bn.bias, -1, 1)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 16)
+    assert not any(k.startswith("BatchNorm1d") for k in quant.float_ops(gm)), quant.float_ops(gm)
+    assert quant.quantized_layers(gm) == ["conv", "mlp.linear", "mlp2.linear", "head"]
+    assert isinstance(model.mlp.bn, torch.nn.BatchNorm1d) and model.mlp.linear.bias is None  # the float model
+    x = torch.randn(8, 3, 16, 16)
+    cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.15)
+    assert cov["int8_kernels"] == 4 and cov["float_kernels"] == 0
+    with torch.no_grad():
+        want = quant.to_deploy(gm)(x)
+    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
     """DenseNet's BN -> ReLU -> conv (a BN that follows no conv): the BN becomes a depthwise 1x1 QLinearConv with
     the ReLU fused, so nothing stays float, and it computes what the float model does."""
@@ -519,6 +564,13 @@ def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_p
     constant = "(input-independent: a constant of the model)"
     assert quant.float_ops(gm)[f"Linear {constant}"] == ["blocks_0_attn_pos_proj"]
     assert {"blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj"} <= set(quant.quantized_layers(gm))
+    assert quant.activation_matmuls(gm) == 4  # q @ k^T and attn_drop(attn) @ v in both blocks
+    empty = copy.deepcopy(model)  # a model rebuilt from a checkpoint is prepared before its weights are loaded
+    with torch.no_grad():
+        for t in empty.parameters():
+            t.fill_(float("nan"))
+    rebuilt = quant.prepare_qat(empty, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    assert [str(n.target) for n in rebuilt.graph.nodes] == [str(n.target) for n in gm.graph.nodes]
     x = torch.randn(8, 3, 32, 32)
     cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)
     # pos_proj runs at batch 1 (not on rel_indices expanded to the batch): ORT folds it into an initializer
