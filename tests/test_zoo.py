@@ -263,7 +263,9 @@ def test_torchvision_vit_heads_are_pruned_and_its_embedding_width_kept(tmp_path)
     from pipeline.models import HeadAttention, build_model, count_macs
     from pipeline.pruning import ChannelPlan, channel_prune, split_attention
 
-    cfg = {"name": "vit_b_16", "num_classes": 10, "image_size": 32, "small_input": True}
+    cfg = {"name": "vit", "target": "torchvision.models.VisionTransformer", "num_classes": 10, "image_size": 32,
+           "kwargs": {"image_size": 32, "patch_size": 16, "num_layers": 2, "num_heads": 12, "hidden_dim": 768,
+                      "mlp_dim": 3072}}  # ViT-B/16's layers, two of them (the zoo test quantizes all of vit_b_16)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
