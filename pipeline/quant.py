@@ -14,6 +14,7 @@ onnxscript, so ORT fuses the graph into QLinearConv / QLinearAdd / QGemm kernels
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -1480,8 +1481,7 @@ def _one_data_user(node: fx.Node) -> fx.Node | None:
     """The one user of ``node`` that reads its values; others may read its size only (LeViT's
     ``bn(x.flatten(0, 1)).reshape_as(x)``)."""
     data = [u for u in node.users if not (u.op == "call_method" and (
-        u.target in _SHAPE_METHODS or (u.target in ("reshape_as", "view_as", "expand_as") and u.args[0] is not node
-                                       and node not in u.args[2:])))]
+        u.target in _SHAPE_METHODS or (u.target in ("reshape_as", "view_as", "expand_as") and u.args[0] is not node)))]
     return data[0] if len(data) == 1 else None
 
 
@@ -1492,10 +1492,7 @@ def _linear_batchnorms(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) 
     and QuantizeLinear. The folded layer is a new module (the float model keeps its own); QAT fine-tunes it with
     the statistics frozen. True if anything changed."""
     graph, changed = gm.graph, False
-    calls: dict[str, int] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
 
     def linear(n: object) -> nn.Linear | None:  # a linear layer called here only
         ok = isinstance(n, fx.Node) and n.op == "call_module" and calls[n.target] == 1 and not is_float(n)
@@ -1903,14 +1900,20 @@ def _one_module_per_call(gm: fx.GraphModule) -> None:
         gm.add_submodule(node.target, call)
 
 
+def _behind_identities(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The tensor ``node`` passes on unchanged in the exported graph: through Dropout / Identity modules and
+    ``F.dropout`` calls."""
+    while (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PASS_MODULES)) or \
+            (node.op == "call_function" and node.target in _IDENTITY_FUNCS):
+        node = node.args[0]
+    return node
+
+
 def _link_input_quants(gm: fx.GraphModule) -> None:
     """Tell each conv / linear which observer quantizes its input (its bias is quantized on that scale)."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
-            src = node.args[0]
-            while (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _PASS_MODULES)) or \
-                    (src.op == "call_function" and src.target in _IDENTITY_FUNCS):
-                src = src.args[0]  # Dropout / Identity keep the quantized input (GhostNet's F.dropout)
+            src = _behind_identities(node.args[0], gm)  # GhostNet's F.dropout keeps the quantized input
             aq = gm.get_submodule(src.target) if src.op == "call_module" else None
             if isinstance(aq, SharedQuant):
                 aq = aq.source
@@ -1941,9 +1944,7 @@ def activation_matmuls(model: nn.Module) -> int:
         return 0
 
     def quantized(a) -> bool:
-        while isinstance(a, fx.Node) and a.op == "call_module" and a.args and \
-                isinstance(model.get_submodule(a.target), _PASS_MODULES):  # attn_drop(attn) @ v
-            a = a.args[0]
+        a = _behind_identities(a, model) if isinstance(a, fx.Node) else a  # attn_drop(attn) @ v
         return isinstance(a, fx.Node) and a.op == "call_module" and \
             isinstance(model.get_submodule(a.target), (ActQuant, SharedQuant))
 
