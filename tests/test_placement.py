@@ -39,6 +39,18 @@ def test_base_spec_combines_names_and_auto(monkeypatch):
     assert spec.keeping_fp32(["layer2"]).float_layers == ("fc", "conv1", "layer1.0", "layer2")
 
 
+def test_the_default_keeps_narrow_convs_fp32_only_where_int8_is_slower(cfg_factory, monkeypatch):
+    """qat.float_layers defaults to [auto]; experiment=tiny pins [] so tests see one graph on every CPU."""
+    model = build_model(R8)  # width 0.5: an 8-channel stem and first block
+    qat = cfg_factory(tiny=False).qat
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})
+    assert placement.base_spec(qat, model).float_layers == ("conv1", "layer1.0")
+    assert placement.base_spec(cfg_factory().qat, model).float_layers == ()  # experiment=tiny
+    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
+    assert placement.base_spec(qat, model).float_layers == ()
+
+
 @pytest.mark.parametrize("int8_ms,chosen,tried,real", [
     ([0.8, 0.5, 0.55, 0.55, 0.55, 0.55], 1, 6, True),  # one FP32 block is fastest
     pytest.param([0.8, 0.79, 0.6, 0.65, 0.65, 0.65], 2, 6, True, marks=pytest.mark.zoo),  # two blocks
