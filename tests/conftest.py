@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
-
-# pytest-xdist workers share the cores instead of each starting a thread per core
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def make_cfg(tmp_path: Path, *overrides: str, tiny: bool = True) -> DictConfig:
