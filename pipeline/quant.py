@@ -1540,7 +1540,8 @@ def _linear_batchnorms(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) 
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         changed = True
-    gm.recompile()
+    if changed:
+        gm.recompile()
     return changed
 
 

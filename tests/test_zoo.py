@@ -19,12 +19,12 @@ TINY = ("data.train_subset=320", "validate.serving_batch_sizes=[]", "validate.co
 
 
 # the models the pipeline promises to carry through every stage (32 px; ViT / Swin with their patch layout shrunk
-# to fit): one in the default run, the rest with -m zoo (under a minute to six minutes each on two cores)
+# to fit): one in the default run, the rest with -m zoo (40 s to 9 min each, two at a time on two cores, (B))
 CHAIN_ZOO = ["efficientnet_b0", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "regnet_x_400mf",
              "shufflenet_v2_x1_0", "densenet121", "convnext_tiny", "vit_b_16", "swin_t",
              "timm:mobilenetv3_small_100", "timm:efficientnet_b0", "timm:deit_tiny_patch16_224"]
 WITH_FLOAT_OPS = {"convnext_tiny", "vit_b_16", "swin_t", "timm:deit_tiny_patch16_224"}  # LayerNorm, GELU, ...
-CHAIN_EXTRA = {  # the standard stem (16x fewer MACs at 32 px: ResNet-50 695 s -> about a minute, (B))
+CHAIN_EXTRA = {  # the standard stem (16x fewer MACs at 32 px: ResNet-50 695 s -> 86 s, (B))
     **{n: ("model.small_input=false",) for n in ("resnet18", "resnet50", "densenet121")},
     # one epoch at lr 0.1 leaves a degenerate EfficientNet (timm's: train loss 10.5, logits near 1e5) whose QAT
     # can go nan without clipping (torchvision's did with one thread per test, not with two); the error names this
@@ -340,7 +340,7 @@ def test_batchnorm1d_around_linear_layers_folds_into_them(tmp_path):
     """LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` and its head's ``linear(drop(bn(x)))``: each
     BatchNorm1d folds into its linear layer (it ran float between DequantizeLinear and QuantizeLinear); the
     float model keeps its own layers."""
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     class LinearNorm(torch.nn.Module):  # timm's LeViT LinearNorm
         def __init__(self, i: int, o: int):
@@ -375,10 +375,7 @@ def test_batchnorm1d_around_linear_layers_folds_into_them(tmp_path):
     x = torch.randn(8, 3, 16, 16)
     cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.15)
     assert cov["int8_kernels"] == 4 and cov["float_kernels"] == 0
-    with torch.no_grad():
-        want = quant.to_deploy(gm)(x)
-    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    _ort_computes_the_deploy_form(gm, x, tmp_path)
 
 
 def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
@@ -421,6 +418,16 @@ def _calibrated_coverage(gm, model: torch.nn.Module, x: torch.Tensor, tmp_path, 
         torch.testing.assert_close(gm(x), model(x), rtol=tol, atol=tol)
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
     return onnxio.kernel_coverage(tmp_path / "q.onnx")
+
+
+def _ort_computes_the_deploy_form(gm, x: torch.Tensor, tmp_path) -> None:
+    """ORT's run of the exported ``q.onnx`` (``_calibrated_coverage``) matches PyTorch's export form of ``gm``."""
+    from pipeline import onnxio, quant
+
+    with torch.no_grad():
+        want = quant.to_deploy(gm)(x)
+    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
 def test_branches_on_tensor_sizes_are_traced_for_the_input_size(tmp_path, caplog):
@@ -547,7 +554,7 @@ def test_a_library_function_that_writes_in_place_is_one_float_op(tmp_path):
     function is one float op, and the attention module around it is quantized (it stayed FP32 whole)."""
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     torch.manual_seed(0)
     cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=(16, 32), num_heads=(1, 2), stride_q=((1, 1), (2, 2)))
@@ -558,10 +565,7 @@ def test_a_library_function_that_writes_in_place_is_one_float_op(tmp_path):
     assert "stages.0.blocks.0.attn.qkv" in quant.quantized_layers(gm)
     x = torch.randn(8, 3, 32, 32)
     assert _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)["int8_kernels"] >= len(quant.quantized_layers(gm))
-    with torch.no_grad():
-        want = quant.to_deploy(gm)(x)
-    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    _ort_computes_the_deploy_form(gm, x, tmp_path)
 
 
 def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_path):
@@ -571,7 +575,7 @@ def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_p
     depend on no input: float and exact, read through a quantizer where they meet the quantized scores."""
     from timm.models.convit import ConVit
 
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     torch.manual_seed(0)
     model = ConVit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1,
@@ -593,10 +597,7 @@ def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_p
     cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)
     # pos_proj runs at batch 1 (not on rel_indices expanded to the batch): ORT folds it into an initializer
     assert cov["int8_kernels"] >= len(quant.quantized_layers(gm)) and cov["float_kernels"] == 0
-    with torch.no_grad():
-        want = quant.to_deploy(gm)(x)
-    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    _ort_computes_the_deploy_form(gm, x, tmp_path)
 
 
 # What stays float per model (op types between DequantizeLinear and QuantizeLinear): anything else falling
