@@ -12,10 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import CONF_DIR as _CONF_DIR
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(_CONF_DIR)
 # pip packages of Hydra's launcher plugins, for the "not installed" message
 LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_slurm": "hydra-submitit-launcher",
                      "submitit_local": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",

@@ -9,7 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+from pipeline import CONF_DIR
+
+CONF = str(CONF_DIR)
 
 
 def make_cfg(tmp_path: Path, *overrides: str, tiny: bool = True) -> DictConfig:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from pipeline import CONF_DIR as CONF
 from pipeline.data import DataConfig
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def data_config(*overrides: str) -> DataConfig:
