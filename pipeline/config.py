@@ -8,8 +8,10 @@ line, each naming the key to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -111,22 +113,99 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     if len(errors) > n_before:
         return None
     obj = cls(**kwargs)
+    errors.extend(full(msg) for msg in check_bounds(obj))
     check = getattr(obj, "check", None)
     if check is not None:
         errors.extend(full(msg) for msg in check())
     return obj
 
 
-def not_in_key() -> Any:
+_UNSET = object()
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Declarative range of a config field (``ge`` / ``gt`` / ``le`` / ``lt``) or its allowed ``choices``;
+    ``each``: the bounds apply to every element of a list; ``msg``: the message after ``<key>: ``, with
+    ``{value}`` and ``{range}`` (e.g. ``in [0, 1)``) filled in. ``None`` (a null setting) is never checked."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    each: bool = False
+    msg: str | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {_num(self.ge)}" if self.ge is not None else f"> {_num(self.gt)}"
+        return f"<= {_num(self.le)}" if self.le is not None else f"< {_num(self.lt)}"
+
+    def holds(self, v: Any) -> bool:
+        if self.choices is not None:
+            return v in self.choices
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def message(self, value: Any) -> str:
+        values = value if self.each else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"{value} is not a finite number; use a value {self.describe()}"
+        return (self.msg or "{value} must be {range}").format(value=value, range=self.describe())
+
+
+def setting(*, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+            choices: tuple | None = None, each: bool = False, msg: str | None = None, in_key: bool = True,
+            key_neutral: Any = _UNSET) -> Any:
+    """A required config field with declarative bounds, checked by :func:`bind` before the dataclass's own
+    ``check()`` (cross-field rules stay there). ``in_key=False``: see :func:`not_in_key`; ``key_neutral``:
+    see :func:`key_neutral`. The value itself lives in ``conf/`` only (no default here)."""
+    meta: dict[str, Any] = {}
+    if any(b is not None for b in (ge, gt, le, lt, choices)):
+        meta["bounds"] = Bounds(ge, gt, le, lt, tuple(choices) if choices is not None else None, each, msg)
+    if not in_key:
+        meta["in_key"] = False
+    if key_neutral is not _UNSET:
+        meta["key_neutral"] = key_neutral
+    return dataclasses.field(metadata=meta)
+
+
+def check_bounds(obj: Any) -> list[str]:
+    """One ``<field>: <message>`` per field of a bound config whose value breaks its declared bounds."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        bounds: Bounds | None = f.metadata.get("bounds")
+        value = getattr(obj, f.name)
+        if bounds is None or value is None:
+            continue
+        if not all(bounds.holds(v) for v in (value if bounds.each else [value])):
+            errors.append(f"{f.name}: {bounds.message(value)}")
+    return errors
+
+
+def not_in_key(**bounds: Any) -> Any:
     """Mark a required config field that does not change an artifact (a gate, a node switch, a report
     knob): artifact keys leave it out, so changing it re-uses what was built."""
-    return dataclasses.field(metadata={"in_key": False})
+    return setting(in_key=False, **bounds)
 
 
-def key_neutral(value: Any) -> Any:
+def key_neutral(value: Any, **bounds: Any) -> Any:
     """Mark a required config field added after artifacts were built: at ``value`` (what the code did
     before it existed) artifact keys leave it out, so existing artifacts stay valid."""
-    return dataclasses.field(metadata={"key_neutral": value})
+    return setting(key_neutral=value, **bounds)
 
 
 def key_settings(obj: Any) -> dict[str, Any]:

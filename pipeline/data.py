@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pipeline import imagestore
 from pipeline.artifacts import file_sha256, stable_hash
-from pipeline.config import not_in_key
+from pipeline.config import not_in_key, setting
 from pipeline.errors import PipelineError
 from pipeline.imagestore import ImageStore, center_crop
 
@@ -47,47 +47,36 @@ class DataConfig:
     source: Literal["embedded", "cifar10", "imagefolder"]
     root: str | None  # folder for cifar10 / imagefolder; ignored for embedded
     download: bool = not_in_key()  # cifar10 only: let torchvision download when root is empty
-    image_size: int  # images are resized to this square size (imagefolder)
-    num_classes: int  # must match the data; checked after loading
-    val_fraction: float  # held out from train for model selection
+    # images are resized to this square size (imagefolder)
+    image_size: int = setting(ge=8, msg="{value} is too small; use at least 8")
+    # must match the data; checked after loading
+    num_classes: int = setting(ge=2, msg="{value}; a classifier needs at least 2 classes")
+    val_fraction: float = setting(ge=0, lt=1)  # held out from train for model selection
     mean: list[float]  # per-channel normalisation
-    std: list[float]
+    std: list[float] = setting(gt=0, each=True, msg="{value} must all be {range}")
     augment: bool  # random crop + horizontal flip on training batches
-    crop_padding: int
-    train_subset: int | None  # keep only the first N training images (quick runs)
+    crop_padding: int = setting(ge=0)
+    # keep only the first N training images (quick runs)
+    train_subset: int | None = setting(ge=1, msg="{value} must be a positive number of images (or null: all)")
     resize: Literal["squash", "shorter"]  # imagefolder: squash to a square, or shorter side + center crop
-    crop_fraction: float  # resize=shorter: image_size is this fraction of the stored square (224 of 256)
+    # resize=shorter: image_size is this fraction of the stored square (224 of 256)
+    crop_fraction: float = setting(gt=0, le=1)
     train_crop: Literal["pad", "resized"]  # pad: CIFAR pad + random crop; resized: RandomResizedCrop
     rrc_scale: list[float]  # train_crop=resized: range of the crop's share of the image area
     cutout: int  # side of a square set to the mean in every augmented training image (0: off)
-    decode_workers: int = not_in_key()  # processes decoding an image folder the first time (0: one per core)
+    # processes decoding an image folder the first time (0: one per core)
+    decode_workers: int = not_in_key(ge=0, msg="{value} must be {range} (0: one per core)")
 
     def check(self) -> list[str]:
         errs = []
         if self.source != "embedded" and not self.root:
             errs.append(f"root: data.source={self.source} needs data.root=/path/to/data")
-        if not 0.0 <= self.val_fraction < 1.0:
-            errs.append(f"val_fraction: {self.val_fraction} must be in [0, 1)")
-        if self.image_size < 8:
-            errs.append(f"image_size: {self.image_size} is too small; use at least 8")
         if len(self.mean) != 3 or len(self.std) != 3:
             errs.append("mean/std: give three values (images are RGB)")
-        if any(v <= 0 for v in self.std):
-            errs.append(f"std: {self.std} must all be > 0")
-        if self.num_classes < 2:
-            errs.append(f"num_classes: {self.num_classes}; a classifier needs at least 2 classes")
-        if self.crop_padding < 0:
-            errs.append(f"crop_padding: {self.crop_padding} must be >= 0")
-        if not 0.0 < self.crop_fraction <= 1.0:
-            errs.append(f"crop_fraction: {self.crop_fraction} must be in (0, 1]")
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
             errs.append(f"rrc_scale: {self.rrc_scale} must be [low, high] with 0 < low <= high <= 1")
         if not 0 <= self.cutout < self.image_size:
             errs.append(f"cutout: {self.cutout} must be in [0, image_size) pixels (0: off)")
-        if self.decode_workers < 0:
-            errs.append(f"decode_workers: {self.decode_workers} must be >= 0 (0: one per core)")
-        if self.train_subset is not None and self.train_subset < 1:
-            errs.append(f"train_subset: {self.train_subset} must be a positive number of images (or null: all)")
         return errs
 
 

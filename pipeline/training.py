@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write_bytes
-from pipeline.config import key_neutral
+from pipeline.config import key_neutral, setting
 from pipeline.data import DataConfig, Splits, batches
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
@@ -40,37 +40,18 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 class FitConfig:
     """Optimisation knobs shared by every training stage (``train.*``, ``distill.*``, ...)."""
 
-    epochs: int
-    batch_size: int  # global batch (split across ranks under torchrun)
+    epochs: int = setting(ge=0)
+    batch_size: int = setting(ge=1)  # global batch (split across ranks under torchrun)
     optimizer: Literal["sgd", "adamw"]
-    lr: float  # peak learning rate
-    momentum: float  # SGD only
-    weight_decay: float
+    lr: float = setting(gt=0)  # peak learning rate
+    momentum: float = setting(ge=0)  # SGD only
+    weight_decay: float = setting(ge=0)
     schedule: Literal["cosine", "onecycle", "constant"]
-    warmup_epochs: float  # linear warm-up (cosine/constant); onecycle has its own ramp
-    label_smoothing: float
+    warmup_epochs: float = setting(ge=0)  # linear warm-up (cosine/constant); onecycle has its own ramp
+    label_smoothing: float = setting(ge=0, lt=1)
     select: Literal["best", "last"]  # which weights to keep: best validation accuracy or last epoch
-    clip_grad_norm: float | None = key_neutral(None)  # clip the global gradient norm to this (None: off)
-
-    def check(self) -> list[str]:
-        errs = []
-        if self.epochs < 0:
-            errs.append(f"epochs: {self.epochs} must be >= 0")
-        if self.batch_size < 1:
-            errs.append(f"batch_size: {self.batch_size} must be >= 1")
-        if self.lr <= 0:
-            errs.append(f"lr: {self.lr} must be > 0")
-        if not 0 <= self.label_smoothing < 1:
-            errs.append(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
-        if self.momentum < 0:
-            errs.append(f"momentum: {self.momentum} must be >= 0")
-        if self.weight_decay < 0:
-            errs.append(f"weight_decay: {self.weight_decay} must be >= 0")
-        if self.warmup_epochs < 0:
-            errs.append(f"warmup_epochs: {self.warmup_epochs} must be >= 0")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            errs.append(f"clip_grad_norm: {self.clip_grad_norm} must be > 0 or null")
-        return errs
+    # clip the global gradient norm to this (None: off)
+    clip_grad_norm: float | None = key_neutral(None, gt=0, msg="{value} must be {range} or null")
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import CKPT_SHAPES, file_sha256, load_checkpoint, save_checkpoint
+from pipeline.config import setting
 from pipeline.distillation import KDLoss, freeze_teacher, parse_feature_pairs
 from pipeline.errors import PipelineError
 from pipeline.models import available_models, build_model, count_macs, count_params, load_model, module_shapes
@@ -40,22 +41,12 @@ class Config(FitConfig):
     teacher: str | None  # null: the train stage's baseline; or a path to a pipeline checkpoint
     student: str  # "prune" / "train": that stage's model; or a registry model name (e.g. resnet8)
     student_width: float  # width of a registry student (CIFAR ResNets)
-    alpha: float  # weight of the KD term (1 - alpha for cross-entropy)
-    temperature: float
+    alpha: float = setting(ge=0, le=1)  # weight of the KD term (1 - alpha for cross-entropy)
+    temperature: float = setting(gt=0)
     feature_layers: list[str]  # "student_layer[:teacher_layer]" pairs
-    feature_weight: float  # weight of the feature (MSE through 1x1 adapter) loss
+    feature_weight: float = setting(ge=0)  # weight of the feature (MSE through 1x1 adapter) loss
     compare_no_kd: bool  # also train the student without KD and record both accuracies
     seed: int | None  # seed of the student's training (shuffle, augmentation, registry init); null: root seed
-
-    def check(self) -> list[str]:
-        errs = super().check()
-        if not 0.0 <= self.alpha <= 1.0:
-            errs.append(f"alpha: {self.alpha} must be in [0, 1]")
-        if self.temperature <= 0:
-            errs.append(f"temperature: {self.temperature} must be > 0")
-        if self.feature_weight < 0:
-            errs.append(f"feature_weight: {self.feature_weight} must be >= 0")
-        return errs
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline import deploy, onnxio, quant
-from pipeline.config import not_in_key
+from pipeline.config import not_in_key, setting
 from pipeline.stage import GraphView, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -31,28 +31,18 @@ FP16_SUFFIX = "_fp16"
 class Config:
     """``conf/stages/export.yaml``."""
 
-    opset: int  # ONNX opset (>= 18 for the QDQ translations)
-    parity_images: int  # test images used for the PyTorch-vs-ORT parity check
-    min_top1_agreement: float = not_in_key()  # gate, %: below this the export fails
-    min_int8_coverage: float = not_in_key()  # gate: share of the quantized convs/matmuls ORT must run in INT8
+    # ONNX opset (>= 18 for the QDQ translations)
+    opset: int = setting(ge=18, msg="{value} is too old for the QDQ translations (opset 18); use 18 or newer")
+    parity_images: int = setting(ge=1, msg="use at least 1")  # test images used for the PyTorch-vs-ORT parity check
+    # gate, %: below this the export fails
+    min_top1_agreement: float = not_in_key(ge=0, le=100, msg="{value} must be a percentage {range}")
+    # gate: share of the quantized convs/matmuls ORT must run in INT8
+    min_int8_coverage: float = not_in_key(ge=0, le=1, msg="{value} must be a fraction {range}")
     ort_static_reference: bool = not_in_key()  # adds the export/ort_static node (its own key)
-    calib_images: int = not_in_key()  # export/ort_static only (in that node's key_extra)
+    # export/ort_static only (in that node's key_extra)
+    calib_images: int = not_in_key(ge=1, msg="{value}; ORT static quantization needs calibration images")
     fp16: list[str] = not_in_key()  # adds export/<stage>_fp16 nodes (each with its own key)
     embed_preprocessing: bool  # also write model_uint8.onnx: uint8 NHWC pixels in, normalisation inside
-
-    def check(self) -> list[str]:
-        errs = []
-        if self.opset < 18:
-            errs.append(f"opset: {self.opset} is too old for the QDQ translations (opset 18); use 18 or newer")
-        if self.parity_images < 1:
-            errs.append("parity_images: use at least 1")
-        if not 0 <= self.min_top1_agreement <= 100:
-            errs.append(f"min_top1_agreement: {self.min_top1_agreement} must be a percentage in [0, 100]")
-        if not 0 <= self.min_int8_coverage <= 1:
-            errs.append(f"min_int8_coverage: {self.min_int8_coverage} must be a fraction in [0, 1]")
-        if self.calib_images < 1:
-            errs.append(f"calib_images: {self.calib_images}; ORT static quantization needs calibration images")
-        return errs
 
 
 def nodes(view: GraphView) -> list[str]:

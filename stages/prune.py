@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline import pruning
 from pipeline.artifacts import save_checkpoint
+from pipeline.config import setting
 from pipeline.data import batches
 from pipeline.models import build_model, count_macs, count_params, module_shapes, unknown_layer_errors
 from pipeline.stage import GraphView, Stage, StageContext
@@ -38,35 +39,25 @@ class Config(FitConfig):
     """``conf/stages/prune.yaml``; the FitConfig fields are the final fine-tune."""
 
     method: Literal["channel", "magnitude"]
-    ratio: float  # fraction removed: channels per layer (channel) or weights (magnitude)
-    target_macs: float | None  # channel only: prune until MACs <= this (overrides ratio)
+    # fraction removed: channels per layer (channel) or weights (magnitude)
+    ratio: float = setting(ge=0, lt=1, msg="{value} must be {range} (the fraction removed)")
+    target_macs: float | None = setting(gt=0)  # channel only: prune until MACs <= this (overrides ratio)
     importance: Literal["l1", "l2", "bn_scale", "taylor"]  # channel importance criterion
     global_pruning: bool  # rank channels / weights across layers instead of per layer
     keep_first_conv: bool  # never prune the stem's output channels
     exclude: list[str]  # module names never pruned (classifier always kept)
     drop_blocks: list[str]  # residual blocks replaced by identity (depth pruning)
-    steps: int  # 1 = one-shot; N = iterative, fine-tuning step_epochs between steps
-    step_epochs: int
-    round_to: int | None  # keep channel counts multiples of this (ORT's FP32 conv blocks are 8 wide)
+    steps: int = setting(ge=1)  # 1 = one-shot; N = iterative, fine-tuning step_epochs between steps
+    step_epochs: int = setting(ge=0)
+    # keep channel counts multiples of this (ORT's FP32 conv blocks are 8 wide)
+    round_to: int | None = setting(ge=1, msg="{value} must be {range} (or null)")
     whole_heads: bool  # attention: remove whole heads instead of narrowing every head
-    taylor_batches: int  # batches of gradients for taylor importance
+    taylor_batches: int = setting(ge=1)  # batches of gradients for taylor importance
 
     def check(self) -> list[str]:
-        errs = super().check()
-        if not 0.0 <= self.ratio < 1.0:
-            errs.append(f"ratio: {self.ratio} must be in [0, 1) (the fraction removed)")
+        errs = []
         if self.target_macs is not None and self.method != "channel":
             errs.append("target_macs: only for prune.method=channel")
-        if self.target_macs is not None and self.target_macs <= 0:
-            errs.append(f"target_macs: {self.target_macs} must be > 0")
-        if self.steps < 1:
-            errs.append(f"steps: {self.steps} must be >= 1")
-        if self.step_epochs < 0:
-            errs.append(f"step_epochs: {self.step_epochs} must be >= 0")
-        if self.round_to is not None and self.round_to < 1:
-            errs.append(f"round_to: {self.round_to} must be >= 1 (or null)")
-        if self.taylor_batches < 1:
-            errs.append(f"taylor_batches: {self.taylor_batches} must be >= 1")
         return errs
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline import placement, quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
+from pipeline.config import setting
 from pipeline.data import batches
 from pipeline.distillation import KDLoss, freeze_teacher
 from pipeline.errors import PipelineError
@@ -40,31 +41,16 @@ class Config(FitConfig):
     source: str  # model stage to quantize: distill | prune | train
     act_dtype: Literal["uint8", "int8"]  # activations; uint8 is what x86 ORT kernels want
     weight_bits: Literal[7, 8, "auto"]  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
-    calib_batches: int  # training batches (unaugmented) that calibrate the observers
-    calib_batch_size: int
-    observer_ema: float  # moving-average constant of the activation ranges during QAT
+    # training batches (unaugmented) that calibrate the observers
+    calib_batches: int = setting(ge=1, msg="{value}; calibration needs at least one batch")
+    calib_batch_size: int = setting(ge=1)
+    observer_ema: float = setting(gt=0, le=1)  # moving-average constant of the activation ranges during QAT
     freeze_bn_epoch: int  # from this epoch on, BN statistics are frozen (folded with running stats)
     freeze_observer_epoch: int  # from this epoch on, activation ranges are frozen
-    distill_alpha: float  # > 0: distil from the FP32 teacher during QAT (KD weight)
-    temperature: float
+    distill_alpha: float = setting(ge=0, le=1)  # > 0: distil from the FP32 teacher during QAT (KD weight)
+    temperature: float = setting(gt=0)
     float_layers: list[str]  # module names kept in FP32; "auto": the CPU rule; "measure": a timed search
-    measure_batch: int  # batch size the "measure" placements are timed at
-
-    def check(self) -> list[str]:
-        errs = super().check()
-        if self.calib_batches < 1:
-            errs.append(f"calib_batches: {self.calib_batches}; calibration needs at least one batch")
-        if self.calib_batch_size < 1:
-            errs.append(f"calib_batch_size: {self.calib_batch_size} must be >= 1")
-        if not 0.0 < self.observer_ema <= 1.0:
-            errs.append(f"observer_ema: {self.observer_ema} must be in (0, 1]")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            errs.append(f"distill_alpha: {self.distill_alpha} must be in [0, 1]")
-        if self.temperature <= 0:
-            errs.append(f"temperature: {self.temperature} must be > 0")
-        if self.measure_batch < 1:
-            errs.append(f"measure_batch: {self.measure_batch} must be >= 1")
-        return errs
+    measure_batch: int = setting(ge=1)  # batch size the "measure" placements are timed at
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:

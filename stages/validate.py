@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline import deploy, onnxio, report, serving
 from pipeline.artifacts import shown
-from pipeline.config import not_in_key
+from pipeline.config import not_in_key, setting
 from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.stage import GraphView, Stage, StageContext
@@ -29,39 +29,30 @@ log = logging.getLogger(__name__)
 class Config:
     """``conf/stages/validate.yaml``."""
 
-    batch_size: int  # throughput batch
-    threads: int  # ORT intra-op threads; 0 = ORT's default (one per core)
+    batch_size: int = setting(ge=1, msg="must be {range}")  # throughput batch
+    # ORT intra-op threads; 0 = ORT's default (one per core)
+    threads: int = setting(ge=0, msg="must be {range} (0 = ORT default)")
     graph_optimization: Literal["disable", "basic", "extended", "all"]
     provider: Literal["auto", "cpu", "cuda"]  # auto: CUDA EP when installed and a GPU is present
     warmup: int  # untimed runs before each measurement
-    latency_runs: int  # batch-1 runs per round
-    throughput_runs: int  # batch runs per round
-    rounds: int  # interleaved rounds over all models; medians are reported
+    latency_runs: int = setting(ge=1, msg="must be {range}")  # batch-1 runs per round
+    throughput_runs: int = setting(ge=1, msg="must be {range}")  # batch runs per round
+    rounds: int = setting(ge=1, msg="must be {range}")  # interleaved rounds over all models; medians are reported
     max_accuracy_drop: float | None = not_in_key()  # gate: points of top-1 below the baseline
     min_speedup: float | None = not_in_key()  # gate: throughput / baseline throughput
     models: list[str]  # restrict to these rows (empty = all)
-    serving_batch_sizes: list[int]  # throughput vs batch size for every row (empty: skip)
-    serving_runs: int  # timed calls per batch size and round
-    concurrency: list[int]  # batch-1 requests in flight over one session (thread pool and run_async); empty: skip
-    concurrency_requests: int  # requests per level, mode and model (spread over the rounds)
-    sweep_threads: list[int]  # recommended model: intra-op thread counts to compare (empty: only `threads`)
+    # throughput vs batch size for every row (empty: skip)
+    serving_batch_sizes: list[int] = setting(ge=1, each=True, msg="{value}; every value must be {range}")
+    serving_runs: int = setting(ge=1, msg="must be {range}")  # timed calls per batch size and round
+    # batch-1 requests in flight over one session (thread pool and run_async); empty: skip
+    concurrency: list[int] = setting(ge=1, each=True, msg="{value}; every value must be {range}")
+    # requests per level, mode and model (spread over the rounds)
+    concurrency_requests: int = setting(ge=1, msg="must be {range}")
+    # recommended model: intra-op thread counts to compare (empty: only `threads`)
+    sweep_threads: list[int] = setting(ge=0, each=True, msg="{value}; thread counts must be {range} (0 = ORT default)")
     sweep_graph_optimization: list[Literal["disable", "basic", "extended", "all"]]  # likewise, optimisation levels
     deploy: bool  # write the deployment bundle outputs/runs/<run>/deploy/
     deploy_optimized: bool  # also ship ORT's optimised graph (model.optimized.onnx) and time session start-up
-
-    def check(self) -> list[str]:
-        errs = []
-        for k in ("batch_size", "latency_runs", "throughput_runs", "rounds", "serving_runs", "concurrency_requests"):
-            if getattr(self, k) < 1:
-                errs.append(f"{k}: must be >= 1")
-        if self.threads < 0:
-            errs.append("threads: must be >= 0 (0 = ORT default)")
-        for k in ("serving_batch_sizes", "concurrency"):
-            if any(v < 1 for v in getattr(self, k)):
-                errs.append(f"{k}: {getattr(self, k)}; every value must be >= 1")
-        if any(t < 0 for t in self.sweep_threads):
-            errs.append(f"sweep_threads: {self.sweep_threads}; thread counts must be >= 0 (0 = ORT default)")
-        return errs
 
 
 ROW_NAMES = {"train": "baseline", "ort_static": "ort-static"}

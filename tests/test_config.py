@@ -115,3 +115,38 @@ def test_launcher_plugin_that_is_not_installed_is_one_line():
     assert "pip install hydra-submitit-launcher" in msg and "basic" in msg
     assert check_launcher(["-m", "hydra/launcher=basic"]) is None
     assert check_launcher(["prune.ratio=0.3"]) is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.val_fraction=1.5", "data.val_fraction: 1.5 must be in [0, 1)"),
+    ("data.std=[0.1,0,0.2]", "data.std: [0.1, 0.0, 0.2] must all be > 0"),
+    ("train.clip_grad_norm=0", "train.clip_grad_norm: 0.0 must be > 0 or null"),
+    ("prune.ratio=1.5", "prune.ratio: 1.5 must be in [0, 1) (the fraction removed)"),
+    ("qat.observer_ema=0", "qat.observer_ema: 0.0 must be in (0, 1]"),
+    ("export.opset=17", "export.opset: 17 is too old for the QDQ translations (opset 18); use 18 or newer"),
+    ("validate.rounds=0", "validate.rounds: must be >= 1"),
+    ("validate.concurrency=[2,0]", "validate.concurrency: [2, 0]; every value must be >= 1"),
+    ("train.lr=nan", "train.lr: nan is not a finite number; use a value > 0"),
+    ("distill.temperature=inf", "distill.temperature: inf is not a finite number; use a value > 0"),
+])
+def test_declared_bounds_are_one_line_naming_the_key(cfg_factory, tmp_path, override, message):
+    with pytest.raises(PipelineError) as e:
+        Runner(cfg_factory(override), tmp_path)
+    assert str(e.value) == f"config error: {message}"
+
+
+def test_bounds_skip_null_and_hold_inside_the_range():
+    import dataclasses
+
+    from pipeline.config import check_bounds, setting
+
+    @dataclasses.dataclass
+    class Knobs:
+        low: float = setting(ge=0, lt=1)
+        sizes: list[int] = setting(ge=1, each=True)
+        mode: str = setting(choices=("a", "b"))
+        limit: float | None = setting(gt=0)
+
+    assert check_bounds(Knobs(0.0, [1, 8], "a", None)) == []
+    assert check_bounds(Knobs(1.0, [0], "c", -1.0)) == ["low: 1.0 must be in [0, 1)", "sizes: [0] must be >= 1",
+                                                       "mode: c must be one of a, b", "limit: -1.0 must be > 0"]

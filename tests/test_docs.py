@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # words that speak to the people who wrote a page, not to its reader
-DIARY = re.compile(r"\bissue\b|\bissue's\b|\bsessions?\b|\bpreviously\b|\bprevious (rewrite|run|version)\b|"
-                   r"\bno longer\b|\bused to be\b|\bthe default before\b|\bwe fixed\b|\bnow (uses|gives|runs|is)\b",
+DIARY = re.compile(r"\bissue\b|\bissue's\b|\b(this|last|previous|next|earlier) sessions?\b|\bpreviously\b|"
+                   r"\bprevious (rewrite|run|version)\b|\bno longer\b|\bused to be\b|\bthe default before\b|"
+                   r"\bwe fixed\b|\bnow (uses|gives|runs|is)\b",
                    re.IGNORECASE)
 
 
