@@ -75,13 +75,9 @@ def write_metadata(src: Path, dst: Path, meta: dict[str, object]) -> None:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file (without loading the weights into memory twice)."""
-    import onnxruntime as ort
+    from pipeline import inference
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                .get_modelmeta().custom_metadata_map)
+    return inference.get().session(path, opt_level="disable").metadata
 
 
 def model_card(rep: dict, chosen: dict, fallback: dict | None, classes: list[str], size: int,

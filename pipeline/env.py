@@ -1,8 +1,10 @@
-"""What a result depends on besides the config: package versions and the code's git commit."""
+"""What a result depends on besides the config: the CPU, package versions and the code's git commit."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -28,3 +30,19 @@ def git_commit() -> str | None:
                               text=True, timeout=5, check=True).stdout.strip() or None
     except Exception:
         return None
+
+
+def cpu_info() -> dict:
+    """CPU model name, core count and the SIMD flags that decide INT8 and FP32 kernel speed."""
+    info = {"cpu": "unknown", "cores": os.cpu_count(), "flags": []}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and info["cpu"] == "unknown":
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+                                       if f in flags)
+                break
+    return info

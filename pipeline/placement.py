@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from pipeline import onnxio, quant
+from pipeline import inference, onnxio, quant
 from pipeline.models import inside
 
 AUTO, MEASURE = "auto", "measure"
@@ -40,6 +40,12 @@ STOP = 1.2  # export no more candidates after two in a row this much slower than
 BLOCK_S = 0.3  # seconds per timed block (at least 3 runs; half as many warm-up runs before it)
 
 
+def weight_bits(qat) -> tuple[int, str]:
+    """``qat.weight_bits`` resolved for this CPU (``auto``: 8 with VNNI/AMX or on ARM, else 7), with the reason.
+    The one place the setting is resolved: the qat stage publishes both (``QatResult``)."""
+    return quant.resolve_weight_bits(qat.weight_bits)
+
+
 def base_spec(qat, model: nn.Module) -> quant.QuantSpec:
     """The spec that the ``qat.*`` settings (the stage's config or its ``DictConfig``) give ``model`` (after
     pruning) on this CPU, before any ``measure`` search: the names in ``qat.float_layers`` plus ``auto``'s
@@ -47,8 +53,7 @@ def base_spec(qat, model: nn.Module) -> quant.QuantSpec:
     names = [n for n in qat.float_layers if n not in TOKENS]
     if AUTO in qat.float_layers:
         names += [n for n in quant.narrow_convs(model) if n not in names]
-    return quant.QuantSpec(qat.act_dtype, quant.resolve_weight_bits(qat.weight_bits)[0], qat.observer_ema,
-                           tuple(names))
+    return quant.QuantSpec(qat.act_dtype, weight_bits(qat)[0], qat.observer_ema, tuple(names))
 
 
 @dataclass
@@ -136,10 +141,15 @@ def float_islands(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     return [p for p in found if not inside(p, tuple(q for q in found if q != p))]
 
 
+def export_quantized(gm: fx.GraphModule, example: torch.Tensor, path: Path, opset: int = 18) -> None:
+    """A QAT model (prepared, calibrated or trained) exported as INT8 QDQ ONNX: what the export stage writes."""
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), example, path, opset, quant.onnx_translations())
+
+
 def export_int8(gm: fx.GraphModule, images: torch.Tensor, path: Path) -> None:
     """A prepared QAT model calibrated on ``images`` and exported as INT8 QDQ ONNX (what qat -> export make)."""
     quant.calibrate(gm, [(images, None)])
-    onnxio.export_onnx(quant.to_deploy(gm.eval()), images[:2], path, 18, quant.onnx_translations())
+    export_quantized(gm, images[:2], path)
 
 
 def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Tensor, batch: int,
@@ -165,16 +175,17 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export_onnx(model, images[:2], fp32, 18)
-        sessions = {"fp32": onnxio.session(fp32, threads)}
-        runs = onnxio.runs_for(sessions["fp32"], x, BLOCK_S)
+        rt = inference.get()
+        sessions = {"fp32": rt.session(fp32, threads)}
+        runs = inference.runs_for(sessions["fp32"], x, BLOCK_S)
         warmup = max(2, runs // 2)
         quick: list[float] = []  # one short timing per prefix, to stop exporting once FP32 blocks only cost
         for k in tqdm(range(len(plans)), desc="placement: export", disable=not progress, leave=False):
             path = Path(tmp) / f"int8-{k}.onnx"
             export_int8(quant.prepare_qat(model, spec.keeping_fp32(plans[k]), size) if k else all_int8, images,
                         path)
-            sessions[k] = onnxio.session(path, threads)
-            t = float(np.median(onnxio.time_runs(sessions[k], x, warmup, runs)))
+            sessions[k] = rt.session(path, threads)
+            t = float(np.median(inference.time_runs(sessions[k], x, warmup, runs)))
             if k == island_k:
                 continue
             quick.append(t)
@@ -183,7 +194,7 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
         times: dict = {k: [] for k in sessions}
         for _ in tqdm(range(ROUNDS), desc="placement: timing", disable=not progress, leave=False):
             for k, sess in sessions.items():  # every session warmed up right before its timed block
-                times[k].append(float(np.median(onnxio.time_runs(sess, x, warmup, runs))))
+                times[k].append(float(np.median(inference.time_runs(sess, x, warmup, runs))))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     tried = [k for k in sessions if k != "fp32"]
     candidates = [{"float_blocks": len(plans[k]), "blocks": plans[k], "label": labels[k], "ms": ms[k],

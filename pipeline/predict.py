@@ -33,19 +33,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class Predictor:
-    """One ONNX Runtime session plus the preprocessing its metadata describes."""
+    """One inference session (ONNX Runtime unless ``runtime`` names another) plus the preprocessing its
+    metadata describes."""
 
     def __init__(self, model: Path | str, threads: int = 0, labels: list[str] | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, size: int | None = None,
-                 providers: list[str] | None = None):
-        from pipeline import onnxio
+                 providers: list[str] | None = None, runtime: str = "onnxruntime"):
+        from pipeline import inference
 
         self.path = deploy.resolve_model(Path(model))
-        self.session = onnxio.session(self.path, threads, "all", providers)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        inp = self.session.get_inputs()[0]
-        self.uint8 = inp.type == "tensor(uint8)"
-        self._name, self._out = inp.name, [self.session.get_outputs()[0].name]
+        self.session = inference.get(runtime).session(self.path, threads, "all", providers)
+        meta = self.session.metadata
+        self.uint8 = self.session.input_dtype == "uint8"
 
         def need(value, key: str, flag: str):
             if value is not None:
@@ -58,7 +57,7 @@ class Predictor:
         self.classes = [str(c) for c in need(labels, deploy.META_CLASSES, "--labels a,b,c")]
         how = json.loads(meta[deploy.META_RESIZE]) if deploy.META_RESIZE in meta else {}
         self.resize, self.crop_fraction = how.get("mode", "squash"), float(how.get("crop_fraction", 1.0))
-        shape = inp.shape
+        shape = self.session.input_shape
         spatial = shape[1] if self.uint8 else shape[2]
         self.size = int(size or meta.get(deploy.META_SIZE, 0) or
                         (spatial if isinstance(spatial, int) else 0))
@@ -68,7 +67,7 @@ class Predictor:
             m = np.asarray(need(mean, deploy.META_MEAN, "--mean r,g,b"), np.float32).reshape(1, 3, 1, 1)
             s = np.asarray(need(std, deploy.META_STD, "--std r,g,b"), np.float32).reshape(1, 3, 1, 1)
             self._m, self._s = m * np.float32(255), s * np.float32(255)
-        n_out = self.session.get_outputs()[0].shape[-1]
+        n_out = self.session.output_shape[-1]
         if isinstance(n_out, int) and n_out != len(self.classes):
             raise PipelineError(f"{self.path} predicts {n_out} classes but {len(self.classes)} labels were given")
 
@@ -98,7 +97,7 @@ class Predictor:
         return np.ascontiguousarray((x - self._m) / self._s)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(self._out, {self._name: x})[0]
+        return self.session.run(x)
 
     def classify(self, x: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k (class name, probability) per image of a model input batch."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import onnxio, placement, pruning, quant
+from pipeline import inference, onnxio, placement, pruning, quant
 from pipeline.artifacts import stable_hash
 from pipeline.models import build_model
 
@@ -51,16 +51,15 @@ def probe_speedup(cfg: DictConfig, int8: bool, cache: dict, rounds: int = 5, run
         cache[base_key] = _export(build_model(model_cfg), size, folder / f"base-{base_key}.onnx", False, None)
     torch.manual_seed(0)
     model = build_model(model_cfg).eval()
-    pruning.drop_blocks(model, list(cfg.prune.drop_blocks))
-    if cfg.prune.method == "channel":
-        pruning.channel_prune(model, pruning.ChannelPlan.of(cfg.prune), size)
+    model = pruning.prune_architecture(model, cfg.prune, size)  # the prune stage's recipe, untrained
     trial = _export(model, size, folder / "trial.onnx", int8, cfg.qat)  # the previous trial's file is done with
     # two sessions only, each warmed up before its timed block (ORT's default thread spinning, as deployed:
     # without it INT8 kernels ran 1.5x slower here)
-    sessions = [onnxio.session(p, threads) for p in (cache[base_key], trial)]
+    rt = inference.get()
+    sessions = [rt.session(p, threads) for p in (cache[base_key], trial)]
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     times: list[list[float]] = [[], []]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            times[i].append(float(np.median(onnxio.time_runs(sess, x, warmup, runs))))
+            times[i].append(float(np.median(inference.time_runs(sess, x, warmup, runs))))
     return float(np.median(times[0]) / np.median(times[1]))

@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -722,6 +723,19 @@ def _set_heads(attn: nn.Module, heads: int, head_dim: int) -> None:
                 attn.qkv.bias[: heads * head_dim] *= attn.scale / new_scale
         attn.scale = new_scale
     apply_shapes(attn, {"": {"heads": {"num_heads": heads, "head_dim": head_dim}}})
+
+
+def prune_architecture(model: nn.Module, prune: Any, image_size: int, finetune: Finetune = None,
+                       grads: Callable[[nn.Module], None] | None = None,
+                       kept_notes: dict[str, str] | None = None) -> nn.Module:
+    """What the prune stage does to a model before its final fine-tune (``prune``: the stage's settings or their
+    ``DictConfig``): drop the listed blocks, then channel or magnitude pruning. The search probe runs the same
+    on an untrained model to time the architecture."""
+    drop_blocks(model, list(prune.drop_blocks))
+    if prune.method == "channel":
+        return channel_prune(model, ChannelPlan.of(prune), image_size, finetune, grads, kept_notes)
+    kept = kept_layers(model, list(prune.exclude), prune.keep_first_conv)
+    return magnitude_prune(model, prune.ratio, prune.steps, prune.global_pruning, kept, prune.step_epochs, finetune)
 
 
 def magnitude_prune(model: nn.Module, ratio: float, steps: int, global_pruning: bool, kept: list[nn.Module],

@@ -1,4 +1,4 @@
-"""Reports: interleaved ORT timing, report.{json,md,png} for a run, summary.* for a sweep."""
+"""Reports: interleaved timing on an inference runtime, report.{json,md,png} for a run, summary.* for a sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import onnxio
+from pipeline import inference
 from pipeline.artifacts import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.pruning import grouped_reasons
 
@@ -36,8 +36,8 @@ def measure(sessions: dict, x: np.ndarray, cfg: Any, progress: bool = False) -> 
     steps = [(r, n) for r in range(cfg.rounds) for n in sessions]
     for _, name in tqdm(steps, desc="validate timing", unit="run", disable=not progress, leave=False):
         sess = sessions[name]
-        lat[name].append(onnxio.time_runs(sess, b1, cfg.warmup, cfg.latency_runs))
-        thr[name].append(onnxio.time_runs(sess, bn, cfg.warmup, cfg.throughput_runs))
+        lat[name].append(inference.time_runs(sess, b1, cfg.warmup, cfg.latency_runs))
+        thr[name].append(inference.time_runs(sess, bn, cfg.warmup, cfg.throughput_runs))
     return {n: timing_summary(np.concatenate(lat[n]), np.concatenate(thr[n]), cfg.batch_size)
             for n in sessions}
 

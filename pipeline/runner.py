@@ -41,6 +41,7 @@ from pipeline.data import DataConfig, fingerprint
 from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.models import ModelConfig
+from pipeline.results import Result
 from pipeline.runtime import make_runtime, runtime_key
 from pipeline.stage import Artifact, GraphView, Stage, StageContext, UnboundSettings, base
 from pipeline.training import FitConfig
@@ -241,7 +242,7 @@ class Runner:
         return self.root.channels_last != "off"
 
     def _artifact(self, node: str, path: Path) -> Artifact:
-        return Artifact(node, self.key(node), path, self.model_cfg.target)
+        return Artifact(node, self.key(node), path, self.model_cfg.target, self.registry[base(node)].result)
 
     def _reusable(self, node: str, final: Path) -> bool:
         """An artifact exists for this key and its files match the manifest's hashes (rank 0 decides)."""
@@ -279,7 +280,7 @@ class Runner:
 
     def _gated(self, node: str, st: Stage, art: Artifact) -> Artifact:
         if st.gate is not None and st.cached:
-            failures = st.gate(self.settings[st.name], node, art.metrics)
+            failures = st.gate(self.settings[st.name], node, art.result)
             if failures:
                 raise PipelineError(f"{failures[0]} (artifact kept in {art.path})")
         return art
@@ -326,8 +327,10 @@ class Runner:
                            model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True), rt=self.rt,
                            inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir,
                            cache_dir=self.cache_dir, extra=extra or {},
-                           config_yaml=self.config_yaml)
-        return st.run(ctx)
+                           config_yaml=self.config_yaml,
+                           kind=st.kind(self.view, node) if st.kind is not None else None)
+        metrics = st.run(ctx)
+        return metrics.to_metrics() if isinstance(metrics, Result) else metrics
 
     def _write_meta(self, node: str, key: str, inputs: dict[str, Artifact], out: Path, metrics: dict,
                     start: _dt.datetime) -> None:

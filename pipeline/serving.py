@@ -1,5 +1,6 @@
-"""Serving measurements with ONNX Runtime: throughput per batch size, latency under concurrent requests
-(a thread pool over one session, and ORT's ``run_async``), and a sweep of session settings.
+"""Serving measurements on an inference runtime: throughput per batch size, latency under concurrent
+requests (a thread pool over one session, and the runtime's asynchronous calls where it has them), and a
+sweep of session settings.
 
 Every measurement warms the session up first and is interleaved across models in rounds (on small
 CPUs the previous session's spinning threads steal the cores right after a switch); medians are
@@ -8,6 +9,7 @@ reported.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import onnxio
+from pipeline import inference
 
 
 def batch_sweep(sessions: dict, x: np.ndarray, sizes: list[int], warmup: int, runs: int,
@@ -26,7 +28,7 @@ def batch_sweep(sessions: dict, x: np.ndarray, sizes: list[int], warmup: int, ru
         for name, sess in sessions.items():
             for b in sizes:
                 xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
-                times[name][b].append(onnxio.time_runs(sess, xb, warmup, runs))
+                times[name][b].append(inference.time_runs(sess, xb, warmup, runs))
     out: dict[str, dict[int, dict]] = {}
     for name in sessions:
         out[name] = {}
@@ -36,9 +38,7 @@ def batch_sweep(sessions: dict, x: np.ndarray, sizes: list[int], warmup: int, ru
     return out
 
 
-def _threads(sess, x1: np.ndarray, workers: int, requests: int) -> tuple[np.ndarray, float]:
-    name, out = sess.get_inputs()[0].name, [sess.get_outputs()[0].name]
-    feed = {name: x1}
+def _threads(sess: inference.Session, x1: np.ndarray, workers: int, requests: int) -> tuple[np.ndarray, float]:
     lat = np.empty(requests)
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -50,7 +50,7 @@ def _threads(sess, x1: np.ndarray, workers: int, requests: int) -> tuple[np.ndar
             if i is None:
                 return
             t0 = time.perf_counter()
-            sess.run(out, feed)
+            sess.run(x1)
             lat[i] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -60,10 +60,8 @@ def _threads(sess, x1: np.ndarray, workers: int, requests: int) -> tuple[np.ndar
     return lat, time.perf_counter() - t0
 
 
-def _async(sess, x1: np.ndarray, in_flight: int, requests: int) -> tuple[np.ndarray, float]:
-    """``run_async`` with at most ``in_flight`` requests outstanding; latency from submit to callback."""
-    name, out = sess.get_inputs()[0].name, [sess.get_outputs()[0].name]
-    feed = {name: x1}
+def _async(sess: inference.Session, x1: np.ndarray, in_flight: int, requests: int) -> tuple[np.ndarray, float]:
+    """Asynchronous calls with at most ``in_flight`` requests outstanding; latency from submit to callback."""
     lat = np.empty(requests)
     slots = threading.Semaphore(in_flight)
     done = threading.Event()
@@ -71,8 +69,7 @@ def _async(sess, x1: np.ndarray, in_flight: int, requests: int) -> tuple[np.ndar
     lock = threading.Lock()
     errors: list[str] = []
 
-    def callback(results, user_data, err) -> None:
-        i, t0 = user_data
+    def callback(i: int, t0: float, err: str | None) -> None:
         lat[i] = time.perf_counter() - t0
         if err:
             errors.append(err)
@@ -85,7 +82,7 @@ def _async(sess, x1: np.ndarray, in_flight: int, requests: int) -> tuple[np.ndar
     t0 = time.perf_counter()
     for i in range(requests):
         slots.acquire()
-        sess.run_async(out, feed, callback, (i, time.perf_counter()))
+        sess.run_async(x1, functools.partial(callback, i, time.perf_counter()))
     done.wait()
     if errors:
         raise RuntimeError(f"run_async failed: {errors[0]}")
@@ -96,12 +93,13 @@ def concurrency(sessions: dict, x: np.ndarray, levels: list[int], requests: int,
                 rounds: int, modes: tuple[str, ...] = ("threads", "async")) -> dict[str, dict[str, dict[int, dict]]]:
     """Batch-1 requests, ``level`` at a time, over one shared session: latency p50/p99 and images/s."""
     x1 = np.ascontiguousarray(x[:1])
+    modes = tuple(m for m in modes if m != "async" or all(s.supports_async for s in sessions.values()))
     per_round = max(1, requests // rounds)
     lat: dict = {n: {m: {k: [] for k in levels} for m in modes} for n in sessions}
     thr: dict = {n: {m: {k: [] for k in levels} for m in modes} for n in sessions}
     for _ in range(rounds):
         for name, sess in sessions.items():
-            onnxio.time_runs(sess, x1, warmup, 1)  # warm up after the switch
+            inference.time_runs(sess, x1, warmup, 1)  # warm up after the switch
             for mode in modes:
                 run = _threads if mode == "threads" else _async
                 for k in levels:
@@ -115,29 +113,19 @@ def concurrency(sessions: dict, x: np.ndarray, levels: list[int], requests: int,
                     for k in levels} for m in modes} for n in sessions}
 
 
-def settings_sweep(path: Path, x: np.ndarray, threads: list[int], levels: list[str], providers: list[str],
-                   batch: int, warmup: int, runs: int, rounds: int) -> list[dict]:
+def settings_sweep(rt: inference.InferenceRuntime, path: Path, x: np.ndarray, threads: list[int], levels: list[str],
+                   providers: list[str], batch: int, warmup: int, runs: int, rounds: int) -> list[dict]:
     """Throughput at ``batch`` and batch-1 latency for each (intra-op threads, graph optimisation) pair."""
     combos = [(t, o) for t in threads for o in levels]
-    sessions = {c: onnxio.session(path, c[0], c[1], providers) for c in combos}
+    sessions = {c: rt.session(path, c[0], c[1], providers) for c in combos}
     b1 = np.ascontiguousarray(x[:1])
     bn = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
     lat: dict = {c: [] for c in combos}
     thr: dict = {c: [] for c in combos}
     for _ in range(rounds):
         for c, sess in sessions.items():
-            lat[c].append(onnxio.time_runs(sess, b1, warmup, runs))
-            thr[c].append(onnxio.time_runs(sess, bn, warmup, runs))
+            lat[c].append(inference.time_runs(sess, b1, warmup, runs))
+            thr[c].append(inference.time_runs(sess, bn, warmup, runs))
     return [{"threads": t, "graph_optimization": o,
              "latency_ms_p50": float(np.median(np.concatenate(lat[(t, o)])) * 1e3),
              "throughput_ips": float(batch / np.median(np.concatenate(thr[(t, o)])))} for t, o in combos]
-
-
-def startup_seconds(path: Path, providers: list[str], repeats: int = 3, opt_level: str = "all") -> float:
-    """Median time to create an ``InferenceSession`` (graph optimisation included)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        onnxio.session(path, 0, opt_level, providers)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.artifacts import CKPT_EXTRA, MANIFEST, METRICS, load_checkpoint, read_json
 from pipeline.data import DataConfig, Splits, load_splits
 from pipeline.models import ModelConfig, load_model
+from pipeline.results import ModelResult, Result
 from pipeline.runtime import Runtime
 
 
@@ -74,7 +75,8 @@ class Stage:
 
     name: str  # its key in the config (``cfg.<name>``) and its artifact folder
     config: type  # dataclass bound to ``cfg.<name>`` before anything runs (no defaults: the YAML has them)
-    run: Callable[[StageContext], dict]  # does the work, writes `outputs` into ctx.out_dir, returns metrics
+    run: Callable[[StageContext], dict | Result]  # does the work, writes `outputs` into ctx.out_dir, returns
+    # its result (metrics.json)
     outputs: tuple[str, ...]  # files it writes (checked by the runner; metrics.json is written by the runner)
     inputs: Callable[[GraphView, str], dict[str, str]] = no_inputs  # role -> upstream node
     produces_model: bool = False  # its model.pt is exported to ONNX and can feed later stages
@@ -87,6 +89,8 @@ class Stage:
     gate: Callable[[Any, str, dict], list[str]] | None = None  # (settings, node, metrics) -> failures, applied
     # to new and reused artifacts alike (gates are not part of the key)
     version: int = 1  # bump when the stage's code changes its artifacts
+    result: type[Result] = ModelResult  # the typed result it publishes (downstream: ``artifact.result``)
+    kind: Callable[[GraphView, str], str] | None = None  # a stage of several nodes: what each node is (ctx.kind)
 
 
 @dataclass
@@ -97,6 +101,12 @@ class Artifact:
     key: str
     path: Path
     trusted_target: str | None = None  # the configured model.target: the only class a checkpoint may name
+    result_type: type[Result] = ModelResult  # what its stage publishes
+
+    @property
+    def result(self) -> Result:
+        """The stage's published result, typed (``metrics.json`` read as its ``Stage.result``)."""
+        return self.result_type.from_metrics(self.metrics)
 
     @property
     def metrics(self) -> dict:
@@ -136,6 +146,7 @@ class StageContext:
     cache_dir: Path  # decoded data sets
     extra: dict = field(default_factory=dict)  # what the stage's key_extra returned for this node
     config_yaml: str = ""  # the run's composed config (resolved), for what a stage ships (deploy bundle)
+    kind: str | None = None  # what this node is, for stages of several nodes (``Stage.kind``)
     _splits: Splits | None = field(default=None, repr=False)
 
     def splits(self) -> Splits:

@@ -17,13 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import deploy, onnxio, quant
+from pipeline import deploy, inference, onnxio, placement, quant
 from pipeline.config import not_in_key, setting
+from pipeline.inference import ort_quantize
+from pipeline.results import ExportResult, Parity
 from pipeline.stage import GraphView, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-ORT_STATIC = "ort_static"
+# what an export node makes (Stage.kind): the model stage's own precision (FP32, or INT8 QDQ for a quantized
+# model), an FP16 copy of an FP32 model, or ONNX Runtime's static quantization of the model that entered QAT
+MODEL, FP16, ORT_STATIC = "model", "fp16", "ort_static"
 FP16_SUFFIX = "_fp16"
 
 
@@ -45,21 +49,30 @@ class Config:
     embed_preprocessing: bool  # also write model_uint8.onnx: uint8 NHWC pixels in, normalisation inside
 
 
-def nodes(view: GraphView) -> list[str]:
-    """``export/<stage>`` per model stage, plus the ORT static reference and the FP16 exports."""
+def plan(view: GraphView) -> dict[str, tuple[str, str]]:
+    """Every export node with what it makes and from which stage: ``export/<stage>`` per model stage, the ORT
+    static reference, the FP16 exports. The one place export nodes are declared."""
     cfg: Config = view.settings["export"]
     models = view.model_stages()
-    out = [f"export/{s}" for s in models]
+    out = {f"export/{s}": (MODEL, s) for s in models}
     if "qat" in models and cfg.ort_static_reference:
-        out.append(f"export/{ORT_STATIC}")
-    return out + [f"export/{s}{FP16_SUFFIX}" for s in cfg.fp16 if s in models]
+        out[f"export/{ORT_STATIC}"] = (ORT_STATIC, "qat")
+    return out | {f"export/{s}{FP16_SUFFIX}": (FP16, s) for s in cfg.fp16 if s in models}
+
+
+def nodes(view: GraphView) -> list[str]:
+    return list(plan(view))
+
+
+def kind(view: GraphView, node: str) -> str:
+    return plan(view)[node][0]
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:
-    _, _, src = node.partition("/")
-    if src == ORT_STATIC:  # the FP32 ONNX of the model that entered QAT
-        return {"model": f"export/{view.inputs_of('qat')['model']}"}
-    return {"model": src.removesuffix(FP16_SUFFIX)}
+    what, src = plan(view).get(node) or (MODEL, node.partition("/")[2])
+    if what == ORT_STATIC:  # the FP32 ONNX of the model that entered QAT
+        return {"model": f"export/{view.inputs_of(src)['model']}"}
+    return {"model": src}
 
 
 def check(view: GraphView) -> list[str]:
@@ -70,30 +83,30 @@ def check(view: GraphView) -> list[str]:
 
 def key_extra(view: GraphView, node: str) -> dict | None:
     """ORT's static quantization follows the qat settings (activation type, weight bits) and calib_images."""
-    if node == f"export/{ORT_STATIC}":
+    if kind(view, node) == ORT_STATIC:
         qat, cfg = view.settings["qat"], view.settings["export"]
-        return {"act_dtype": qat.act_dtype, "weight_bits": quant.resolve_weight_bits(qat.weight_bits)[0],
+        return {"act_dtype": qat.act_dtype, "weight_bits": placement.weight_bits(qat)[0],
                 "calib_images": cfg.calib_images}
     return None
 
 
-def gate(cfg: Config, node: str, metrics: dict) -> list[str]:
+def gate(cfg: Config, node: str, result: ExportResult) -> list[str]:
     """Checks of an export (new or reused) against the gates, which are not part of its key."""
-    failures = []
-    if node.endswith(ORT_STATIC):
+    failures: list[str] = []
+    if result.kind == ORT_STATIC:  # the reference row is reported, never gated
         return failures
-    cov = metrics.get("int8_coverage")
+    cov = result.int8_coverage
     if cov and _layer_kernels(cov) < cfg.min_int8_coverage * cov["quantized_layers"]:
         failures.append(
             f"{node}: only {_layer_kernels(cov)} of the {cov['quantized_layers']} quantized convs/matmuls run as "
             f"INT8 kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
             f"(export.min_int8_coverage={cfg.min_int8_coverage})")
-    pre = metrics.get("preprocessing_parity")
-    if pre and pre["top1_agreement"] < cfg.min_top1_agreement:
+    pre = result.preprocessing_parity
+    if pre and pre.top1_agreement < cfg.min_top1_agreement:
         failures.append(f"{node}: the model with embedded preprocessing agrees with the float-input model on only "
-                        f"{pre['top1_agreement']:.2f}% of top-1 predictions (export.min_top1_agreement="
+                        f"{pre.top1_agreement:.2f}% of top-1 predictions (export.min_top1_agreement="
                         f"{cfg.min_top1_agreement})")
-    agreement = metrics["parity"]["top1_agreement"]
+    agreement = result.parity.top1_agreement
     if agreement < cfg.min_top1_agreement:
         note = requantized_note(cov) if cov else None
         why = f" ({note})" if note else "; the exported model is wrong"
@@ -129,7 +142,7 @@ class _Float16(nn.Module):
         return self.model(x.half()).float()
 
 
-def _ort_static(ctx: StageContext) -> tuple[dict, np.ndarray]:
+def _ort_static(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
     """Reference row: ONNX Runtime's own static QDQ quantization of the FP32 model that entered QAT."""
     cfg: Config = ctx.settings
     src = ctx.inputs["model"]
@@ -138,58 +151,52 @@ def _ort_static(ctx: StageContext) -> tuple[dict, np.ndarray]:
                                                            .manual_seed(ctx.rt.seed))[: cfg.calib_images]],
                              ctx.data_cfg.mean, ctx.data_cfg.std)
     path = ctx.out_dir / "model.onnx"
-    onnxio.ort_static_quantize(src.path / "model.onnx", path, calib, ctx.extra["act_dtype"],
+    ort_quantize.static_quantize(src.path / "model.onnx", path, calib, ctx.extra["act_dtype"],
                                ctx.extra["weight_bits"], ctx.work_dir)
     n = min(cfg.parity_images, len(splits.test_y))
     x = onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std)
-    ref = onnxio.predict(onnxio.session(src.path / "model.onnx"), x)
-    got = onnxio.predict(onnxio.session(path), x)
-    m = src.metrics
-    metrics = {"source": src.node, "fp32_input": m["source"], "precision": "int8", "opset": m["opset"],
-               "params": m["params"],
-               "macs": m["macs"], "size_mb": path.stat().st_size / 1e6,
-               "parity": {"images": n, "reference": "fp32 onnx", "max_abs_diff": float(np.abs(ref - got).max()),
-                          "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)},
-               "int8_coverage": onnxio.kernel_coverage(path)}
+    rt = inference.get()
+    ref = inference.predict(rt.session(src.path / "model.onnx"), x)
+    got = inference.predict(rt.session(path), x)
+    m: ExportResult = src.result
+    cov = rt.kernel_coverage(path)
+    result = ExportResult(source=src.node, kind=ORT_STATIC, fp32_input=m.source, precision="int8", opset=m.opset,
+                          params=m.params, macs=m.macs, size_mb=path.stat().st_size / 1e6,
+                          parity=_parity(ref, got, n, reference="fp32 onnx"), int8_coverage=cov)
     log.info("%s: ORT static INT8 of %s, agreement with FP32 %.2f%%, INT8 kernels %d/%d", ctx.node, src.node,
-             metrics["parity"]["top1_agreement"], metrics["int8_coverage"]["int8_kernels"],
-             metrics["int8_coverage"]["int8_kernels"] + metrics["int8_coverage"]["float_kernels"])
-    return metrics, got
+             result.parity.top1_agreement, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"])
+    return result, got
 
 
-def _with_preprocessing(ctx: StageContext, metrics: dict, ref: np.ndarray) -> dict:
+def _parity(ref: np.ndarray, got: np.ndarray, n: int, reference: str | None = None) -> Parity:
+    """Max |logit difference| and top-1 agreement (%) of ``got`` with ``ref`` on ``n`` images."""
+    return Parity(images=n, reference=reference, max_abs_diff=float(np.abs(ref - got).max()),
+                  top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean() * 100))
+
+
+def _with_preprocessing(ctx: StageContext, result: ExportResult, ref: np.ndarray) -> ExportResult:
     """``model_uint8.onnx``: the same model behind uint8 NHWC input; parity against the float-input model,
     whose ORT outputs ``ref`` on the parity images the export has measured already."""
     cfg: Config = ctx.settings
     if not cfg.embed_preprocessing:
-        return metrics
+        return result
     src, dst = ctx.out_dir / "model.onnx", ctx.out_dir / "model_uint8.onnx"
     deploy.embed_preprocessing(src, dst, ctx.data_cfg.mean, ctx.data_cfg.std)
-    n = metrics["parity"]["images"]
-    got = onnxio.predict(onnxio.session(dst), ctx.splits().test_x[:n].permute(0, 2, 3, 1).contiguous().numpy())
-    metrics["preprocessing_parity"] = {"images": n, "max_abs_diff": float(np.abs(ref - got).max()),
-                                       "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100)}
+    n = result.parity.images
+    pixels = ctx.splits().test_x[:n].permute(0, 2, 3, 1).contiguous().numpy()
+    got = inference.predict(inference.get().session(dst), pixels)
+    pre = result.preprocessing_parity = _parity(ref, got, n)
     log.info("%s: embedded preprocessing (uint8 NHWC input), max|diff| %.2e, top-1 agreement %.2f%%", ctx.node,
-             metrics["preprocessing_parity"]["max_abs_diff"], metrics["preprocessing_parity"]["top1_agreement"])
-    return metrics
+             pre.max_abs_diff, pre.top1_agreement)
+    return result
 
 
-def run(ctx: StageContext) -> dict:
-    metrics, ort_out = _ort_static(ctx) if ctx.node == f"export/{ORT_STATIC}" else _export(ctx)
-    return _with_preprocessing(ctx, metrics, ort_out)
+def run(ctx: StageContext) -> ExportResult:
+    result, ort_out = _ort_static(ctx) if ctx.kind == ORT_STATIC else _export(ctx)
+    return _with_preprocessing(ctx, result, ort_out)
 
 
-def _quant_notes(qat_metrics: dict) -> dict:
-    """What the report says about a QAT model: its weight bits and why, and the placement [measure] chose."""
-    out = {}
-    if "weight_bits_reason" in qat_metrics:
-        out["weight_bits"] = f"{qat_metrics['quant']['weight_bits']}-bit ({qat_metrics['weight_bits_reason']})"
-    if "placement" in qat_metrics:
-        out["placement"] = qat_metrics["placement"]["summary"]
-    return out
-
-
-def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
+def _export(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
     """Export the input stage's model; returns the metrics and ORT's outputs on the parity images."""
     cfg: Config = ctx.settings
     art = ctx.inputs["model"]
@@ -202,40 +209,39 @@ def _export(ctx: StageContext) -> tuple[dict, np.ndarray]:
     with torch.no_grad():
         ref = torch.cat([model(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
     if precision == "int8":
-        onnxio.export_onnx(quant.to_deploy(model), x[:2], path, cfg.opset, quant.onnx_translations())
-    elif ctx.node.endswith(FP16_SUFFIX):  # parity is measured against the FP32 model
+        placement.export_quantized(model, x[:2], path, cfg.opset)
+    elif ctx.kind == FP16:  # parity is measured against the FP32 model
         precision = "fp16"
         onnxio.export_onnx(_Float16(model), x[:2], path, cfg.opset)
     else:
         onnxio.export_onnx(model, x[:2], path, cfg.opset)
-    sess = onnxio.session(path, threads=0, opt_level="all")
-    got = onnxio.predict(sess, x.numpy())
-    agreement = float((ref.argmax(1) == got.argmax(1)).mean() * 100)
-    metrics = {
-        "source": art.node, "precision": precision, "opset": cfg.opset,
-        **({"fp32_input": art.metrics["source"]} if precision == "int8" and "source" in art.metrics else {}),
-        **(_quant_notes(art.metrics) if precision == "int8" else {}),
-        **({"kept_unprunable": art.metrics["kept_unprunable"]} if art.metrics.get("kept_unprunable") else {}),
-        "params": art.metrics["params"], "macs": art.metrics["macs"],  # of the float architecture
-        "size_mb": path.stat().st_size / 1e6,
-        "parity": {"images": n, "max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement},
-    }
+    rt = inference.get()
+    got = inference.predict(rt.session(path, threads=0, opt_level="all"), x.numpy())
+    src = art.result  # ModelResult, or QatResult for a quantized model
+    int8 = precision == "int8"
+    result = ExportResult(
+        source=art.node, kind=precision, precision=precision, opset=cfg.opset,
+        fp32_input=src.source if int8 else None,
+        weight_bits=src.weight_bits_note if int8 else None, placement=src.placement_summary if int8 else None,
+        kept_unprunable=src.kept_unprunable or None,
+        params=src.params, macs=src.macs,  # of the float architecture
+        size_mb=path.stat().st_size / 1e6, parity=_parity(ref, got, n))
     log.info("%s: %s ONNX %.2f MB, parity max|diff| %.2e, top-1 agreement %.2f%%", ctx.node, precision,
-             metrics["size_mb"], metrics["parity"]["max_abs_diff"], agreement)
-    if precision == "int8":
-        cov = onnxio.kernel_coverage(path)
+             result.size_mb, result.parity.max_abs_diff, result.parity.top1_agreement)
+    if int8:
+        cov = rt.kernel_coverage(path)
         cov["quantized_layers"] = len(quant.quantized_layers(model, calls=True))  # the rest: qat.float_layers
         cov["activation_matmuls"] = quant.activation_matmuls(model)  # attention: kernels, not layers
-        metrics["int8_coverage"] = cov
-        metrics["float_ops"] = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, why
+        result.int8_coverage = cov
+        result.float_ops = {k: len(v) for k, v in quant.float_ops(model).items()}  # what stayed float, and why
         att = f", {cov['activation_matmuls']} quantized attention matmuls" if cov["activation_matmuls"] else ""
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers%s; FP32 "
                  "ones are qat.float_layers)", ctx.node, cov["int8_kernels"],
                  cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"], att)
         if note := requantized_note(cov):
             log.warning("%s: %s", ctx.node, note)
-    return metrics, got
+    return result, got
 
 
 STAGE = Stage(name="export", config=Config, run=run, outputs=("model.onnx",), inputs=inputs, main_only=True,
-              check=check, nodes=nodes, key_extra=key_extra, gate=gate)
+              check=check, nodes=nodes, kind=kind, key_extra=key_extra, gate=gate, result=ExportResult)

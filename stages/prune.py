@@ -115,7 +115,7 @@ def run(ctx: StageContext) -> dict:
     model, _ = ctx.inputs["model"].model()
     size = ctx.data_cfg.image_size
     before = {"macs": count_macs(model, size), "params": count_params(model),
-              "test_acc": ctx.inputs["model"].metrics["test_acc"]}
+              "test_acc": ctx.inputs["model"].result.test_acc}
 
     def finetune(m: nn.Module, epochs: int, tag: str) -> None:
         if epochs > 0:
@@ -125,14 +125,9 @@ def run(ctx: StageContext) -> dict:
 
     unprunable: dict[str, str] = {}  # layers channel pruning keeps because Torch-Pruning cannot prune them, and why
     with interrupt_message("pruning"):
-        pruning.drop_blocks(model, cfg.drop_blocks)
-        if cfg.method == "channel":
-            grads = _taylor_grads(ctx, cfg.taylor_batches) if cfg.importance == "taylor" else None
-            model = pruning.channel_prune(model, pruning.ChannelPlan.of(cfg), size, finetune, grads, unprunable)
-        else:
-            kept = pruning.kept_layers(model, cfg.exclude, cfg.keep_first_conv)
-            model = pruning.magnitude_prune(model, cfg.ratio, cfg.steps, cfg.global_pruning, kept,
-                                            cfg.step_epochs, finetune)
+        taylor = cfg.method == "channel" and cfg.importance == "taylor"
+        grads = _taylor_grads(ctx, cfg.taylor_batches) if taylor else None
+        model = pruning.prune_architecture(model, cfg, size, finetune, grads, unprunable)
         acc_pruned = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
         result = fit(model, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "final", desc="prune-finetune",
                      section="prune")

@@ -28,6 +28,7 @@ from pipeline.data import batches
 from pipeline.distillation import KDLoss, freeze_teacher
 from pipeline.errors import PipelineError
 from pipeline.models import build_model, count_macs, count_params, unknown_layer_errors
+from pipeline.results import QatResult
 from pipeline.stage import GraphView, Stage, StageContext
 from pipeline.training import FitConfig, evaluate, fit, interrupt_message
 
@@ -90,7 +91,7 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     from pipeline.onnxio import cpu_info
 
     cfg: Config = view.settings["qat"]
-    extra: dict = {"weight_bits": quant.resolve_weight_bits(cfg.weight_bits)[0], "rewrite": quant.REWRITE}
+    extra: dict = {"weight_bits": placement.weight_bits(cfg)[0], "rewrite": quant.REWRITE}
     if placement.AUTO in cfg.float_layers:
         extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
     if placement.MEASURE in cfg.float_layers:
@@ -143,7 +144,7 @@ def run(ctx: StageContext) -> dict:
                 log.warning("qat: %s", advice)
         placed = rt.from_main(placed)
         qspec = qspec.keeping_fp32(placed.float_layers)
-    bits_reason = quant.resolve_weight_bits(cfg.weight_bits)[1]
+    bits_reason = placement.weight_bits(cfg)[1]
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
              f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")
     gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
@@ -180,11 +181,12 @@ def run(ctx: StageContext) -> dict:
         log.warning("qat: %s", note)
     return {"test_acc": test_acc, "test_acc_fp32_input": fp32_acc, "test_acc_ptq": ptq_acc,
             "val_acc": res.best_val_acc, "source": src.node, "quant": dataclasses.asdict(qspec),
-            "quantized_layers": n_quantized, "float_ops": floats, "weight_bits_reason": bits_reason,
+            "quantized_layers": n_quantized, "float_ops": floats,
+            "weight_bits": qspec.weight_bits, "weight_bits_reason": bits_reason,
             **({"placement": placed.as_dict()} if placed else {}),
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
             "history": res.history, **res.resume_info()}
 
 
 STAGE = Stage(name="qat", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,
-              trains=True, check=check, key_extra=key_extra)
+              trains=True, check=check, key_extra=key_extra, result=QatResult)

@@ -15,11 +15,12 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import deploy, onnxio, report, serving
+from pipeline import deploy, inference, onnxio, report, serving
 from pipeline.artifacts import shown
 from pipeline.config import not_in_key, setting
-from pipeline.env import git_commit, versions
+from pipeline.env import cpu_info, git_commit, versions
 from pipeline.errors import PipelineError
+from pipeline.results import ExportResult
 from pipeline.stage import GraphView, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,29 @@ class Config:
 ROW_NAMES = {"train": "baseline", "ort_static": "ort-static"}
 
 
-def row_name(src: str, metrics: dict) -> str:
+def row_name(src: str, result: ExportResult) -> str:
     """Report row of ``export/<src>``: baseline, prune, distill-fp16, qat-int8, ort-static-int8, ..."""
-    if metrics["precision"] == "fp16":
-        return ROW_NAMES.get(metrics["source"], metrics["source"]) + "-fp16"
-    return ROW_NAMES.get(src, src) + ("-int8" if metrics["precision"] == "int8" else "")
+    if result.kind == "fp16":
+        return ROW_NAMES.get(result.source, result.source) + "-fp16"
+    return ROW_NAMES.get(src, src) + ("-int8" if result.precision == "int8" else "")
+
+
+def _row(name: str, src: str, r: ExportResult, onnx: str, names: dict[str, str]) -> dict:
+    """The report row of one export, before it is measured (accuracy and timing are added to it)."""
+    cov = r.int8_coverage or {}
+    row = {"name": name, "stage": src, "precision": r.precision, "accuracy": None,
+           "params": r.params, "macs": r.macs, "size_mb": r.size_mb, "onnx": onnx,
+           "int8_coverage": cov.get("coverage"),
+           "int8_kernels": f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}" if cov else None,
+           "parity_top1_agreement": r.parity.top1_agreement}
+    if cov.get("dequantized_ops"):
+        row["dequantized_ops"] = cov["dequantized_ops"]
+    if r.fp32_input in names:
+        row["fp32_input"] = names[r.fp32_input]
+    for k in ("float_ops", "placement", "weight_bits", "kept_unprunable"):
+        if getattr(r, k):
+            row[k] = getattr(r, k)
+    return row
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:
@@ -88,7 +107,7 @@ def _serving(ctx: StageContext, sessions: dict, x, providers: list[str], rows: l
     if (cfg.sweep_threads or cfg.sweep_graph_optimization) and best is not None:
         row = next(r for r in rows if r["name"] == best)
         out["settings"] = {"model": best, "rows": serving.settings_sweep(
-            ctx.run_dir / row["onnx"], x, cfg.sweep_threads or [cfg.threads],
+            inference.get(), ctx.run_dir / row["onnx"], x, cfg.sweep_threads or [cfg.threads],
             cfg.sweep_graph_optimization or [cfg.graph_optimization], providers, cfg.batch_size, cfg.warmup,
             cfg.throughput_runs, cfg.rounds)}
     return out
@@ -116,36 +135,18 @@ def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dic
 
 def _optimized(out, cfg: Config) -> dict:
     """ORT's optimised graph of the recommended model, saved once, and session start-up with and without it."""
-    providers, _ = _providers(cfg.provider)
+    rt = inference.get()
+    providers, _ = rt.devices(cfg.provider)
     opt = out / "model.optimized.onnx"
-    onnxio.session(out / "model.onnx", cfg.threads, cfg.graph_optimization, providers, optimized_path=opt)
+    rt.session(out / "model.onnx", cfg.threads, cfg.graph_optimization, providers, optimized_path=opt)
     plain, loaded = [], []
     for _ in range(5):  # interleaved
-        plain.append(serving.startup_seconds(out / "model.onnx", providers, 1))
-        loaded.append(serving.startup_seconds(opt, providers, 1, "disable"))
+        plain.append(inference.startup_seconds(rt, out / "model.onnx", providers, 1))
+        loaded.append(inference.startup_seconds(rt, opt, providers, 1, "disable"))
     res = {"file": opt.name, "seconds": float(np.median(plain)), "seconds_optimized": float(np.median(loaded))}
     log.info("validate: session start-up %.1f ms, from the saved optimised graph %.1f ms", res["seconds"] * 1e3,
              res["seconds_optimized"] * 1e3)
     return res
-
-
-def _providers(choice: str) -> tuple[list[str], str]:
-    import onnxruntime as ort
-
-    have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if choice == "cpu" or (choice == "auto" and not have_cuda):
-        import torch
-
-        gpu = torch.cuda.is_available() and choice == "auto"
-        note = "a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on CPU"
-        note = note if gpu else ""
-        return ["CPUExecutionProvider"], note
-    if not have_cuda:
-        raise PipelineError(
-            "validate.provider=cuda but onnxruntime has no CUDA provider; "
-            "install onnxruntime-gpu or use validate.provider=cpu"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"], ""
 
 
 def run(ctx: StageContext) -> dict:
@@ -154,8 +155,10 @@ def run(ctx: StageContext) -> dict:
     timing_n = max([cfg.batch_size, 256, *cfg.serving_batch_sizes])
     x = onnxio.normalise(splits.test_x[:timing_n], ctx.data_cfg.mean, ctx.data_cfg.std)  # timing inputs
     y = splits.test_y.numpy()
-    providers, note = _providers(cfg.provider)
-    names = {src: row_name(src, art.metrics) for src, art in ctx.inputs.items()}
+    rt = inference.get()
+    providers, note = rt.devices(cfg.provider)
+    results: dict[str, ExportResult] = {src: art.result for src, art in ctx.inputs.items()}
+    names = {src: row_name(src, r) for src, r in results.items()}
     unknown = [m for m in cfg.models if m not in names.values()]
     if unknown:
         raise PipelineError(f"validate.models: no report row named {unknown[0]!r}; rows are "
@@ -166,20 +169,9 @@ def run(ctx: StageContext) -> dict:
         if cfg.models and name not in cfg.models:
             continue
         path = art.path / "model.onnx"
-        sessions[name] = onnxio.session(path, cfg.threads, cfg.graph_optimization, providers)
-        m = art.metrics
-        rows.append({"name": name, "stage": src, "precision": m["precision"], "accuracy": None,  # below
-                     "params": m["params"], "macs": m["macs"], "size_mb": m["size_mb"],
-                     "onnx": os.path.relpath(path, ctx.run_dir),
-                     "int8_coverage": (cov := m.get("int8_coverage") or {}).get("coverage"),
-                     "int8_kernels": (f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}"
-                                      if cov else None),
-                     "parity_top1_agreement": m["parity"]["top1_agreement"],
-                     **({"dequantized_ops": cov["dequantized_ops"]} if cov.get("dequantized_ops") else {}),
-                     **({"fp32_input": names[m["fp32_input"]]} if m.get("fp32_input") in names else {}),
-                     **{k: m[k] for k in ("float_ops", "placement", "weight_bits", "kept_unprunable")
-                        if m.get(k)}})
-    logits = onnxio.predict_images(sessions, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
+        sessions[name] = rt.session(path, cfg.threads, cfg.graph_optimization, providers)
+        rows.append(_row(name, src, results[src], os.path.relpath(path, ctx.run_dir), names))
+    logits = inference.predict_images(sessions, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     for row in rows:
         row["accuracy"] = float((logits[row["name"]].argmax(1) == y).mean() * 100)
         log.info("validate: %s accuracy %.2f%%", row["name"], row["accuracy"])
@@ -191,7 +183,7 @@ def run(ctx: StageContext) -> dict:
     for row in rows:
         row["speedup_vs_baseline"] = row["throughput_ips"] / base["throughput_ips"]
         row["accuracy_delta_vs_baseline"] = row["accuracy"] - base["accuracy"]
-    env = {"platform": platform.platform(), **onnxio.cpu_info(), "threads": cfg.threads,
+    env = {"platform": platform.platform(), **cpu_info(), "threads": cfg.threads,
            "graph_optimization": cfg.graph_optimization, "providers": providers,
            "versions": versions()}
     if note:

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import onnxio, quant
+from pipeline import inference, onnxio, quant
 from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.inference import ort_quantize
 from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
 from pipeline.runner import Runner, run_pipeline
 from stages.export import requantized_note
@@ -75,7 +76,7 @@ def test_ops_without_int8_kernels_stay_float_and_are_listed(tmp_path):
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] == len(quant.quantized_layers(gm)) == 3 and cov["float_kernels"] == 0, cov
 
 
@@ -100,7 +101,7 @@ def test_a_layer_whose_weight_the_code_reads_stays_float(tmp_path):
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
     # ORT quantizes the lone float conv between DequantizeLinear and QuantizeLinear itself (per tensor)
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm)) == 2
+    assert inference.get().kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm)) == 2
 
 
 def test_a_model_that_does_not_run_at_the_input_size_is_one_line_naming_the_layer(capsys):
@@ -152,7 +153,7 @@ def test_tensorflow_same_padding_is_fixed_for_the_input_size_and_runs_on_int8_ke
     assert ops["QLinearConv"] == 3 and ops["Pad"] == 1 and "Conv" not in ops, ops  # the one Pad: the pool's -inf
     with torch.no_grad():
         want = dep(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
@@ -183,7 +184,7 @@ def test_a_zero_pad_before_a_conv_becomes_part_of_it(tmp_path):
     with torch.no_grad():
         want = dep(x).numpy()
         torch.testing.assert_close(gm(x), model(x), atol=0.1, rtol=0.1)
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
@@ -193,7 +194,7 @@ def _calibrated_export(gm, x: torch.Tensor, tmp_path, opt_level: str = "all"):
     gm.eval()
     dep = quant.to_deploy(gm)
     onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    onnxio.session(tmp_path / "q.onnx", 1, opt_level=opt_level, optimized_path=tmp_path / "o.onnx")
+    inference.get().session(tmp_path / "q.onnx", 1, opt_level=opt_level, optimized_path=tmp_path / "o.onnx")
     return dep, onnxio.op_counts(tmp_path / "o.onnx")
 
 
@@ -212,7 +213,7 @@ def _all_int8_export(make, tmp_path) -> tuple:
     assert onnxio.dequantized_ops(tmp_path / "o.onnx") == {}  # ORT runs nothing float on dequantized data
     with torch.no_grad():
         want, ref = dep(x).numpy(), model(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     return ops, np.abs(got - want).max() / np.abs(want).max(), np.abs(want - ref).max() / np.abs(ref).max()
 
 
@@ -261,7 +262,7 @@ def test_a_conv_called_twice_gets_each_calls_input_scale_for_its_bias(tmp_path):
     assert quant.quantized_layers(gm) == ["stem", "shared"]
     calls = quant.quantized_layers(gm, calls=True)  # what export compares ORT's INT8 kernels with
     assert calls == ["stem", "shared", "shared_call2"]
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] == len(calls)
+    assert inference.get().kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] == len(calls)
 
 
 class _ClassToken(torch.nn.Module):
@@ -330,7 +331,7 @@ def test_a_tensor_written_in_place_is_quantized_after_the_write(tmp_path):
     with torch.no_grad():
         want, got = model(x), gm(x)
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
-    ort = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    ort = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert abs(ort - want.numpy()).max() <= 0.05 * want.abs().max().item()
 
 
@@ -491,7 +492,7 @@ def test_blur_pool_and_spatial_means_run_on_int8_kernels(tmp_path):
     assert onnxio.dequantized_ops(tmp_path / "o.onnx") == {"Pad": 1}  # ORT has no INT8 reflect pad
     with torch.no_grad():
         want, ref = dep(x).numpy(), model(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() <= 0.01 * np.abs(want).max() and np.abs(want - ref).max() <= 0.1 * np.abs(ref).max()
 
 
@@ -520,7 +521,7 @@ def test_hardswish_and_hardsigmoid_run_on_int8_kernels(tmp_path):
     assert np.corrcoef(ref.ravel(), fl.ravel())[0, 1] > 0.9  # and both still approximate the float model
     assert ops["QLinearMul"] == 19 + 9 and ops["DequantizeLinear"] == 0, ops  # Hardswish x19, SE x9
     assert not {"HardSwish", "HardSigmoid", "Clip", "Add", "Mul", "Conv"} & set(ops), ops
-    out = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    out = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
     torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(fq), rtol=0.05, atol=0.05)
 
@@ -554,9 +555,9 @@ def test_qat_export_runs_on_int8_kernels(tmp_path, name):
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["float_kernels"] == 0 and cov["int8_kernels"] > 0, cov
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx"), x.numpy())
     ref = gm(x).detach().numpy()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
@@ -572,11 +573,11 @@ def test_float_layers_stay_fp32_and_the_rest_runs_int8(tmp_path):
     quant.calibrate(gm, [(x, None)])
     gm.eval()
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     n_float = sum(isinstance(m, torch.nn.Conv2d) and n.startswith(("conv1", "layer1"))
                   for n, m in model.named_modules())
     assert cov["int8_kernels"] == len(quantized) and cov["float_kernels"] == n_float > 0, cov
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx"), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx"), x.numpy())
     assert (got.argmax(1) == gm(x).detach().numpy().argmax(1)).mean() >= 0.9
 
 
@@ -941,7 +942,7 @@ def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     onnxio.export_onnx(model, torch.from_numpy(x[:2]), tmp_path / "f.onnx", 18)
     with caplog.at_level("WARNING"):
-        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+        ort_quantize.static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
     assert "out-of-range" not in caplog.text
     assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
 
@@ -973,10 +974,10 @@ def test_ort_static_quantizes_group_norms_that_share_their_constants(tmp_path):
     shutil.copy(tmp_path / "f.onnx", tmp_path / "u.onnx")
     onnxio._unshare_float_initializers(tmp_path / "u.onnx")
     assert not shared(tmp_path / "u.onnx")
-    np.testing.assert_array_equal(onnxio.predict(onnxio.session(tmp_path / "u.onnx", 1), x),
-                                  onnxio.predict(onnxio.session(tmp_path / "f.onnx", 1), x))
-    onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    np.testing.assert_array_equal(inference.predict(inference.get().session(tmp_path / "u.onnx", 1), x),
+                                  inference.predict(inference.get().session(tmp_path / "f.onnx", 1), x))
+    ort_quantize.static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_ops"] == {"QLinearConv": 2, "QGemm": 1}
     assert cov["dequantized_ops"].get("InstanceNormalization") == 2, cov  # the GroupNorms run float
 
@@ -995,12 +996,12 @@ def test_duplicate_node_names_are_made_unique(tmp_path):
     convs[1].name = convs[0].name  # what the exporter wrote
     onnx.save(proto, str(tmp_path / "dup.onnx"))
     with pytest.raises(PipelineError, match="same node name"):
-        onnxio.session(tmp_path / "dup.onnx", 1)
+        inference.get().session(tmp_path / "dup.onnx", 1)
     assert onnxio._unique_node_names(proto.graph) == 1
     assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
     onnx.save(proto, str(tmp_path / "fixed.onnx"))
-    np.testing.assert_array_equal(onnxio.predict(onnxio.session(tmp_path / "fixed.onnx", 1), x),
-                                  onnxio.predict(onnxio.session(tmp_path / "f.onnx", 1), x))
+    np.testing.assert_array_equal(inference.predict(inference.get().session(tmp_path / "fixed.onnx", 1), x),
+                                  inference.predict(inference.get().session(tmp_path / "f.onnx", 1), x))
 
 
 def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkeypatch, caplog):
@@ -1027,7 +1028,7 @@ def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkey
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     onnxio.export_onnx(model, torch.from_numpy(x[:2]), tmp_path / "f.onnx", 18)
     with caplog.at_level("WARNING"):
-        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
+        ort_quantize.static_quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", x, "uint8", 8, tmp_path)
     assert "symbolic shape inference failed on f.onnx (IndexError: list index out of range)" in caplog.text
     assert onnxio.op_counts(tmp_path / "q.onnx")["QuantizeLinear"] > 0
     assert (tmp_path / "sym_shape_infer_temp.onnx").exists() and not list((tmp_path / "cwd").iterdir())
@@ -1038,7 +1039,7 @@ def test_ort_static_survives_a_failing_symbolic_shape_inference(tmp_path, monkey
     monkeypatch.setattr(oq, "quantize_static", broken)
     with pytest.raises(PipelineError, match=r"quantize_static failed on this model \(ValueError: unsupported op\); "
                                             r"set export.ort_static_reference=false"):
-        onnxio.ort_static_quantize(tmp_path / "f.onnx", tmp_path / "q2.onnx", x, "uint8", 8, tmp_path)
+        ort_quantize.static_quantize(tmp_path / "f.onnx", tmp_path / "q2.onnx", x, "uint8", 8, tmp_path)
 
 
 def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
@@ -1061,14 +1062,14 @@ def test_self_attention_is_unrolled_onto_int8_matmuls(tmp_path):
     dep, ops = _calibrated_export(gm, x, tmp_path)
     assert ops["QLinearMatMul"] == 1 and ops["MatMulIntegerToFloat"] >= 1 and ops["Softmax"] == 1, ops
     assert "QLinearSoftmax" not in ops, ops
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] == 1 + 4 + 2 + 1 and cov["float_kernels"] == 0, cov
     assert quant.activation_matmuls(dep) == 2  # INT8 kernels that are no layers: no "ORT quantized more" note
     assert requantized_note({**cov, "quantized_layers": 6, "activation_matmuls": 2}) is None
     assert "quantized 1 layer(s)" in requantized_note({**cov, "quantized_layers": 5, "activation_matmuls": 2})
     with torch.no_grad():
         want = dep(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
@@ -1155,7 +1156,7 @@ def test_slices_of_quantized_tensors_keep_their_scale_and_run_int8(tmp_path):
     assert made_by[split.input[0]] == "QLinearConv"  # INT8 in, INT8 out
     with torch.no_grad():
         want = dep(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
@@ -1176,7 +1177,7 @@ def test_hardswish_rewrite_matches_ort_for_both_activation_types(tmp_path, act_d
         want, ref = dep(x).numpy(), model(x).numpy()
     assert np.abs(want - ref).max() < 0.05  # still Hardsigmoid(conv(Hardswish(...))), within quantization error
     onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6  # at most one output step (of 1/255) apart
 
 
@@ -1198,5 +1199,5 @@ def test_only_spatial_means_export_as_global_average_pool(tmp_path):
     onnxio.export_onnx(model, x, tmp_path / "m.onnx", 18)
     ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
     assert "ReduceMean" in ops and "GlobalAveragePool" in ops
-    got = onnxio.predict(onnxio.session(tmp_path / "m.onnx"), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "m.onnx"), x.numpy())
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)

@@ -53,6 +53,17 @@ def test_pipeline_below_the_runner_imports_no_stage():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def test_only_the_runtime_modules_import_onnxruntime():
+    """Inference goes through pipeline.inference; ONNX Runtime is one runtime module and its quantizer wrapper."""
+    allowed = {"pipeline/inference/ort.py", "pipeline/inference/ort_quantize.py"}
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in allowed or rel.startswith("pipeline/tools/"):
+            continue
+        bad = {m for m in _imports(path) if m.split(".")[0] == "onnxruntime"}
+        assert not bad, f"{rel} imports {bad}; go through pipeline.inference"
+
+
 def test_no_import_cycles_in_the_project():
     files = [*ROOT.joinpath("pipeline").rglob("*.py"), *ROOT.joinpath("stages").glob("*.py")]
     mods = {_module(p): p for p in files}
@@ -139,7 +150,13 @@ def test_qat_source_outside_the_pipeline_is_built_upstream_not_swapped(cfg_facto
 
 
 def test_export_gates_judge_the_stored_metrics():
-    from stages.export import Config, gate
+    from pipeline.results import ExportResult
+    from stages.export import Config
+    from stages.export import gate as gate_result
+
+    def gate(cfg, node, metrics):
+        kind = "ort_static" if node.endswith("ort_static") else "int8"
+        return gate_result(cfg, node, ExportResult.from_metrics({"kind": kind, **metrics}))
 
     cfg = Config(opset=18, parity_images=8, min_top1_agreement=99.0, min_int8_coverage=0.5,
                  ort_static_reference=True, calib_images=8, fp16=[], embed_preprocessing=False)

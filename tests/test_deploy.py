@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import deploy, onnxio
+from pipeline import deploy, inference, onnxio
 from pipeline.data import EMBEDDED, load_splits
 from pipeline.models import build_model
 from pipeline.predict import Predictor, main
@@ -44,9 +44,9 @@ def _test_jpegs(folder: Path, n: int = 20) -> list[Path]:
 def test_embedded_preprocessing_equals_python_preprocessing(fp32_onnx, tmp_path):
     deploy.embed_preprocessing(fp32_onnx, tmp_path / "u8.onnx", MEAN, STD)
     pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    ref = onnxio.predict(onnxio.session(fp32_onnx), onnxio.normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2),
-                                                                      MEAN, STD))
-    got = onnxio.predict(onnxio.session(tmp_path / "u8.onnx"), pixels)
+    x = onnxio.normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2), MEAN, STD)
+    ref = inference.predict(inference.get().session(fp32_onnx), x)
+    got = inference.predict(inference.get().session(tmp_path / "u8.onnx"), pixels)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -63,7 +63,7 @@ def test_predict_equals_validate_on_test_images(fp32_onnx, tmp_path):
     s = load_splits(data_config(), 0)
     ref_x = onnxio.normalise(s.test_x[: len(files)], MEAN, STD)
     np.testing.assert_array_equal(x, ref_x)  # bit for bit the tensor validate feeds ORT
-    ref = onnxio.predict(onnxio.session(fp32_onnx), ref_x).argmax(1)
+    ref = inference.predict(inference.get().session(fp32_onnx), ref_x).argmax(1)
     top1 = [top[0][0] for top in pred.classify(x, k=3)]
     assert top1 == [classes[i] for i in ref]
     assert json.loads(deploy.read_metadata(tmp_path / "m.onnx")[deploy.META_CLASSES]) == classes
@@ -137,9 +137,9 @@ def test_run_writes_a_bundle_that_predicts_like_validate(cfg_factory, tmp_path, 
 
     y = load_splits(data_config(), 0).test_y[:150].numpy()
     row = next(r for r in rep["rows"] if r["name"] == rep["best"])
-    exported = onnxio.session(run / row["onnx"])  # the float-input export validate measured
+    exported = inference.get().session(run / row["onnx"])  # the float-input export validate measured
     s = load_splits(data_config(), 0)
-    ref = onnxio.predict(exported, onnxio.normalise(s.test_x[:150], MEAN, STD)).argmax(1)
+    ref = inference.predict(exported, onnxio.normalise(s.test_x[:150], MEAN, STD)).argmax(1)
     assert (top1 == ref).all() and abs((top1 == y).mean() * 100 - (ref == y).mean() * 100) == 0
 
 
@@ -147,7 +147,7 @@ def test_serving_measurements_cover_every_setting(fp32_onnx):
     from pipeline import serving
 
     x = onnxio.normalise(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), MEAN, STD)
-    sess = {"m": onnxio.session(fp32_onnx)}
+    sess = {"m": inference.get().session(fp32_onnx)}
     batch = serving.batch_sweep(sess, x, [1, 4], warmup=1, runs=2, rounds=2)
     assert set(batch["m"]) == {1, 4} and all(v["throughput_ips"] > 0 for v in batch["m"].values())
     conc = serving.concurrency(sess, x, [1, 3], requests=12, warmup=1, rounds=2)
@@ -155,7 +155,8 @@ def test_serving_measurements_cover_every_setting(fp32_onnx):
         for k in (1, 3):
             v = conc["m"][mode][k]
             assert 0 < v["latency_ms_p50"] <= v["latency_ms_p99"] and v["throughput_ips"] > 0
-    rows = serving.settings_sweep(fp32_onnx, x, [1, 2], ["basic", "all"], ["CPUExecutionProvider"], 4, 1, 2, 1)
+    rows = serving.settings_sweep(inference.get(), fp32_onnx, x, [1, 2], ["basic", "all"], ["CPUExecutionProvider"],
+                                  4, 1, 2, 1)
     assert [(r["threads"], r["graph_optimization"]) for r in rows] == [(1, "basic"), (1, "all"), (2, "basic"),
                                                                         (2, "all")]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import onnxio, placement, quant
+from pipeline import inference, onnxio, placement, quant
 from pipeline.models import build_model
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
@@ -51,6 +51,17 @@ def test_the_default_keeps_narrow_convs_fp32_only_where_int8_is_slower(cfg_facto
     assert placement.base_spec(qat, model).float_layers == ()
 
 
+def _fake_runtime(monkeypatch, session, time_runs) -> None:
+    """The runtime's sessions and timer replaced: ``session(path, threads)``, ``time_runs(sess, x, warmup, runs)``."""
+    from types import SimpleNamespace
+
+    from pipeline.inference import base
+
+    monkeypatch.setattr(inference, "get", lambda name="onnxruntime": SimpleNamespace(session=session))
+    monkeypatch.setattr(inference, "time_runs", time_runs)
+    monkeypatch.setattr(base, "time_runs", time_runs)
+
+
 @pytest.mark.parametrize("int8_ms,chosen,tried,real", [
     ([0.8, 0.5, 0.55, 0.55, 0.55, 0.55], 1, 6, True),  # one FP32 block is fastest
     pytest.param([0.8, 0.79, 0.6, 0.65, 0.65, 0.65], 2, 6, True, marks=pytest.mark.zoo),  # two blocks
@@ -72,8 +83,7 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried, real):
         exported.append(path)
         return path.name
 
-    monkeypatch.setattr(onnxio, "session", fake_session)
-    monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 9.0) / 1e3))
+    _fake_runtime(monkeypatch, fake_session, lambda sess, x, w, r: np.full(r, ms.get(sess, 9.0) / 1e3))
     if not real:
         monkeypatch.setattr(placement, "export_int8", lambda gm, images, path: None)
         monkeypatch.setattr(onnxio, "export_onnx", lambda *a, **k: None)
@@ -94,8 +104,8 @@ def test_the_fastest_placement_wins(monkeypatch, int8_ms, chosen, tried, real):
 @pytest.mark.parametrize("once_ms, runs", [(1.0, 300), (0.01, 2000), (500.0, 3)])
 def test_timed_blocks_last_about_the_same_time(monkeypatch, once_ms, runs):
     """Fast models get hundreds of runs per timed block, slow ones at least 3."""
-    monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, once_ms / 1e3))
-    assert onnxio.runs_for(None, np.zeros(1), 0.3) == runs
+    _fake_runtime(monkeypatch, None, lambda sess, x, w, r: np.full(r, once_ms / 1e3))
+    assert inference.runs_for(None, np.zeros(1), 0.3) == runs
 
 
 def test_the_speed_probe_quantizes_with_the_measured_placement(monkeypatch, tmp_path):
@@ -113,7 +123,7 @@ def test_the_speed_probe_quantizes_with_the_measured_placement(monkeypatch, tmp_
     monkeypatch.setattr(placement, "measure", fake_measure)
     qat = OmegaConf.create({"float_layers": ["measure"], "act_dtype": "uint8", "weight_bits": 8,
                             "observer_ema": 0.01, "measure_batch": 4})
-    cov = onnxio.kernel_coverage(probe._export(build_model(R8), 32, tmp_path / "m.onnx", True, qat))
+    cov = inference.get().kernel_coverage(probe._export(build_model(R8), 32, tmp_path / "m.onnx", True, qat))
     assert seen["batch"] == 4 and cov["float_kernels"] == 1 and cov["int8_kernels"] > 0, cov
 
 
@@ -148,8 +158,8 @@ def test_blocks_with_float_ops_are_one_more_candidate(monkeypatch):
     every = placement.leading_blocks(gm, model)
     assert placement.float_islands(gm, model) == ["blocks.5", "blocks.6"]
     ms = {"fp32.onnx": 1.0, "int8-0.onnx": 0.9, "int8-1.onnx": 0.6}  # int8-1: the islands; prefixes 0.95
-    monkeypatch.setattr(onnxio, "session", lambda path, threads=0: path.name)
-    monkeypatch.setattr(onnxio, "time_runs", lambda sess, x, w, r: np.full(r, ms.get(sess, 0.95) / 1e3))
+    _fake_runtime(monkeypatch, lambda path, threads=0: path.name,
+                  lambda sess, x, w, r: np.full(r, ms.get(sess, 0.95) / 1e3))
     exported = []  # the exports themselves are tested above
     monkeypatch.setattr(placement, "export_int8", lambda gm, images, path: exported.append(gm))
     monkeypatch.setattr(onnxio, "export_onnx", lambda *a, **k: None)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from pipeline import inference
 from pipeline.errors import PipelineError
 from pipeline.runner import Runner, run_pipeline
 
@@ -90,11 +91,11 @@ def _rebuilt_from_shapes(cfg: dict, pruned: torch.nn.Module, x: torch.Tensor) ->
 
 def _runs_on_int8_kernels(model: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
     """Calibrated on ``x`` and exported, every quantized layer of ``model`` runs on an INT8 kernel in ORT."""
-    from pipeline import onnxio, placement, quant
+    from pipeline import placement, quant
 
     gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), x.shape[-1])
     placement.export_int8(gm, x, tmp_path / "q.onnx")
-    assert onnxio.kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
+    assert inference.get().kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
 
 
 def test_shufflenet_prunes_inside_its_branches_and_reloads():
@@ -331,7 +332,7 @@ def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_p
     img = torch.randn(8, 3, *hw)
     quant.calibrate(gm, [(img, None)])
     onnxio.export_onnx(quant.to_deploy(gm.eval()), img[:2], tmp_path / "w.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "w.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "w.onnx")
     assert cov["float_kernels"] == 0 and cov["int8_ops"].get("QLinearMatMul") == 1, cov  # attn @ v
     assert cov["int8_ops"]["MatMulIntegerToFloat"] == 5, cov  # q, k, v, proj, and q @ k^T: float scores
 
@@ -417,16 +418,16 @@ def _calibrated_coverage(gm, model: torch.nn.Module, x: torch.Tensor, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=tol, atol=tol)
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    return onnxio.kernel_coverage(tmp_path / "q.onnx")
+    return inference.get().kernel_coverage(tmp_path / "q.onnx")
 
 
 def _ort_computes_the_deploy_form(gm, x: torch.Tensor, tmp_path) -> None:
     """ORT's run of the exported ``q.onnx`` (``_calibrated_coverage``) matches PyTorch's export form of ``gm``."""
-    from pipeline import onnxio, quant
+    from pipeline import quant
 
     with torch.no_grad():
         want = quant.to_deploy(gm)(x)
-    got = torch.from_numpy(onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy()))
+    got = torch.from_numpy(inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy()))
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
@@ -543,7 +544,7 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     quant.calibrate(gm, [(x, None)])
     onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["float_kernels"] == 0 and cov["int8_kernels"] == len(quant.quantized_layers(gm))
     with torch.no_grad():
         assert model(x).shape == (4, 10)  # the float model is left as it was
@@ -643,11 +644,11 @@ def test_zoo_model_quantizes_to_int8_kernels_that_match_pytorch(name, tmp_path):
     quant.calibrate(gm, [(x[i : i + 8], None) for i in range(0, 32, 8)])
     dep = quant.to_deploy(gm.eval())
     onnxio.export_onnx(dep, x[:2], tmp_path / "q.onnx", 18, quant.onnx_translations())
-    cov = onnxio.kernel_coverage(tmp_path / "q.onnx")
+    cov = inference.get().kernel_coverage(tmp_path / "q.onnx")
     assert cov["int8_kernels"] >= len(quant.quantized_layers(gm)) > 0, cov
     with torch.no_grad():
         want = dep(x).numpy()
-    got = onnxio.predict(onnxio.session(tmp_path / "q.onnx", 1), x.numpy())
+    got = inference.predict(inference.get().session(tmp_path / "q.onnx", 1), x.numpy())
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()
 

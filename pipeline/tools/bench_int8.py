@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import onnxio, pruning, quant
+from pipeline import inference, onnxio, pruning, quant
 from pipeline.data import load_splits
+from pipeline.inference import ort_quantize
 from pipeline.models import build_model, count_macs
 from pipeline.tools import data_config
 
@@ -81,15 +82,15 @@ def main() -> None:
             onnxio.export_onnx(m, torch.from_numpy(x[:2]), t / f"{n}.onnx", 18)
         onnxio.export_onnx(quant.to_deploy(gm.eval()), torch.from_numpy(x[:2]), t / "qat.onnx", 18,
                            quant.onnx_translations())
-        onnxio.ort_static_quantize(t / "fp32.onnx", t / "ort.onnx", calib, "uint8", args.weight_bits, t)
-        sessions = {n: onnxio.session(t / f"{n}.onnx") for n in (*models, "qat", "ort")}
-        cov = {n: onnxio.kernel_coverage(t / f"{n}.onnx") for n in ("qat", "ort")}
+        ort_quantize.static_quantize(t / "fp32.onnx", t / "ort.onnx", calib, "uint8", args.weight_bits, t)
+        sessions = {n: inference.get().session(t / f"{n}.onnx") for n in (*models, "qat", "ort")}
+        cov = {n: inference.get().kernel_coverage(t / f"{n}.onnx") for n in ("qat", "ort")}
         kernels = {n: f", INT8 kernels {c['int8_kernels']}/{c['int8_kernels'] + c['float_kernels']}"
                    for n, c in cov.items()}
         thr = {n: [] for n in sessions}
         for _ in range(args.rounds):
             for n, sess in sessions.items():
-                thr[n].append(args.batch / float(np.median(onnxio.time_runs(sess, x, 5, args.runs))))
+                thr[n].append(args.batch / float(np.median(inference.time_runs(sess, x, 5, args.runs))))
     med = {n: statistics.median(v) for n, v in thr.items()}
     print(f"{args.model} width {args.width}, batch {args.batch}, {args.rounds} interleaved rounds x {args.runs} runs"
           + (f", FP32 layers: {', '.join(float_layers)}" if float_layers else ""))

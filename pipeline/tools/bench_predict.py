@@ -53,11 +53,12 @@ def main() -> None:
         pred = Predictor(args.model or _default_model(Path(tmp)))
         pixels = np.random.default_rng(0).integers(0, 256, (1, pred.size, pred.size, 3), dtype=np.uint8)
         x = pred.to_input(pixels)
-        name, out = pred.session.get_inputs()[0].name, [pred.session.get_outputs()[0].name]
+        raw = pred.session.ort  # the bare onnxruntime.InferenceSession
+        name, out = raw.get_inputs()[0].name, [raw.get_outputs()[0].name]
         feed = {name: x}
         bare, full = [], []
         for _ in range(args.rounds):
-            bare.append(_per_call(lambda: pred.session.run(out, feed), args.runs, 200))
+            bare.append(_per_call(lambda: raw.run(out, feed), args.runs, 200))
             full.append(_per_call(lambda: pred.classify(x, args.top_k), args.runs, 200))
     b, f = statistics.median(bare), statistics.median(full)
     print(f"model {pred.path} ({'uint8 NHWC' if pred.uint8 else 'float NCHW'} input, {pred.size} px), batch 1, "

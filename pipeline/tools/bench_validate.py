@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline import onnxio, report
+from pipeline import inference, report
 
 
 def main() -> None:
@@ -26,17 +26,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    sess = onnxio.session(args.onnx, args.threads, "all")
+    sess = inference.get().session(args.onnx, args.threads, "all")
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
     cfg = SimpleNamespace(batch_size=args.batch, warmup=5, latency_runs=1, throughput_runs=args.runs, rounds=1)
-    name = sess.get_inputs()[0].name
+    raw = sess.ort  # the bare onnxruntime.InferenceSession
+    name = raw.get_inputs()[0].name
     ratios = []
     for r in range(args.rounds):
         for _ in range(5):
-            sess.run(None, {name: x})
+            raw.run(None, {name: x})
         t0 = time.perf_counter()
         for _ in range(args.runs):
-            sess.run(None, {name: x})
+            raw.run(None, {name: x})
         bare = args.batch * args.runs / (time.perf_counter() - t0)
         ours = report.measure({"m": sess}, x, cfg)["m"]["throughput_ips"]
         ratios.append(ours / bare)

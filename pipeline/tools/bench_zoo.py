@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import onnxio, placement, quant
+from pipeline import inference, onnxio, placement, quant
 from pipeline.data import load_splits
+from pipeline.inference import ort_quantize
 from pipeline.models import build_model
 from pipeline.tools import data_config
 
@@ -61,21 +62,21 @@ def one(name: str, size: int, batches: list[int], calib: np.ndarray, rounds: int
     fp32, int8, ort = folder / f"{name}.fp32.onnx", folder / f"{name}.int8.onnx", folder / f"{name}.ort.onnx"
     onnxio.export_onnx(model, x[:2], fp32, 18)
     onnxio.export_onnx(quant.to_deploy(gm), x[:2], int8, 18, quant.onnx_translations())
-    onnxio.ort_static_quantize(fp32, ort, calib[:64], "uint8", 8, folder)
-    cov = onnxio.kernel_coverage(int8)
+    ort_quantize.static_quantize(fp32, ort, calib[:64], "uint8", 8, folder)
+    cov = inference.get().kernel_coverage(int8)
     with torch.no_grad():
         ref = gm(x).numpy()
-    got = onnxio.predict(onnxio.session(int8), x.numpy())
-    sessions = {k: onnxio.session(p) for k, p in (("fp32", fp32), ("int8", int8), ("ort", ort))}
-    ort_cov = onnxio.kernel_coverage(ort)
+    got = inference.predict(inference.get().session(int8), x.numpy())
+    sessions = {k: inference.get().session(p) for k, p in (("fp32", fp32), ("int8", int8), ("ort", ort))}
+    ort_cov = inference.get().kernel_coverage(ort)
     ratios, spread = {}, {}
     for b in batches:
         xb = np.ascontiguousarray(np.resize(calib, (b, *calib.shape[1:])))
-        runs = onnxio.runs_for(sessions["fp32"], xb, seconds)
+        runs = inference.runs_for(sessions["fp32"], xb, seconds)
         t: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(rounds):
             for k, sess in sessions.items():
-                t[k].append(float(np.median(onnxio.time_runs(sess, xb, max(5, runs // 2), runs))))
+                t[k].append(float(np.median(inference.time_runs(sess, xb, max(5, runs // 2), runs))))
         med = {k: statistics.median(v) for k, v in t.items()}
         ratios[b] = (med["fp32"] / med["int8"], med["ort"] / med["int8"], med["fp32"] / med["ort"])
         per_round = [f / i for f, i in zip(t["fp32"], t["int8"], strict=True)]  # how far one round can be off
