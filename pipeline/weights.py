@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -74,7 +74,11 @@ def _read_file(path: Path) -> dict:
         except ImportError:
             raise PipelineError(f"model.weights={path}: reading .safetensors needs the safetensors package; "
                                 "pip install safetensors") from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated, not safetensors, damaged header ...
+            raise PipelineError(f"model.weights={path} cannot be read as safetensors ({type(e).__name__}: "
+                                f"{first_line(e, 80)}); give a complete .safetensors file") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
