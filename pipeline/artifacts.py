@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,23 @@ def read_json(path: Path) -> Any:
                             "command again (the stage that wrote it rebuilds it)") from None
 
 
+def detached_state(state_dict: dict, keep=None, clone: bool = False) -> OrderedDict:
+    """A detached CPU view of a state dict (``clone``: a copy on the tensors' own device; ``keep``: only the
+    keys it accepts) that keeps its ``_metadata``:
+    the per-module versions ``load_state_dict`` hands to ``_load_from_state_dict`` (torchvision's MNASNet,
+    for one, refuses a state dict without them). A dict comprehension would drop them."""
+    def copy(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.detach().clone() if clone else v.detach().cpu()
+
+    out = OrderedDict((k, copy(v)) for k, v in state_dict.items() if keep is None or keep(k))
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in meta.items())  # type: ignore[attr-defined]
+    return out
+
+
 def save_checkpoint(path: Path, state_dict: dict, model_cfg: dict, shapes: dict | None = None,
                     extra: dict | None = None) -> None:
     """Save a plain-data checkpoint that ``torch.load(weights_only=True)`` accepts."""
@@ -82,7 +100,7 @@ def save_checkpoint(path: Path, state_dict: dict, model_cfg: dict, shapes: dict 
         {
             CKPT_MODEL_CFG: model_cfg,
             CKPT_SHAPES: shapes or {},
-            CKPT_STATE: {k: v.detach().cpu() for k, v in state_dict.items()},
+            CKPT_STATE: detached_state(state_dict),  # with its module versions (_metadata)
             CKPT_EXTRA: extra or {},
         },
         buf,

@@ -8,6 +8,7 @@ line, each naming the key to fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -97,7 +98,7 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     n_before = len(errors)
     for name in data:
         if name not in fields:
-            errors.append(f"{full(name)}: unknown key; known keys are {', '.join(sorted(fields))}")
+            errors.append(unknown_key(name, list(fields), key))
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if name in missing or (name not in data and required):
@@ -118,6 +119,20 @@ def bind(section: Any, cls: type[T], key: str, errors: list[str]) -> T | None:
     if check is not None:
         errors.extend(full(msg) for msg in check())
     return obj
+
+
+def unknown_key(name: str, known: list[str], section: str = "") -> str:
+    """``<key>: unknown key; did you mean <closest>?`` (or the known keys when none is close)."""
+    def full(n: str) -> str:
+        return f"{section}.{n}" if section else n
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    where = f"{section} has" if section else "top-level keys are"
+    return (f"{full(name)}: unknown key; did you mean {full(close[0])}?" if close
+            else f"{full(name)}: unknown key; {where} {', '.join(sorted(known))}")
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range
 
 
 _UNSET = object()

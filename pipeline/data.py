@@ -12,6 +12,7 @@ used for the final report.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from pipeline import imagestore
 from pipeline.artifacts import file_sha256, stable_hash
-from pipeline.config import not_in_key, setting
+from pipeline.config import key_neutral, not_in_key, setting
 from pipeline.errors import PipelineError
 from pipeline.imagestore import ImageStore, center_crop
 
@@ -48,7 +50,7 @@ class DataConfig:
     root: str | None  # folder for cifar10 / imagefolder; ignored for embedded
     download: bool = not_in_key()  # cifar10 only: let torchvision download when root is empty
     # images are resized to this square size (imagefolder)
-    image_size: int = setting(ge=8, msg="{value} is too small; use at least 8")
+    image_size: int = setting(ge=8, le=4096, msg="{value} must be {range} pixels")
     # must match the data; checked after loading
     num_classes: int = setting(ge=2, msg="{value}; a classifier needs at least 2 classes")
     val_fraction: float = setting(ge=0, lt=1)  # held out from train for model selection
@@ -66,6 +68,10 @@ class DataConfig:
     cutout: int  # side of a square set to the mean in every augmented training image (0: off)
     # processes decoding an image folder the first time (0: one per core)
     decode_workers: int = not_in_key(ge=0, msg="{value} must be {range} (0: one per core)")
+    # largest decoded data set in GB (image store on disk, embedded/CIFAR images in memory); null: no limit
+    max_cache_gb: float | None = not_in_key(gt=0, msg="{value} must be {range} (or null: no limit)")
+    # what the data fingerprint (artifact keys, the image store) reads: stat (path, size, mtime) | content
+    fingerprint: Literal["stat", "content"] = key_neutral("stat")
 
     def check(self) -> list[str]:
         errs = []
@@ -226,33 +232,49 @@ def _scratch_cache() -> Path:
     return Path(path)
 
 
-_SCANS: dict[str, tuple] = {}  # root -> the last scan of it in this process (see _scan_imagefolder)
+_SCANS: dict[tuple[str, str], tuple] = {}  # (root, fingerprint mode) -> the last scan (see _scan_imagefolder)
 
 
-def _scan_imagefolder(root: Path, reuse: bool = False) -> tuple:
+def check_root(root: Path) -> None:
+    """``data.root`` is an existing folder, or a one-line error saying what it is instead."""
+    if root.is_file():
+        raise PipelineError(f"data.root={root} is a file, not a folder; point it at the folder that holds train/ "
+                            "and test/")
+    if not root.is_dir():
+        raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
+
+
+def _scan_imagefolder(root: Path, reuse: bool = False, mode: str = "stat", cache_dir: Path | None = None) -> tuple:
     """(train files, train labels, test files, test labels, classes, manifest hash) of an image folder.
 
     ``fingerprint`` always scans (artifact keys follow the files on disk) and leaves its scan here; loading
     the splits right after reuses it (``reuse``) instead of listing and stat-ing every image a second time.
+    ``mode``: what the hash reads (``stat``: path, size, mtime; ``content``: every file's sha256).
     """
-    if not root.is_dir():
-        raise PipelineError(f"data.root={root} does not exist; point it at a folder with train/ and test/")
-    if reuse and str(root) in _SCANS:
-        return _SCANS[str(root)]
+    check_root(root)
+    if reuse and (str(root), mode) in _SCANS:
+        return _SCANS[(str(root), mode)]
     train_files, train_labels, classes = _list_imagefolder(root / "train", None)
     test_files, test_labels, _ = _list_imagefolder(root / "test", classes)
-    digest = _manifest_hash(root, train_files + test_files, train_labels + test_labels, classes)
-    _SCANS[str(root)] = (train_files, train_labels, test_files, test_labels, classes, digest)
-    return _SCANS[str(root)]
+    files, labels = train_files + test_files, train_labels + test_labels
+    digest = (_content_hash(root, files, labels, classes, cache_dir) if mode == "content"
+              else _manifest_hash(root, files, labels, classes))
+    _SCANS[(str(root), mode)] = (train_files, train_labels, test_files, test_labels, classes, digest)
+    return _SCANS[(str(root), mode)]
+
+
+def _store_folder(cfg: DataConfig, digest: str, cache_dir: Path | None) -> Path:
+    """The decoded store of an image folder: named by the files' hash and how images are resized."""
+    how = [cfg.image_size, cfg.resize] + ([cfg.crop_fraction] if cfg.resize == "shorter" else [])
+    return (cache_dir or _scratch_cache()) / f"imagefolder-{stable_hash([digest, *how])}"
 
 
 def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -> tuple:
     root = Path(cfg.root).expanduser()
-    train_files, train_labels, test_files, test_labels, classes, digest = _scan_imagefolder(root, reuse=True)
+    train_files, train_labels, test_files, test_labels, classes, digest = _scan_imagefolder(
+        root, reuse=True, mode=cfg.fingerprint, cache_dir=cache_dir)
     files, labels = train_files + test_files, train_labels + test_labels
-    how = [cfg.image_size, cfg.resize] + ([cfg.crop_fraction] if cfg.resize == "shorter" else [])
-    key = stable_hash([digest, *how])
-    folder = (cache_dir or _scratch_cache()) / f"imagefolder-{key}"
+    folder = _store_folder(cfg, digest, cache_dir)
     store = None
     if (folder / imagestore.META_FILE).is_file():
         try:
@@ -260,10 +282,9 @@ def _load_imagefolder(cfg: DataConfig, cache_dir: Path | None, progress: bool) -
             log.info("data: decoded images from the store %s", folder)
         except (OSError, ValueError, KeyError) as e:
             log.warning("data: store %s unreadable (%s); decoding again", folder, e)
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
     if store is None:
+        check_size(cfg, cache_dir)
         imagestore.remove_partials(folder)
         workers = cfg.decode_workers or os.cpu_count() or 1
         try:
@@ -288,23 +309,131 @@ def _manifest_hash(root: Path, files: list[Path], labels: list[int], classes: li
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg: DataConfig) -> str:
+_FILE_HASHES: dict[str, list] = {}  # path -> [size, mtime_ns, inode, ctime_ns, sha256], in this process
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged since it was hashed: size, mtime, inode, and ctime (which every write,
+    and every ``touch -r`` that resets the mtime, moves on)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def file_hashes(files: list[Path], cache_dir: Path | None = None, workers: int = 0) -> list[str]:
+    """sha256 of every file, read in parallel threads (hashlib releases the GIL). A hash is reused while the
+    file's path, size, mtime, inode and ctime are unchanged: in this process, and across runs in
+    ``<cache_dir>/file-hashes.json``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.artifacts import atomic_write_text
+
+    store = Path(cache_dir) / "file-hashes.json" if cache_dir is not None else None
+    known = dict(_FILE_HASHES)
+    if store is not None and store.is_file():
+        try:
+            known.update(json.loads(store.read_text()))
+        except (OSError, ValueError):
+            pass  # a damaged cache of hashes is only slower
+    sigs = [_signature(os.stat(f)) for f in files]
+    keys = [str(Path(f).absolute()) for f in files]
+    todo = [i for i, (k, sig) in enumerate(zip(keys, sigs, strict=True)) if known.get(k, [None])[:4] != sig]
+    if todo:
+        with ThreadPoolExecutor(workers or min(32, (os.cpu_count() or 1) + 4)) as pool:
+            for i, digest in zip(todo, pool.map(lambda i: file_sha256(files[i], 64), todo), strict=True):
+                known[keys[i]] = [*sigs[i], digest]
+        if store is not None:
+            with contextlib.suppress(OSError):
+                store.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(store, json.dumps(known))
+    _FILE_HASHES.update({k: known[k] for k in keys})
+    return [known[k][4] for k in keys]
+
+
+def _content_hash(root: Path, files: list[Path], labels: list[int], classes: list[str],
+                  cache_dir: Path | None) -> str:
+    """Hash of (relative path, sha256 of the bytes, label) of every file: a changed image changes it even when
+    its size and mtime stay the same."""
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for f, y, digest in zip(files, labels, file_hashes(files, cache_dir), strict=True):
+        h.update(f"{f.relative_to(root)}\0{digest}\0{y}\n".encode())
+    return "c" + h.hexdigest()[:15]
+
+
+def fingerprint(cfg: DataConfig, cache_dir: Path | None = None) -> str:
     """A hash of the data files themselves (part of every artifact key, so changed data is never reused).
 
-    embedded: the shipped file's content; imagefolder: every image's relative path, size, mtime and class;
-    cifar10: the batch files' names, sizes and mtimes.
+    embedded: the shipped file's content; imagefolder: every image's relative path, size, mtime and class
+    (``data.fingerprint=content``: its sha256 instead of size and mtime); cifar10: the batch files' names,
+    sizes and mtimes (``content``: their sha256).
     """
     if cfg.source == "embedded":
         return file_sha256(EMBEDDED)
     root = Path(cfg.root).expanduser()
     if cfg.source == "imagefolder":
-        return _scan_imagefolder(root)[-1]
+        return _scan_imagefolder(root, mode=cfg.fingerprint, cache_dir=cache_dir)[-1]
+    if root.is_file():
+        check_root(root)
     batches_dir = root / "cifar-10-batches-py"
     files = sorted(p for p in batches_dir.glob("*") if p.is_file()) if batches_dir.is_dir() else []
     if not files and not cfg.download:
         raise PipelineError(f"no CIFAR-10 data at {root}; put cifar-10-batches-py there or set data.download=true "
                             "(needs network)")
+    if cfg.fingerprint == "content":
+        return stable_hash(list(zip([p.name for p in files], file_hashes(files, cache_dir), strict=True)))
     return stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_size(cfg: DataConfig, cache_dir: Path | None) -> None:
+    """Before decoding: the decoded images (images x L x L x 3 bytes) must fit ``data.max_cache_gb`` and the
+    free disk space (an image folder's store) or the available memory (embedded and CIFAR-10 images, held in
+    memory at ``image_size``). One line when they do not; nothing when the store is already there."""
+    if cfg.source == "imagefolder":
+        root = Path(cfg.root).expanduser()
+        train, _, test, _, _, digest = _scan_imagefolder(root, reuse=True, mode=cfg.fingerprint, cache_dir=cache_dir)
+        folder = _store_folder(cfg, digest, cache_dir)
+        if (folder / imagestore.META_FILE).is_file():
+            return
+        n, side = len(train) + len(test), imagestore.stored_size(cfg.image_size, cfg.resize, cfg.crop_fraction)
+        where = "cache"
+        place = folder.parent
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        room = shutil.disk_usage(place).free
+        short = f"{place} has {_gb(room)} free"
+    else:
+        if cfg.source == "embedded":
+            with np.load(EMBEDDED) as z:
+                n = len(z["train_labels"]) + len(z["test_labels"])
+        else:
+            n = 60_000
+        side, where = cfg.image_size, "memory"
+        room = _available_memory()
+        short = f"this machine has {_gb(room or 0)} of memory available"
+    need = n * 3 * side * side
+    what = f"data: {n} images decoded at {side}x{side} need {_gb(need)} of {where}"
+    if cfg.max_cache_gb is not None and need > cfg.max_cache_gb * 1e9:
+        raise PipelineError(f"{what}, more than data.max_cache_gb={cfg.max_cache_gb:g}; lower data.image_size or "
+                            f"raise data.max_cache_gb")
+    if room is not None and need > room:
+        fix = ", free space or move paths.cache elsewhere" if where == "cache" else ""
+        raise PipelineError(f"{what}, but {short}; lower data.image_size{fix}")
 
 
 def _stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +446,14 @@ def _stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torc
         val_idx.append(idx[:k])
         train_idx.append(idx[k:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _resized(x: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """uint8 images resized (bilinear) to ``size``, a chunk at a time: float copies of one chunk, not all."""
+    out = torch.empty((len(x), x.shape[1], size, size), dtype=torch.uint8)
+    for s in range(0, len(x), chunk):
+        out[s : s + chunk] = F.interpolate(x[s : s + chunk].float(), size=size, mode="bilinear").round().to(torch.uint8)
+    return out
 
 
 _CACHE: dict[str, Splits] = {}
@@ -334,8 +471,7 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None, progr
     else:
         train_x, train_y, test_x, test_y, classes = _load_imagefolder(cfg, cache_dir, progress)
     if not isinstance(train_x, Images) and train_x.shape[-1] != cfg.image_size:
-        train_x = F.interpolate(train_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
-        test_x = F.interpolate(test_x.float(), size=cfg.image_size, mode="bilinear").round().to(torch.uint8)
+        train_x, test_x = _resized(train_x, cfg.image_size), _resized(test_x, cfg.image_size)
     if len(classes) != cfg.num_classes:
         raise PipelineError(
             f"data has {len(classes)} classes but data.num_classes={cfg.num_classes}; "

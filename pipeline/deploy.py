@@ -159,10 +159,16 @@ def resolve_model(path: Path) -> Path:
     if path.is_dir():
         if (path / BUNDLE).is_file():
             try:
-                return path / json.loads((path / BUNDLE).read_text())["recommended"]
-            except (ValueError, KeyError) as e:
+                name = json.loads((path / BUNDLE).read_text())["recommended"]
+                model = path / name
+            except (ValueError, KeyError, TypeError) as e:
                 raise PipelineError(f"{path / BUNDLE} is damaged ({type(e).__name__}); write the bundle again "
                                     "with python -m pipeline stage=validate") from None
+            if not model.resolve().is_relative_to(path.resolve()):  # ../elsewhere.onnx, /abs/path, a link out
+                raise PipelineError(f"{path / BUNDLE} recommends {name!r}, which lies outside the bundle folder; a "
+                                    "bundle's models lie inside it: write the bundle again with python -m "
+                                    "pipeline stage=validate, or give the .onnx file itself")
+            return model
         if (path / "model.onnx").is_file():
             return path / "model.onnx"
         raise PipelineError(f"{path} holds no model ({BUNDLE} or model.onnx); give a bundle folder such as "

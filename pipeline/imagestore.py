@@ -17,11 +17,14 @@ This module imports no torch at import time, so decode workers start quickly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +60,28 @@ def center_crop(a: np.ndarray, size: int) -> np.ndarray:
     return a[..., top : top + size, left : left + size]
 
 
+WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray PNGs/TIFFs (and 32-bit integer gray)
+
+
+def to_rgb(im):
+    """A PIL image in RGB. 16-bit gray (``I;16``, and ``I``, as which 16-bit PNGs open) is scaled to 8 bits
+    (x * 255 / 65535, rounded); PIL's own ``convert("RGB")`` clips it at 255, so a mid-grey 16-bit image
+    would come out white."""
+    from PIL import Image
+
+    if im.mode in WIDE_GRAY:
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def read_rgb(path: Path, image_size: int, resize: str, crop_fraction: float) -> np.ndarray:
     """One image file -> (3, L, L) uint8. Raises ValueError with the reason for unreadable files."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(prepare(im.convert("RGB"), image_size, resize, crop_fraction), dtype=np.uint8)
+            arr = np.asarray(prepare(to_rgb(im), image_size, resize, crop_fraction), dtype=np.uint8)
     except Exception as e:
         raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
     return arr.transpose(2, 0, 1)
@@ -84,13 +102,55 @@ def _decode_chunk(data_path: str, side: int, start: int, files: Sequence[str], i
     return len(files)
 
 
+def _decode_job(job: tuple) -> int:
+    return _decode_chunk(*job)
+
+
+def _worker_init() -> None:
+    """Decode workers die on SIGTERM (the default) and leave Ctrl-C to the main process, which stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Terminated(BaseException):
+    """SIGTERM during a decode: unwinds like Ctrl-C, so the partial store is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While decoding in the main thread: SIGTERM raises ``Terminated`` instead of killing the process on
+    the spot, so the ``.partial`` folder is removed (the process then exits with 143, as a SIGTERM would)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except Terminated:
+        logging.getLogger(__name__).warning("data: decoding stopped by SIGTERM; the partial store was removed")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def build(folder: Path, files: Sequence[Path], meta: dict, image_size: int, resize: str, crop_fraction: float,
           workers: int, progress: bool = False, chunk: int = 256) -> None:
-    """Decode ``files`` into ``folder`` (created atomically: a partial folder renamed when complete)."""
+    """Decode ``files`` into ``folder`` (created atomically: a partial folder renamed when complete). Ctrl-C,
+    SIGTERM or an error stop the workers and remove the partial folder."""
     side = stored_size(image_size, resize, crop_fraction)
     n = len(files)
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    with _sigterm_unwinds():
+        _build(tmp, folder, files, meta, image_size, resize, crop_fraction, workers, progress, chunk, side, n)
+
+
+def _build(tmp: Path, folder: Path, files: Sequence[Path], meta: dict, image_size: int, resize: str,
+           crop_fraction: float, workers: int, progress: bool, chunk: int, side: int, n: int) -> None:
     tmp.mkdir(parents=True)
     data_path = tmp / DATA_FILE
     try:
@@ -109,9 +169,16 @@ def build(folder: Path, files: Sequence[Path], meta: dict, image_size: int, resi
 
             # fork where there is one (workers need only PIL and numpy; torch's DataLoader forks too)
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                for done in pool.map(_decode_chunk, *zip(*jobs, strict=True)):
+            pool = ctx.Pool(min(workers, len(jobs)), initializer=_worker_init)
+            try:
+                for done in pool.imap_unordered(_decode_job, jobs):
                     bar.update(done)
+                pool.close()
+            except BaseException:
+                pool.terminate()  # stop the workers now, not after the chunks they have queued
+                raise
+            finally:
+                pool.join()
         bar.close()
         (tmp / META_FILE).write_text(json.dumps({**meta, "n": n, "side": side}))
         try:

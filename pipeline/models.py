@@ -439,13 +439,17 @@ def load_model(ckpt: dict, source: str, trusted_target: str | None) -> nn.Module
     ``trusted_target`` is the user's configured ``model.target`` (None when the model comes from the
     registry); a checkpoint that names any other class is refused before it is imported.
     """
-    from pipeline.artifacts import CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE
+    from pipeline.artifacts import CKPT_MODEL_CFG, CKPT_SHAPES, CKPT_STATE, detached_state
 
     check_trusted(ckpt[CKPT_MODEL_CFG], trusted_target, source)
     model = build_model(ckpt[CKPT_MODEL_CFG])
     apply_shapes(model, ckpt[CKPT_SHAPES])
+    state = ckpt[CKPT_STATE]
+    if not hasattr(state, "_metadata"):  # a checkpoint saved without module versions: this code's are right
+        state = detached_state(state)
+        state._metadata = model.state_dict()._metadata
     try:
-        model.load_state_dict(ckpt[CKPT_STATE])
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise PipelineError(

@@ -75,11 +75,11 @@ class Predictor:
         """uint8 HWC RGB pixels at the model's size, and a note when the image had to be resized."""
         from PIL import Image, UnidentifiedImageError
 
-        from pipeline.imagestore import center_crop, prepare
+        from pipeline.imagestore import center_crop, prepare, to_rgb
 
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = to_rgb(im)  # 16-bit gray scaled to 8 bits, not clipped
                 note = None
                 if im.size != (self.size, self.size):
                     how = "resized" if self.resize == "squash" else "resized and center-cropped"
@@ -160,14 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1 or args.batch < 1:
             raise PipelineError("--top-k and --batch must be >= 1")
+        if args.csv:  # checked before any image is classified
+            out = Path(args.csv)
+            if out.is_dir():
+                raise PipelineError(f"--csv {args.csv} is a folder; give a file name, e.g. --csv {out / 'out.csv'}")
+            if not out.absolute().parent.is_dir():
+                raise PipelineError(f"--csv {args.csv}: the folder {out.absolute().parent} does not exist; create it "
+                                    "or give a file in an existing folder")
         pred = Predictor(args.model, args.threads, args.labels.split(",") if args.labels else None,
                          _floats(args.mean), _floats(args.std), args.size)
+        top_k = min(args.top_k, len(pred.classes))
+        if top_k < args.top_k:
+            print(f"note: --top-k {args.top_k} is more than the model's {len(pred.classes)} classes; showing "
+                  f"{top_k}", file=sys.stderr)
         single = len(args.images) == 1 and Path(args.images[0]).is_file()
         rows, failed, batch, names = [], 0, [], []
 
         def flush() -> None:
             if batch:
-                for name, top in zip(names, pred.classify(pred.to_input(np.stack(batch)), args.top_k), strict=True):
+                for name, top in zip(names, pred.classify(pred.to_input(np.stack(batch)), top_k), strict=True):
                     print(f"{name}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
                     rows.append([name, *[v for c, p in top for v in (c, f"{p:.6f}")]])
                 batch.clear()
@@ -190,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush()
         flush()
         if args.csv:
-            with open(args.csv, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["file", *[h for i in range(1, args.top_k + 1) for h in (f"class{i}", f"prob{i}")]])
-                w.writerows(rows)
+            try:
+                with open(args.csv, "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["file", *[h for i in range(1, top_k + 1) for h in (f"class{i}", f"prob{i}")]])
+                    w.writerows(rows)
+            except OSError as e:
+                raise PipelineError(f"--csv {args.csv} cannot be written ({e.strerror or e}); give a writable "
+                                    "place") from None
         if not rows:
             raise PipelineError(f"no image in {' '.join(args.images)} could be read")
         if failed:

@@ -31,13 +31,14 @@ from pipeline.artifacts import (
     check_writable,
     file_lock,
     file_sha256,
+    shown,
     stable_hash,
     staging_dir,
     verify_artifact,
     write_json,
 )
-from pipeline.config import bind, key_settings, raise_if_errors
-from pipeline.data import DataConfig, fingerprint
+from pipeline.config import SEED_MAX, bind, key_settings, raise_if_errors, setting, unknown_key
+from pipeline.data import DataConfig, check_size, fingerprint
 from pipeline.env import git_commit, versions
 from pipeline.errors import PipelineError
 from pipeline.models import ModelConfig
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 ROOT_KEYS = ("stage", "pipeline", "run_upstream", "force", "seed", "device", "amp", "channels_last",
              "deterministic", "progress", "sync_bn")
+SECTIONS = ("data", "model", "paths", "search", "hydra")  # top-level sections besides the stages
 
 
 @dataclass
@@ -61,7 +63,7 @@ class RootConfig:
     pipeline: list[str]  # the default sequence, in order
     run_upstream: bool  # build missing upstream artifacts (else stop with the command to run)
     force: Literal["none", "stage", "all"]  # re-run even when an artifact with the same key exists
-    seed: int
+    seed: int = setting(ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"]
     amp: Literal["auto", "off", "bf16", "fp16"]  # auto: bf16/fp16 on CUDA, off on CPU
     channels_last: Literal["auto", "on", "off"]  # auto: on for CPU and CUDA conv nets
@@ -84,6 +86,8 @@ class Runner:
         self.registry = stage_registry()
         errors: list[str] = []
         self.root = bind({k: cfg.get(k) for k in ROOT_KEYS}, RootConfig, "", errors)
+        known = [k for k in (*ROOT_KEYS, *SECTIONS, *self.registry) if k in cfg or k in ROOT_KEYS]
+        errors.extend(unknown_key(k, known) for k in cfg if k not in known)  # +sed=3 (meant seed) is no no-op
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
         stage_errors: dict[str, list[str]] = {name: [] for name in self.registry}
@@ -111,6 +115,12 @@ class Runner:
             if isinstance(st, FitConfig) and st.batch_size % world:
                 errors.append(f"{name}.batch_size: {st.batch_size} is not divisible by the world size {world}; "
                               f"use a multiple of {world}")
+        for name in self.needed:  # a stage that writes into the run folder never replaces an earlier run's files
+            st = self.registry[name]
+            if not st.cached and (old := next((f for f in st.outputs if (self.run_dir / f).exists()), None)):
+                errors.append(f"the run folder {shown(self.run_dir)} already holds {old} of an earlier run; give a "
+                              "new one with hydra.run.dir=<new folder> (or leave hydra.run.dir out: every run "
+                              "gets its own folder)")
         for name in self.needed:  # checks that build the model, for stages whose settings bound
             if self.settings[name] is not None and (check := self.registry[name].check) is not None:
                 errors.extend(check(self.view))
@@ -188,7 +198,7 @@ class Runner:
 
     def data_fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.data_cfg)
+            self._fingerprint = fingerprint(self.data_cfg, self.cache_dir)
         return self._fingerprint
 
     def _weights_id(self) -> str | None:
@@ -226,6 +236,7 @@ class Runner:
     def run(self) -> dict[str, Artifact]:
         check_writable(self.artifacts_root)
         check_writable(self.run_dir)
+        check_size(self.data_cfg, self.cache_dir)  # the decoded data fits its limit, the disk and memory
         self.rt = make_runtime(self.root.device, self.root.seed, self.root.amp,
                                self._channels_last(), self.root.progress, self.root.deterministic,
                                self.root.sync_bn)
@@ -244,15 +255,18 @@ class Runner:
     def _artifact(self, node: str, path: Path) -> Artifact:
         return Artifact(node, self.key(node), path, self.model_cfg.target, self.registry[base(node)].result)
 
-    def _reusable(self, node: str, final: Path) -> bool:
-        """An artifact exists for this key and its files match the manifest's hashes (rank 0 decides)."""
+    def _reusable(self, node: str, final: Path, quiet: bool = False) -> bool:
+        """An artifact exists for this key and its files match the manifest's hashes (rank 0 decides; says why
+        an artifact folder that is there is not used, unless ``quiet``: the second look under the lock)."""
         ok = False
         if self.rt.is_main and (final / MANIFEST).is_file():
             problem = verify_artifact(final)
             if problem is None:
                 ok = True
-            else:
+            elif not quiet:
                 log.warning("%s: the artifact in %s is damaged (%s); building it again", node, final, problem)
+        elif self.rt.is_main and final.is_dir() and not quiet:
+            log.warning("%s: the artifact in %s has no %s (deleted?); building it again", node, final, MANIFEST)
         return self.rt.agree(ok)
 
     def _ensure(self, node: str, requested: set[str], done: dict[str, Artifact]) -> Artifact:
@@ -295,7 +309,7 @@ class Runner:
             lock, work_dir = self.run_dir / f".{st.name}.lock", self.run_dir / f".{st.name}.work"
         with file_lock(lock) if main else contextlib.nullcontext():
             # a parallel job may have built it while this one waited for the lock
-            if st.cached and not force and self._reusable(node, final):
+            if st.cached and not force and self._reusable(node, final, quiet=True):
                 log.info("%s: reusing %s (built by another job)", node, final)
                 return self._artifact(node, final)
             if main:

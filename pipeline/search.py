@@ -153,8 +153,8 @@ class SearchSweeper(Sweeper):
         if self.n_trials < 1 or self.n_jobs < 1:
             errors.append("hydra.sweeper.n_trials and n_jobs must be >= 1")
         if not self.params:
-            errors.append("hydra.sweeper.params: the search space is empty; add e.g. "
-                          "hydra.sweeper.params.prune.ratio='interval(0.2,0.7)'")
+            errors.append("hydra.sweeper.params: the search space is empty; add e.g. "  # a shell word Hydra takes
+                          "\"++hydra.sweeper.params={prune.ratio:'interval(0.2,0.7)'}\"")
         for key in self.params:
             if OmegaConf.select(self.config, key, default="__missing__") == "__missing__":
                 section = key.rsplit(".", 1)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipeline.artifacts import atomic_write_text, write_json
 from pipeline.report import markdown_table, plot_points
 
 log = logging.getLogger(__name__)
+JOB_ERROR = "error.txt"  # a sweep job that failed leaves its one-line error here (pipeline.__main__)
 
 SUMMARY_COLUMNS = [
     ("job", "job", "{}"), ("overrides", "overrides", "{}"), ("name", "model", "{}"),
@@ -38,7 +40,20 @@ def summarize(sweep_dir: Path) -> dict:
         for r in rep["rows"]:
             rows.append({"job": job.name, "overrides": " ".join(overrides), **r,
                          "onnx": str((job / r["onnx"]).resolve())})
-    return {"sweep_dir": str(sweep_dir), "jobs": jobs, "rows": rows}
+    failed = []
+    for err in sorted(sweep_dir.glob(f"*/{JOB_ERROR}"), key=lambda p: p.parent.name):
+        ovr_file = err.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(ovr_file.read_text()) if ovr_file.is_file() else []
+        failed.append({"job": err.parent.name, "overrides": " ".join(overrides), "error": err.read_text().strip()})
+    return {"sweep_dir": str(sweep_dir), "jobs": jobs, "rows": rows, "failed": failed}
+
+
+def _failed_lines(summary: dict) -> list[str]:
+    if not summary["failed"]:
+        return []
+    return ["", f"Failed jobs ({len(summary['failed'])}):", "",
+            markdown_table(summary["failed"], [("job", "job", "{}"), ("overrides", "overrides", "{}"),
+                                               ("error", "error", "{}")]), ""]
 
 
 def _search_marks(sweep_dir: Path, summary: dict) -> dict | None:
@@ -61,10 +76,13 @@ def write_summary(sweep_dir: Path) -> dict | None:
     summary = summarize(sweep_dir)
     search = _search_marks(sweep_dir, summary)
     if not summary["rows"]:
-        log.warning("sweep: no job wrote a report under %s; no summary", sweep_dir)
-        if search is not None:  # e.g. every trial was pruned by the probe: the search table still says why
-            atomic_write_text(Path(sweep_dir) / "summary.md", "# Sweep summary\n\nNo job wrote a report; see "
-                              f"search.md.\n\n{search.get('note') or ''}\n")
+        log.warning("sweep: no job wrote a report under %s", sweep_dir)
+        if search is not None or summary["failed"]:  # every trial pruned by the probe, or every job failed
+            note = f"see search.md.\n\n{search.get('note') or ''}\n" if search is not None else ""
+            write_json(Path(sweep_dir) / "summary.json", summary)
+            atomic_write_text(Path(sweep_dir) / "summary.md", "\n".join(
+                ["# Sweep summary", "", f"No job wrote a report; {note}", *_failed_lines(summary)]))
+            return summary
         return None
     write_json(Path(sweep_dir) / "summary.json", summary)
     # the Pareto plot: every distinct model once (the baseline is shared across jobs)
@@ -78,7 +96,7 @@ def write_summary(sweep_dir: Path) -> dict | None:
     plot_points(points, "sweep: accuracy vs ONNX Runtime throughput", Path(sweep_dir) / "summary.png", pareto=True)
     columns = SUMMARY_COLUMNS + ([("search", "search", "{}")] if search is not None else [])
     md = ["# Sweep summary", "", f"{len(summary['jobs'])} jobs in `{sweep_dir}`.", "",
-          markdown_table(summary["rows"], columns), "", "![Pareto plot](summary.png)", ""]
+          markdown_table(summary["rows"], columns), "", "![Pareto plot](summary.png)", "", *_failed_lines(summary)]
     if search is not None:
         summary["search"] = {k: search[k] for k in ("pareto", "recommended", "reproduce", "note")}
         write_json(Path(sweep_dir) / "summary.json", summary)
@@ -93,6 +111,12 @@ class SweepSummary(Callback):
     """``hydra.callbacks.sweep_summary``: runs once after all multirun jobs."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summary = write_summary(Path(config.hydra.sweep.dir))
-        if summary is not None:
-            print(f"sweep summary: {Path(config.hydra.sweep.dir) / 'summary.md'}")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        summary = write_summary(sweep_dir)
+        if summary is None:
+            return
+        print(f"sweep summary: {sweep_dir / 'summary.md'}")
+        if summary["failed"] and not (sweep_dir / "search.json").is_file():  # a search records failed trials
+            for f in summary["failed"]:
+                print(f"error: sweep job {f['job']} failed: {f['error']}", file=sys.stderr)
+            sys.exit(2)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.artifacts import atomic_write_bytes
+from pipeline.artifacts import atomic_write_bytes, detached_state
 from pipeline.config import key_neutral, setting
 from pipeline.data import DataConfig, Splits, batches
 from pipeline.errors import PipelineError
@@ -267,7 +267,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             improved = math.isnan(val_acc) or val_acc > best_acc
             if improved:
                 best_acc = val_acc if not math.isnan(val_acc) else best_acc
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = detached_state(model.state_dict(), clone=True)  # with the module versions
             if rt.is_main:
                 if improved:
                     _save_state(best_path, {"model": model.state_dict()})

@@ -10,12 +10,13 @@ one-line error with the counts of missing, unexpected and differently shaped key
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -73,7 +74,11 @@ def _read_file(path: Path) -> dict:
         except ImportError:
             raise PipelineError(f"model.weights={path}: reading .safetensors needs the safetensors package; "
                                 "pip install safetensors") from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated, not safetensors, damaged header ...
+            raise PipelineError(f"model.weights={path} cannot be read as safetensors ({type(e).__name__}: "
+                                f"{first_line(e, 80)}); give a complete .safetensors file") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -100,7 +105,11 @@ def read_state_dict(model_cfg, trusted_target: str | None) -> tuple[dict, dict]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-        return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+        state = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items() if isinstance(v, torch.Tensor))
+        if (meta := getattr(obj, "_metadata", None)) is not None:  # module versions, as saved
+            state._metadata = OrderedDict(("" if k == "module" else k.removeprefix("module."), v)
+                                          for k, v in meta.items())
+        return state, {}
     w = torchvision_weights(model_cfg.name, weights)
     path = cache_path(w)
     if path.is_file():
@@ -122,6 +131,7 @@ def classifier_name(model: nn.Module) -> str | None:
 
 def load_weights(model: nn.Module, model_cfg, trusted_target: str | None) -> dict:
     """Load ``model.weights`` into ``model`` (in place); returns what was loaded and what was replaced."""
+    from pipeline.artifacts import detached_state
     from pipeline.models import apply_shapes
 
     state, shapes = read_state_dict(model_cfg, trusted_target)
@@ -144,7 +154,10 @@ def load_weights(model: nn.Module, model_cfg, trusted_target: str | None) -> dic
         raise PipelineError(f"model.weights={model_cfg.weights} does not fit {model_cfg.name or model_cfg.target}: "
                             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(other_shape)} of another "
                             f"shape (e.g. {examples}){hint}; use weights of this architecture")
-    model.load_state_dict({k: v for k, v in state.items() if k not in replaced}, strict=False)
+    kept = detached_state(state, keep=lambda k: k not in replaced)
+    if not hasattr(state, "_metadata"):  # .safetensors keep no module versions: this code's are the right ones
+        kept._metadata = own._metadata
+    model.load_state_dict(kept, strict=False)
     info = {"weights": model_cfg.weights, "loaded_tensors": len(state) - len(replaced),
             "replaced_classifier": replaced, "pruned": bool(shapes)}
     if replaced:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import CKPT_SHAPES, file_sha256, load_checkpoint, save_checkpoint
-from pipeline.config import setting
+from pipeline.config import SEED_MAX, setting
 from pipeline.distillation import KDLoss, freeze_teacher, parse_feature_pairs
 from pipeline.errors import PipelineError
 from pipeline.models import available_models, build_model, count_macs, count_params, load_model, module_shapes
@@ -46,7 +46,8 @@ class Config(FitConfig):
     feature_layers: list[str]  # "student_layer[:teacher_layer]" pairs
     feature_weight: float = setting(ge=0)  # weight of the feature (MSE through 1x1 adapter) loss
     compare_no_kd: bool  # also train the student without KD and record both accuracies
-    seed: int | None  # seed of the student's training (shuffle, augmentation, registry init); null: root seed
+    # seed of the student's training (shuffle, augmentation, registry init); null: root seed
+    seed: int | None = setting(ge=0, le=SEED_MAX)
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:

@@ -26,8 +26,12 @@ class Config(FitConfig):
 
 
 def check(view: GraphView) -> list[str]:
-    """Starting weights are found and fit the model before anything runs."""
+    """Starting weights are found and fit the model before anything runs; ``train.epochs=0`` needs them."""
     if view.model.weights is None:
+        if view.settings["train"].epochs == 0:
+            return ["train.epochs=0 keeps the starting weights as the baseline, but model.weights is not set (the "
+                    "baseline would be a randomly initialised model); give model.weights=<file or weights name>, "
+                    "or train with train.epochs=<N >= 1>"]
         return []
     try:
         load_weights(build_model(view.model.__dict__), view.model, view.model.target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shlex
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,6 +85,29 @@ def _row(name: str, src: str, r: ExportResult, onnx: str, names: dict[str, str])
     return row
 
 
+def expected_rows(view: GraphView) -> list[str]:
+    """The report rows the configured graph makes (what ``row_name`` gives for each export node): the export
+    of ``qat`` and ORT's static reference are INT8, ``<stage>_fp16`` nodes FP16, the rest FP32."""
+    rows = []
+    for node in view.expand("export"):
+        src = node.partition("/")[2]
+        if src.endswith("_fp16"):
+            rows.append(ROW_NAMES.get(src.removesuffix("_fp16"), src.removesuffix("_fp16")) + "-fp16")
+        else:
+            rows.append(ROW_NAMES.get(src, src) + ("-int8" if src in ("qat", "ort_static") else ""))
+    return rows
+
+
+def check(view: GraphView) -> list[str]:
+    """``validate.models`` names rows this pipeline makes (checked before anything is trained)."""
+    cfg: Config = view.settings["validate"]
+    if not cfg.models or view.settings.get("export") is None:
+        return []
+    rows = expected_rows(view)
+    return [f"validate.models: no report row named {m!r} in this pipeline; rows are {', '.join(rows)}"
+            for m in cfg.models if m not in rows]
+
+
 def inputs(view: GraphView, node: str) -> dict[str, str]:
     nodes = view.expand("export")
     if not nodes:
@@ -120,8 +144,9 @@ def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dic
         uint8 = art.path / "model_uint8.onnx"
         files[name] = uint8 if uint8.is_file() else art.path / "model.onnx"
     out = ctx.run_dir / "deploy"
-    reproduce = (f'python -m pipeline --config-path "{out.absolute()}" --config-name config '
-                 f"hydra.run.dir={shown(ctx.run_dir)}_reproduced")
+    # a new folder next to this run each time (<run>_reproduced, _reproduced_2, ...): no report is replaced
+    run_dir = shlex.quote(f"hydra.run.dir=${{unique_dir:{shown(ctx.run_dir)}_reproduced}}")
+    reproduce = f"python -m pipeline --config-path {shlex.quote(str(out.absolute()))} --config-name config {run_dir}"
     deploy.write_bundle(out, rep, files, classes, ctx.data_cfg.mean, ctx.data_cfg.std, ctx.data_cfg.image_size,
                         ctx.config_yaml, reproduce, git_commit(),
                         {"mode": ctx.data_cfg.resize, "crop_fraction": ctx.data_cfg.crop_fraction})
@@ -201,4 +226,4 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = Stage(name="validate", config=Config, run=run, outputs=("report.json", "report.md", "report.png"),
-              inputs=inputs, cached=False, main_only=True)
+              inputs=inputs, cached=False, main_only=True, check=check)

@@ -29,6 +29,20 @@ def cfg_factory(tmp_path):
     return lambda *o, **kw: make_cfg(tmp_path, *o, **kw)
 
 
+def tiny_weights(tmp_path: Path) -> str:
+    """``model.weights=<file>`` of experiment=tiny's model (random init): ``train.epochs=0`` takes them as the
+    baseline without training (the config check refuses train.epochs=0 without weights)."""
+    import torch
+
+    from pipeline.models import build_model
+
+    path = tmp_path / "tiny_init.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save(build_model({"name": "resnet8", "num_classes": 10, "width": 0.5}).state_dict(), path)
+    return f"model.weights={path}"
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs():
     for name in ("onnx_ir", "onnxscript", "matplotlib", "torch.onnx"):

@@ -65,3 +65,26 @@ def test_output_folder_not_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PipelineError, match="not writable.*paths.outputs"):
         check_writable(tmp_path / "file" / "sub")
+
+
+def test_checkpoints_keep_the_module_versions_a_model_needs_to_load(tmp_path):
+    """torchvision's MNASNet reads its version from the state dict's metadata in ``_load_from_state_dict``;
+    checkpoints, the best epoch's copy and weights files without metadata (.safetensors) all load."""
+    from safetensors.torch import save_file
+
+    from pipeline.models import ModelConfig
+    from pipeline.weights import load_weights
+
+    cfg = {"name": "mnasnet0_5", "num_classes": 10, "image_size": 32, "width": 1.0, "small_input": True,
+           "target": None, "kwargs": None, "family": "auto", "weights": None, "download": False}
+    m = build_model(cfg).eval()
+    save_checkpoint(tmp_path / "m.pt", m.state_dict(), cfg)
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["state_dict"]._metadata[""] == {"version": 2}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_model(ckpt, "m.pt", None).eval()(x), m(x))
+    save_file(dict(m.state_dict()), str(tmp_path / "m.safetensors"))
+    fresh = build_model(cfg)
+    mc = ModelConfig(**{**cfg, "weights": str(tmp_path / "m.safetensors")})
+    load_weights(fresh, mc, None)
+    assert torch.equal(fresh.eval()(x), m(x))

@@ -24,7 +24,7 @@ def _cfg(**kw) -> DataConfig:
     base = dict(source="embedded", root=None, download=False, image_size=32, num_classes=10,
                 val_fraction=0.1, mean=[0.5] * 3, std=[0.25] * 3, augment=True, crop_padding=4, train_subset=None,
                 resize="squash", crop_fraction=0.875, train_crop="pad", rrc_scale=[0.08, 1.0], cutout=0,
-                decode_workers=1)
+                decode_workers=1, max_cache_gb=100.0, fingerprint="stat")
     base.update(kw)
     return DataConfig(**base)
 

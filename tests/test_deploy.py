@@ -16,6 +16,7 @@ from pipeline.data import EMBEDDED, load_splits
 from pipeline.models import build_model
 from pipeline.predict import Predictor, main
 from pipeline.runner import run_pipeline
+from tests.conftest import tiny_weights
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -163,7 +164,8 @@ def test_serving_measurements_cover_every_setting(fp32_onnx):
 
 def test_no_bundle_when_deploy_is_off(cfg_factory, tmp_path):
     run = tmp_path / "run"
-    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "train.epochs=0", "validate.deploy=false",
+    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "train.epochs=0", tiny_weights(tmp_path),
+                             "validate.deploy=false",
                              "validate.serving_batch_sizes=[]", "validate.concurrency=[]"), run)
     rep = json.loads((run / "report.json").read_text())
     assert not (run / "deploy").exists() and "deploy" not in rep and rep["serving"] == {}

@@ -19,7 +19,7 @@ def _setup(n=256):
     x[y == 1, 0] += 120  # class 1: bright red channel, learnable in a few steps
     splits = Splits(x, y, x[:64], y[:64], x[:64], y[:64], ["a", "b"])
     dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, False, 0, None, "squash", 0.875, "pad",
-                    [0.08, 1.0], 0, 1)
+                    [0.08, 1.0], 0, 1, 100.0, "stat")
     rt = make_runtime("cpu", 0, "off", False, False, False)
     return splits, dc, rt
 

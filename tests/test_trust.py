@@ -21,6 +21,7 @@ from pipeline.models import build_model, load_model
 from pipeline.runner import Runner, run_pipeline
 from pipeline.runtime import make_runtime
 from pipeline.training import FitConfig, fit
+from tests.conftest import tiny_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
@@ -83,7 +84,7 @@ def _image_folder(root: Path, per_class: int = 4) -> None:
 
 def _folder_cfg(root: Path) -> DataConfig:
     return DataConfig("imagefolder", str(root), False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, False, 0, None, "squash",
-                      0.875, "pad", [0.08, 1.0], 0, 1)
+                      0.875, "pad", [0.08, 1.0], 0, 1, 100.0, "stat")
 
 
 def test_data_fingerprint_sees_added_and_moved_files(tmp_path):
@@ -134,7 +135,7 @@ def test_damaged_artifacts_are_detected_and_rebuilt(cfg_factory, tmp_path, caplo
 
 
 def test_stale_partial_folders_of_a_killed_run_are_removed(cfg_factory, tmp_path):
-    r = Runner(cfg_factory("stage=train", "train.epochs=0"), tmp_path)
+    r = Runner(cfg_factory("stage=train", "train.epochs=0", tiny_weights(tmp_path)), tmp_path)
     final = r.artifact_dir("train")
     stale = final.parent / f".{final.name}.x1y2.partial"
     stale.mkdir(parents=True)
@@ -158,7 +159,7 @@ def _noisy_setup():
     x = torch.randint(0, 255, (192, 3, 8, 8), generator=g, dtype=torch.uint8)
     splits = Splits(x, y, x[:32], y[:32], x[:32], y[:32], ["a", "b"])
     dc = DataConfig("embedded", None, False, 8, 2, 0.0, [0.5] * 3, [0.25] * 3, True, 2, None, "squash", 0.875, "pad",
-                    [0.08, 1.0], 0, 1)  # augmented
+                    [0.08, 1.0], 0, 1, 100.0, "stat")  # augmented
     cfg = FitConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                     schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, select="last",
                     clip_grad_norm=None)
