@@ -1,7 +1,7 @@
 """The rewrite of a float model into its QAT form as data: ``PASSES``, the ordered passes ``prepare_qat`` runs one
 after the other on one ``Context``. Each is one function of the module for its group (``normalise``, ``constants``,
-``arithmetic``, ``activations``, ``fold``, ``quantizers``, ``link``; tracing in ``..tracer``, attention in
-``..attention``). A pass whose ``stale_shapes`` is set returns whether it changed the graph (and recompiled it);
+``arithmetic``, ``activations``, ``fold``, ``quantizers``, ``link``; tracing in ``quant.tracer``, attention in
+``quant.attention``). A pass whose ``stale_shapes`` is set returns whether it changed the graph (and recompiled it);
 then the next ``shapes_if_stale`` records the tensor shapes again. What the passes quantize where is versioned by
 ``REWRITE``."""
 
