@@ -972,7 +972,7 @@ def test_ort_static_quantizes_group_norms_that_share_their_constants(tmp_path):
 
     assert shared(tmp_path / "f.onnx")  # the scale of ones, and GroupNorm's affine weights while equal
     shutil.copy(tmp_path / "f.onnx", tmp_path / "u.onnx")
-    onnxio._unshare_float_initializers(tmp_path / "u.onnx")
+    ort_quantize._unshare_float_initializers(tmp_path / "u.onnx")
     assert not shared(tmp_path / "u.onnx")
     np.testing.assert_array_equal(inference.predict(inference.get().session(tmp_path / "u.onnx", 1), x),
                                   inference.predict(inference.get().session(tmp_path / "f.onnx", 1), x))

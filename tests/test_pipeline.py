@@ -126,7 +126,7 @@ def test_cli_run_and_reproduce_from_saved_config(tmp_path):
 def test_cli_help_and_bad_input_are_short(tmp_path):
     job = _cli("--cfg", "job", "prune.ratio=0.55", "experiment=tiny", cwd=tmp_path).stdout
     assert "  ratio: 0.55\n" in job and "  name: resnet8\n" in job  # the override and the preset are composed
-    assert "Powered by Hydra" in _cli("--help", cwd=tmp_path).stdout
+    assert "Presets (experiment=NAME):" in _cli("--help", cwd=tmp_path).stdout  # the pipeline's own help
     bad = _cli("stage=nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "error: config error: stage: 'nope' is not a stage" in bad.stderr
     assert "Traceback" not in bad.stderr
