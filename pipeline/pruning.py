@@ -225,10 +225,10 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
 
 @functools.cache  # the same functions every time: Torch-Pruning tells its pruning functions apart by identity
 def _std_convs() -> list[tuple[object, str, Callable]]:
-    """timm's weight-standardised convs (``StdConv2d`` family: BiT, NFNet, NF-ResNet) as plain convs while
-    Torch-Pruning traces them (through the standardisation it loses the channel dependencies), and their
-    per-output-channel ``gain``, which it does not know, pruned with the conv's output channels: the conv
-    pruning functions wrapped, where Torch-Pruning binds them and where it compares them (``function.*``)."""
+    """The per-output-channel ``gain`` of weight-standardised convs (timm's ``ScaledStdConv2d``), which
+    Torch-Pruning does not know, pruned with the conv's output channels: the conv pruning functions wrapped, where
+    Torch-Pruning binds them and where it compares them (``function.*``). (The convs themselves run as plain
+    convs while it analyses them: a family's ``analysable`` form.)"""
     from types import MethodType
 
     from torch_pruning import ops
@@ -246,22 +246,11 @@ def _std_convs() -> list[tuple[object, str, Callable]]:
 
     conv_box, dw_box = function.PrunerBox[ops.OPTYPE.CONV], function.PrunerBox[ops.OPTYPE.DEPTHWISE_CONV]
     conv, dw = gained(type(conv_box).prune_out_channels), gained(type(dw_box).prune_out_channels)
-    patches = [(type(conv_box), "prune_out_channels", conv), (type(dw_box), "prune_out_channels", dw),
-               (type(dw_box), "prune_in_channels", dw),  # one function for both, as Torch-Pruning has it
-               (function, "prune_conv_out_channels", MethodType(conv, conv_box)),
-               (function, "prune_depthwise_conv_out_channels", MethodType(dw, dw_box)),
-               (function, "prune_depthwise_conv_in_channels", MethodType(dw, dw_box))]
-    try:
-        from timm.layers import std_conv
-    except ImportError:  # timm is an optional extra
-        return patches
-
-    def plain(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "same_pad", False):
-            x = std_conv.pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.weight, self.bias)
-
-    return patches + [(getattr(std_conv, n), "forward", plain) for n in STD_CONVS if hasattr(std_conv, n)]
+    return [(type(conv_box), "prune_out_channels", conv), (type(dw_box), "prune_out_channels", dw),
+            (type(dw_box), "prune_in_channels", dw),  # one function for both, as Torch-Pruning has it
+            (function, "prune_conv_out_channels", MethodType(conv, conv_box)),
+            (function, "prune_depthwise_conv_out_channels", MethodType(dw, dw_box)),
+            (function, "prune_depthwise_conv_in_channels", MethodType(dw, dw_box))]
 
 
 @functools.cache  # one instance: Torch-Pruning tells its pruning functions apart by identity

@@ -22,7 +22,8 @@ Hooks (see docs/architecture.md, "Adding a model family"):
 - ``split_kept(fn)``: ``fn(model)`` -> modules whose outputs' channel splits keep Torch-Pruning's own mapping
   (the core maps every other split's users to the parts they read).
 
-Building blocks for the families: ``split_qkv`` and ``pruning_function_base()``.
+Building blocks for the families: ``split_qkv``, ``pruning_function_base()`` and ``STD_CONVS`` (the names of
+timm's weight-standardised convs, which the core's pruning also reads).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FAMILIES = ("beit", "blurpool", "mvit", "shufflenet", "sknet", "swin", "timm_attention")
+from pipeline.models import STD_CONVS as STD_CONVS  # a building block: re-exported for the families
+
+FAMILIES = ("beit", "blurpool", "mvit", "shufflenet", "sknet", "std_conv", "swin", "timm_attention")
 
 
 @dataclass(frozen=True)

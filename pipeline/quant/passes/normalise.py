@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import families
-from pipeline.models import STD_CONVS, inside, replace_module
+from pipeline.models import inside, replace_module
 from pipeline.quant.graph import _calls, _only_user
 from pipeline.quant.modules import SamePadConv2d, _SamePadPool
 from pipeline.quant.target import _MATMUL
@@ -23,44 +23,23 @@ from pipeline.quant.tracer import _NORM_ACT, _SAME
 
 def plain_layers(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
     """A copy of ``model`` whose layers that compute their weights from other parameters on every call hold
-    those weights instead, as BN folds into a conv (same outputs; QAT then fine-tunes the folded weights):
-    weight-standardised convs (timm's ``StdConv2d`` family: BiT, NFNet, ViT hybrids) become plain convs, and the
-    layers the families register (``pipeline.families.plain_layer``) are folded their way. fx would trace that
-    arithmetic and leave the conv or linear float. ``model`` itself when there is none."""
+    those weights instead, as BN folds into a conv (same outputs; QAT then fine-tunes the folded weights): the
+    layers the families register (``pipeline.families.plain_layer``: weight-standardised convs, concatenated
+    q / v biases) are folded their way. fx would trace that arithmetic and leave the conv or linear float.
+    ``model`` itself when there is none."""
     rules = families.plain_layers()
 
     def rule(m: nn.Module) -> families.PlainLayer | None:
         return next((r for r in rules if r.matches(m)), None)
 
-    names = [n for n, m in model.named_modules() if (type(m).__name__ in STD_CONVS or rule(m) is not None)
-             and not inside(n, float_layers)]
+    names = [n for n, m in model.named_modules() if rule(m) is not None and not inside(n, float_layers)]
     if not names:
         return model
     model = copy.deepcopy(model)
     for name in names:
         mod = model.get_submodule(name)
-        if (r := rule(mod)) is not None:
-            if (new := r.fold(mod)) is not None:
-                replace_module(model, name, new)
-            continue
-        gain = (mod.gain * mod.scale).view(-1) if hasattr(mod, "gain") else None
-        with torch.no_grad():
-            weight = F.batch_norm(mod.weight.reshape(1, mod.out_channels, -1), None, None, weight=gain,
-                                  training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
-        if getattr(mod, "same_pad", False):  # 'SAME' padding from the input size: fixed later for this size
-            from timm.layers import Conv2dSame
-
-            conv: nn.Conv2d = Conv2dSame(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, 0,
-                                         mod.dilation, mod.groups, mod.bias is not None)
-        else:
-            conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                             mod.dilation, mod.groups, mod.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if mod.bias is not None:
-                conv.bias.copy_(mod.bias)
-        conv.train(mod.training)
-        replace_module(model, name, conv)
+        if (new := rule(mod).fold(mod)) is not None:
+            replace_module(model, name, new)
     return model
 
 
