@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import families
 from pipeline.errors import PipelineError
 from pipeline.models import (
     STD_CONVS,
@@ -92,7 +93,7 @@ def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> 
 
     The stem (patch embedding) is always kept when the model has ``nn.MultiheadAttention``: its embedding
     width is fixed by the module's ``embed_dim`` / ``num_heads`` (torchvision's ViT also reads ``hidden_dim``).
-    So it is for ShuffleNetV2 and Swin, with the layers ``_architecture_kept`` names.
+    So it is for the families whose forward code fixes widths, with the layers ``_architecture_kept`` names.
     """
     named = dict(model.named_modules())
     kept = [named[n] for n in exclude]
@@ -105,56 +106,24 @@ def kept_layers(model: nn.Module, exclude: list[str], keep_first_conv: bool) -> 
 
 
 def _architecture_kept(model: nn.Module) -> list[nn.Module]:
-    """Layers whose outputs must keep their width for torchvision's forward code:
-    ShuffleNetV2's convs whose outputs are concatenated and channel-shuffled (the inside of each branch is
-    pruned), and everything that writes Swin's token stream (attention qkv/proj, patch merging, the MLPs'
-    second linear: its forward derives the head width from the stream width), so Swin's MLPs are pruned."""
-    from torchvision.models import shufflenetv2
-    from torchvision.models import swin_transformer as swin
-
+    """Layers whose outputs must keep their width for the library's forward code (the families'
+    ``pipeline.families.kept_widths`` rules, module by module)."""
+    rules = families.kept_width_rules()
     out = []
     for m in model.modules():
-        if isinstance(m, shufflenetv2.InvertedResidual):
-            out += [c for c in m.branch1 if isinstance(c, nn.Conv2d)]
-            out += [c for c in m.branch2 if isinstance(c, nn.Conv2d)][-1:]
-        elif isinstance(m, swin.ShiftedWindowAttention):
-            out += [m.qkv, m.proj]
-        elif isinstance(m, (swin.PatchMerging, swin.PatchMergingV2)):
-            out.append(m.reduction)
-        elif isinstance(m, swin.SwinTransformerBlock):
-            out += [lin for lin in m.mlp.modules() if isinstance(lin, nn.Linear)][-1:]
+        for rule in rules:
+            out += rule(m)
     return out
 
 
 @contextlib.contextmanager
 def _analysable() -> Iterator[None]:
-    """torchvision code Torch-Pruning cannot analyse, in analysable forms while it traces the model:
-    ShuffleNetV2's channel shuffle (a 5-D view, where its reshape analysis divides by zero) as the channel
-    permutation it is; Swin's window attention and patch merging (its analysis ran out of 24 GB) as the
-    same layers on the same widths without the window bookkeeping. The layers around them are kept
-    (``_architecture_kept``), so only the dependencies these forms show matter."""
-    from torchvision.models import shufflenetv2
-    from torchvision.models import swin_transformer as swin
-
-    def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-        c = x.shape[1]
-        return x[:, torch.arange(c, device=x.device).view(groups, c // groups).t().reshape(-1)]
-
-    def attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.qkv(x)[..., : x.shape[-1]])
-
-    def merging(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x[..., ::2, ::2, :]
-        return self.reduction(self.norm(torch.cat([x, x, x, x], -1)))
-
-    def merging_v2(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x[..., ::2, ::2, :]
-        return self.norm(self.reduction(torch.cat([x, x, x, x], -1)))
-
-    patches = [(shufflenetv2, "channel_shuffle", shuffle), (swin.ShiftedWindowAttention, "forward", attention),
-               (swin.ShiftedWindowAttentionV2, "forward", attention), (swin.PatchMerging, "forward", merging),
-               (swin.PatchMergingV2, "forward", merging_v2)]
-    patches += _bounded_groups() + list(_std_convs()) + _selective_kernel() + _split_and_concat_mapping()
+    """Library code Torch-Pruning cannot analyse, in analysable forms while it traces the model: the families'
+    forms (``pipeline.families.analysable``: the same layers on the same widths, the layers around them kept by
+    ``_architecture_kept`` where the forms drop bookkeeping, so only the dependencies these forms show matter),
+    bounded group searches, weight-standardised convs as plain convs and the split / concatenation mappings."""
+    patches = families.analysable_forms()
+    patches += _bounded_groups() + list(_std_convs()) + _split_and_concat_mapping()
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, form in patches:
         setattr(owner, name, form)
@@ -165,49 +134,18 @@ def _analysable() -> Iterator[None]:
             setattr(owner, name, original)
 
 
-def _selective_kernel() -> list[tuple[object, str, Callable]]:
-    """timm's Selective Kernel (SKNet) in a form whose channel dependencies Torch-Pruning sees: its forward
-    stacks the paths into a 5-D tensor and views the attention's output as (paths, channels), which the
-    analysis cannot map, so every path and ``fc_select`` kept its channels. Here the paths are summed (one
-    width) and ``fc_select``'s output is split into one gate per path (the same channels of each). Where the
-    input is split across the paths (``split_input``), the split is written as channel slices, which keep the
-    layers writing that input whole (``_partial_channel_slice``): the forward splits it into equal parts of a
-    fixed width (a split with two uses of a part is one Torch-Pruning maps wrongly)."""
-    try:
-        from timm.layers.selective_kernel import SelectiveKernel
-    except ImportError:  # timm is an optional extra
-        return []
-
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        n = self.num_paths
-        if self.split_input:
-            w = x.shape[1] // n
-            parts = [x[:, i * w:(i + 1) * w] for i in range(n)]
-        else:
-            parts = [x] * n
-        paths = [op(p) for op, p in zip(self.paths, parts, strict=True)]
-        s = sum(paths[1:], paths[0])
-        a = self.attn
-        g = a.fc_select(a.act(a.bn(a.fc_reduce(s.mean((2, 3), keepdim=True)))))
-        gates = torch.split(g, g.shape[1] // n, 1)
-        gated = [p * w for p, w in zip(paths, gates, strict=True)]
-        return sum(gated[1:], gated[0])
-
-    return [(SelectiveKernel, "forward", forward)]
-
-
 def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
     """Torch-Pruning maps a channel split's i-th user (in the order its trace met them) to its i-th part: where
-    that order is not the parts' (Res2Net) or a part has two users (a CSP stage's half feeding both a block's
-    conv and its shortcut: CSPResNet, CSPDarkNet), users got another part's channels, and a split by one part
-    size counted one part per user, which ended the analysis (cs3darknet: ``int + NoneType`` in its concat
-    mapping). Here every user gets the part it reads (autograd's output number), except the split of SKNet's
-    gate conv (the same channels of every part; its analysable form's groups are written for the order mapping).
-    Its split pruner updates the part sizes but not the offsets the mapping reads, so later groups of a step
-    used the unpruned offsets: they are recomputed each time. In a concatenation, where its channel inference
-    gives up (DPN's slices of concatenations) the traced map's channels answer, and a concatenation of tokens
-    (TNT's class token: 3-D, dimension 1), which it took for one of channels and stopped on, gets no mapping:
-    every input has the same channels."""
+    that order is not the parts' (multi-scale blocks splitting their width into groups) or a part has two users
+    (a cross-stage partial stage's half feeding both a block's conv and its shortcut), users got another part's
+    channels, and a split by one part size counted one part per user, which ended the analysis (``int +
+    NoneType`` in its concat mapping). Here every user gets the part it reads (autograd's output number),
+    except the splits of the modules the families name (``pipeline.families.split_kept``). Its split pruner
+    updates the part sizes but not the offsets the mapping reads, so later groups of a step used the unpruned
+    offsets: they are recomputed each time. In a concatenation, where its channel inference gives up (slices of
+    concatenations of concatenations) the traced map's channels answer, and a concatenation of tokens (a class
+    token: 3-D, dimension 1), which it took for one of channels and stopped on, gets no mapping: every input has
+    the same channels."""
     from torch_pruning import ops
     from torch_pruning.dependency import index_mapping, shape_infer
 
@@ -220,11 +158,11 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
 
     def init_shape_information(graph) -> None:
         init(graph)
-        sk_gates = {m.attn.fc_select for m in graph.model.modules() if type(m).__name__ == "SelectiveKernel"}
+        own_mapping = families.split_kept_sources(graph.model)
         for node in graph.module2node.values():
             g = node.grad_fn
             if node.type != ops.OPTYPE.SPLIT or getattr(g, "_saved_dim", None) != 1 or \
-                    any(src.module in sk_gates for src in node.inputs):
+                    any(src.module in own_mapping for src in node.inputs):
                 continue
             if hasattr(g, "_saved_split_sizes"):
                 sizes = list(g._saved_split_sizes)
@@ -262,7 +200,7 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
         ch = between(graph, node_1, node_2)
         meta = getattr(node_1.grad_fn, "_input_metadata", ())  # the traced output's shape
         if ch is None and node_1.type != ops.OPTYPE.SPLIT and len(meta) == 1 and len(meta[0].shape) == 4:
-            ch = int(meta[0].shape[1])  # a map's channels, where Torch-Pruning's inference ends (a slice: DPN)
+            ch = int(meta[0].shape[1])  # a map's channels, where Torch-Pruning's inference ends (a slice)
         return ch
 
     def infer_out_channels_recursively(graph, node, recursive_depth: list) -> int | None:
@@ -275,7 +213,7 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
     def update_concat_index_mapping(graph, node) -> None:
         meta = getattr(node.grad_fn, "_input_metadata", ())
         if len(meta) == 1 and len(meta[0].shape) == 3 and getattr(node.grad_fn, "_saved_dim", None) in (1, -2):
-            return None  # tokens concatenated (TNT's class token): every input has the same channels
+            return None  # tokens concatenated (a class token): every input has the same channels
         return concat(graph, node)
 
     return [(shape_infer, "init_shape_information", init_shape_information),
@@ -287,10 +225,10 @@ def _split_and_concat_mapping() -> list[tuple[object, str, Callable]]:
 
 @functools.cache  # the same functions every time: Torch-Pruning tells its pruning functions apart by identity
 def _std_convs() -> list[tuple[object, str, Callable]]:
-    """timm's weight-standardised convs (``StdConv2d`` family: BiT, NFNet, NF-ResNet) as plain convs while
-    Torch-Pruning traces them (through the standardisation it loses the channel dependencies), and their
-    per-output-channel ``gain``, which it does not know, pruned with the conv's output channels: the conv
-    pruning functions wrapped, where Torch-Pruning binds them and where it compares them (``function.*``)."""
+    """The per-output-channel ``gain`` of weight-standardised convs (timm's ``ScaledStdConv2d``), which
+    Torch-Pruning does not know, pruned with the conv's output channels: the conv pruning functions wrapped, where
+    Torch-Pruning binds them and where it compares them (``function.*``). (The convs themselves run as plain
+    convs while it analyses them: a family's ``analysable`` form.)"""
     from types import MethodType
 
     from torch_pruning import ops
@@ -308,53 +246,18 @@ def _std_convs() -> list[tuple[object, str, Callable]]:
 
     conv_box, dw_box = function.PrunerBox[ops.OPTYPE.CONV], function.PrunerBox[ops.OPTYPE.DEPTHWISE_CONV]
     conv, dw = gained(type(conv_box).prune_out_channels), gained(type(dw_box).prune_out_channels)
-    patches = [(type(conv_box), "prune_out_channels", conv), (type(dw_box), "prune_out_channels", dw),
-               (type(dw_box), "prune_in_channels", dw),  # one function for both, as Torch-Pruning has it
-               (function, "prune_conv_out_channels", MethodType(conv, conv_box)),
-               (function, "prune_depthwise_conv_out_channels", MethodType(dw, dw_box)),
-               (function, "prune_depthwise_conv_in_channels", MethodType(dw, dw_box))]
-    try:
-        from timm.layers import std_conv
-    except ImportError:  # timm is an optional extra
-        return patches
-
-    def plain(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "same_pad", False):
-            x = std_conv.pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.weight, self.bias)
-
-    return patches + [(getattr(std_conv, n), "forward", plain) for n in STD_CONVS if hasattr(std_conv, n)]
+    return [(type(conv_box), "prune_out_channels", conv), (type(dw_box), "prune_out_channels", dw),
+            (type(dw_box), "prune_in_channels", dw),  # one function for both, as Torch-Pruning has it
+            (function, "prune_conv_out_channels", MethodType(conv, conv_box)),
+            (function, "prune_depthwise_conv_out_channels", MethodType(dw, dw_box)),
+            (function, "prune_depthwise_conv_in_channels", MethodType(dw, dw_box))]
 
 
 @functools.cache  # one instance: Torch-Pruning tells its pruning functions apart by identity
 def _customized_pruners() -> dict[type, object]:
-    """Pruning functions for layers Torch-Pruning does not know: timm's ``BlurPool2d`` (anti-aliased
-    downsampling: TResNet, ResNet-blur), a fixed depthwise filter held as a per-channel buffer. Without one
-    its width stayed fixed while the layers around it shrank, so they were kept unpruned."""
-    try:
-        from timm.layers.blur_pool import BlurPool2d
-    except ImportError:  # timm is an optional extra
-        return {}
-    from torch_pruning.pruner.function import BasePruningFunc
-
-    class ChannelwisePruner(BasePruningFunc):
-        """A layer whose output channel i is a function of its input channel i alone (in and out prune
-        together): its per-channel buffer ``filt`` and ``channels`` follow the kept channels."""
-
-        def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
-            keep = sorted(set(range(layer.filt.shape[0])) - set(idxs))
-            layer.filt = layer.filt[keep].clone()
-            layer.channels = len(keep)
-            return layer
-
-        prune_in_channels = prune_out_channels  # one function: Torch-Pruning couples in and out through it
-
-        def get_out_channels(self, layer: nn.Module) -> int:
-            return layer.filt.shape[0]
-
-        get_in_channels = get_out_channels
-
-    return {BlurPool2d: ChannelwisePruner()}
+    """Pruning functions for layers Torch-Pruning does not know (``pipeline.families.pruner``). Without one a
+    layer's width stayed fixed while the layers around it shrank, so they were kept unpruned."""
+    return families.pruners()
 
 
 def _dependency_graph(model: nn.Module, image_size: int):
@@ -449,8 +352,8 @@ def unprunable_layers(model: nn.Module, image_size: int, kept: list[nn.Module], 
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy, with tensors a forward pass cached on modules (LeViT's attention biases: not graph leaves,
-    which ``deepcopy`` refuses) copied detached."""
+    """A deep copy, with tensors a forward pass cached on modules (attention biases cached per input size: not
+    graph leaves, which ``deepcopy`` refuses) copied detached."""
     memo: dict[int, object] = {}
     for m in model.modules():
         for v in m.__dict__.values():
@@ -545,7 +448,7 @@ def _importance(name: str):
 def _quiet_warnings() -> Iterator[None]:
     """Torch-Pruning warns that it will prune free parameters (a ViT's class token and position embedding)
     along their last dimension: that is their embedding dimension; and that its channel inference reached its
-    depth limit (DPN), where the traced shapes answer instead (``_split_and_concat_mapping``): nothing to act on."""
+    depth limit, where the traced shapes answer instead (``_split_and_concat_mapping``): nothing to act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*prune the last non-singleton dimension")
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
@@ -639,11 +542,11 @@ def channel_prune(model: nn.Module, plan: ChannelPlan, image_size: int, finetune
 
 def _chosen_group(group, pruner, round_to: int | None):
     """The group to prune: as many channels as Torch-Pruning chose, or None for none. Where its dependencies map
-    each chosen channel of a conv onto more channels of that conv itself (GhostNet: a ghost module's cheap half
-    copies its primary half's channels and both reach the conv again through a residual, so every channel
-    removes its twin), the group would lose a multiple of its share (ghostnet_100's stem 16 -> 2 channels at
-    ratio 0.3); then only the least important fraction of the chosen channels is given, which removes the share
-    the plan asked for."""
+    each chosen channel of a conv onto more channels of that conv itself (a module whose cheap half copies its
+    primary half's channels, both reaching the conv again through a residual, so every channel removes its
+    twin), the group would lose a multiple of its share (one such model's stem 16 -> 2 channels at ratio 0.3);
+    then only the least important fraction of the chosen channels is given, which removes the share the plan
+    asked for."""
     item = group[0]  # the root: (dep, idxs, root_idxs)
     module, removed, chosen = item.dep.target.module, set(item.idxs), list(dict.fromkeys(item.root_idxs))
     if not isinstance(module, nn.Conv2d) or len(removed) <= len(chosen):

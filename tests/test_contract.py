@@ -79,6 +79,31 @@ def test_no_import_cycles_in_the_project():
         visit(m, [])
 
 
+def test_families_import_only_the_registries_and_their_libraries():
+    """A model family is one module of pipeline/families/ that registers hooks: it imports the registries
+    (``pipeline.families``, which re-exports the building blocks families need), torch / torchvision / timm and
+    the standard library, never ``pipeline.quant`` or ``pipeline.pruning`` internals, so the core stays the one
+    place that knows how to quantize or prune."""
+    import sys
+
+    allowed_roots = {"torch", "torchvision", "timm", "__future__"} | set(sys.stdlib_module_names)
+    for path in sorted((ROOT / "pipeline" / "families").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        bad = set()
+        for m in _imports(path):
+            if m == "pipeline" or m == "pipeline.families":
+                continue
+            if m.startswith("pipeline.families.") and m.removeprefix("pipeline.families.").count(".") == 0 and \
+                    not (ROOT / "pipeline" / "families" / f"{m.rsplit('.', 1)[1]}.py").exists():
+                continue  # a name the registry module exports (from pipeline.families import X)
+            if m.split(".")[0] not in allowed_roots:
+                bad.add(m)
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    registry = _imports(ROOT / "pipeline" / "families" / "__init__.py")
+    assert not {m for m in registry if m.startswith(("pipeline.quant", "pipeline.pruning"))}
+
+
 def test_every_stage_module_registers_a_stage_with_its_yaml():
     registry = stage_registry()
     modules = {p.stem for p in (ROOT / "stages").glob("*.py") if p.name != "__init__.py"}

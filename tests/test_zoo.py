@@ -162,6 +162,7 @@ def test_timm_attention_is_unrolled_like_torchvision_attention():
     from timm.models.vision_transformer import Attention
 
     from pipeline import quant
+    from pipeline.families.timm_attention import is_timm_attention
 
     torch.manual_seed(0)
     attn = Attention(48, num_heads=3, qkv_bias=True).eval()
@@ -169,10 +170,10 @@ def test_timm_attention_is_unrolled_like_torchvision_attention():
     with torch.no_grad():
         torch.testing.assert_close(quant.SelfAttention(attn)(x), attn(x), atol=1e-5, rtol=1e-4)
     with_norm = Attention(48, num_heads=3, qk_norm=True, norm_layer=torch.nn.LayerNorm)
-    assert not quant._is_timm_attention(with_norm)  # q/k norms: left on timm's explicit path
+    assert not is_timm_attention(with_norm)  # q/k norms: left on timm's explicit path
     from timm.models.beit import Attention as BeitAttention
 
-    assert not quant._is_timm_attention(BeitAttention(48, num_heads=3, qkv_bias=True))  # q/v biases, position bias
+    assert not is_timm_attention(BeitAttention(48, num_heads=3, qkv_bias=True))  # q/v biases, position bias
     from pipeline.models import build_model
 
     deit = build_model({"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32})
@@ -309,12 +310,13 @@ def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_p
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
     from pipeline import onnxio, quant
+    from pipeline.families.swin import WindowAttention
 
     torch.manual_seed(0)
     swa = ShiftedWindowAttention(32, [7, 7], [3, 3], num_heads=2).eval()
     torch.nn.init.normal_(swa.relative_position_bias_table, std=1.0)
     x = torch.randn(2, *hw, 32)
-    ours = quant.WindowAttention(swa, hw).eval()
+    ours = WindowAttention(swa, hw).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), swa(x), rtol=1e-5, atol=1e-5)
 

@@ -21,8 +21,8 @@ ops and their ONNX translations), ``target`` (what ONNX Runtime runs on INT8 ker
 
 from __future__ import annotations
 
-from pipeline.quant.attention import SelfAttention, WindowAttention, window_attention_bias
-from pipeline.quant.attention import _is_timm_attention as _is_timm_attention
+from pipeline import families
+from pipeline.quant.attention import SelfAttention
 from pipeline.quant.modules import DeployConv, NormGrad, QConvBn, QHardSwish, QLinear, SamePadConv2d, freeze_bn
 from pipeline.quant.onnx_ops import onnx_translations
 from pipeline.quant.passes import PASSES, REWRITE
@@ -50,8 +50,16 @@ from pipeline.quant.target import NARROW_CONV, int8_dot_product, narrow_convs, r
 
 __all__ = [
     "NARROW_CONV", "PASSES", "REWRITE", "ActQuant", "DeployConv", "FixedQuant", "NormGrad", "QConvBn", "QHardSwish",
-    "QLinear", "QuantSpec", "SamePadConv2d", "SelfAttention", "SharedQuant", "WindowAttention", "act_quants",
+    "QLinear", "QuantSpec", "SamePadConv2d", "SelfAttention", "SharedQuant", "act_quants",
     "activation_matmuls", "calibrate", "fake_quant_weight", "float_ops", "freeze_bn", "freeze_observers",
     "int8_dot_product", "load_quantized", "narrow_convs", "onnx_translations", "plain_layers", "prepare_qat",
-    "quantize_bias", "quantized_layers", "resolve_weight_bits", "to_deploy", "window_attention_bias",
+    "quantize_bias", "quantized_layers", "resolve_weight_bits", "to_deploy",
 ]
+
+
+def __getattr__(name: str):
+    """The functions the families put into traced graphs (``pipeline.families.graph_function``), by the name
+    traced graphs import them under (``pipeline.quant.<name>``)."""
+    if (fn := families.graph_functions().get(name)) is not None:
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

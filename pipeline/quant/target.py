@@ -69,7 +69,7 @@ def narrow_convs(model: nn.Module) -> list[str]:
 # (ORT fuses DequantizeLinear -> op -> QuantizeLinear into an INT8 kernel, or moves the QDQ pair through
 # shape-only ops); Hardswish/Hardsigmoid become Add + Mul on quantized tensors (QHardSwish), SiLU Sigmoid * x, a
 # BatchNorm after no conv a depthwise QConvBn, a sum over a short dimension adds of its slices, a stack a concat.
-# Every other op (GELU, LayerNorm, Swin's position bias, anything unknown) stays float between DequantizeLinear
+# Every other op (GELU, LayerNorm, a position bias, anything unknown) stays float between DequantizeLinear
 # and QuantizeLinear; `float_ops(gm)` lists them.
 _ACTS = (nn.ReLU, nn.ReLU6)  # fused into the conv before them
 _PASS_MODULES = (nn.Dropout, nn.Identity, StochasticDepth)  # no op in the exported (eval) graph

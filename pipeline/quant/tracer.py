@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from pipeline import families
 from pipeline.errors import PipelineError, first_line
 from pipeline.pruning import grouped_reasons
 from pipeline.quant.graph import _flat
@@ -27,16 +28,16 @@ _NORM_ACT = ("BatchNormAct2d",)  # timm: BatchNorm2d + activation in one module 
 _MAX_UNTRACEABLE = 64  # modules fx cannot trace that are kept FP32 before giving up
 _SAID_UNTRACEABLE: set[tuple[str, tuple[str, ...], tuple[str, ...]]] = set()  # (model, untraceable, size-traced)
 _SAME = ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame")  # timm's TensorFlow 'SAME' padding, computed per call
-# library functions that write into a tensor in place (fx cannot trace `x[...] = y`): one float op in the graph
-_WHOLE_FUNCTIONS = (("timm.models.mvitv2", "cal_rel_pos_type"),)  # MViTv2's relative positions added to q @ k^T
 
 
 def _whole_functions() -> tuple[Callable, ...]:
-    """The functions of ``_WHOLE_FUNCTIONS`` whose library is installed."""
+    """The library functions the families register as traced whole (``pipeline.families.whole_function``: they
+    write into a tensor in place, which fx cannot trace), one float op in the graph, where the library is
+    installed."""
     import importlib
 
     found = []
-    for module, name in _WHOLE_FUNCTIONS:
+    for module, name in families.whole_functions():
         with contextlib.suppress(ImportError):
             if callable(fn := getattr(importlib.import_module(module), name, None)):
                 found.append(fn)
@@ -53,7 +54,7 @@ class _Tracer(fx.Tracer):
     ``failed_in`` names the innermost module whose tracing raised (for the error message).
 
     Given an ``example`` input, every traced value is also computed on it, so a Python branch on a tensor's
-    *size* (MobileViT: ``if new_h != H``; EfficientViT: ``if H == ws``) takes the branch this input size takes,
+    *size* (``if new_h != H``, ``if H == ws``) takes the branch this input size takes,
     as a size-specialised export does; ``specialized`` lists where. A branch on tensor *values* still raises.
     """
 
@@ -68,7 +69,7 @@ class _Tracer(fx.Tracer):
         self.specialized: dict[str, str] = {}  # module -> the class whose code branched on a size
         self.evaluating = False  # inside a leaf module's concrete call (fx's patches must stand aside)
         # with an example, buffers are graph values too, so code on their sizes is followed like code on any
-        # tensor's (ConViT: ``self.rel_indices.expand(B, -1, -1, -1)``)
+        # tensor's (``self.rel_indices.expand(B, -1, -1, -1)``)
         self.proxy_buffer_attributes = example is not None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # nn.Linear subclasses (timm's) -> QLinear
@@ -218,8 +219,8 @@ def _default_args(model: nn.Module) -> dict | None:
 
 
 def _warm_up(model: nn.Module, x: torch.Tensor) -> None:
-    """One forward pass before tracing on ``x``: code that fills a cache on its first call (ConViT's relative
-    positions, sized to the token count) then takes the branch every later call takes."""
+    """One forward pass before tracing on ``x``: code that fills a cache on its first call (relative positions
+    sized to the token count) then takes the branch every later call takes."""
     with torch.no_grad():
         try:
             model(x)

@@ -116,7 +116,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("linear_batchnorms", lambda c: _linear_batchnorms(c.gm, c.is_float)),
     Pass("silu_as_sigmoid_mul", lambda c: _silu_as_sigmoid_mul(c.gm, c.is_float)),
     Pass("square_as_mul", lambda c: _square_as_mul(c.gm, c.is_float)),
-    # a sum over a short dimension (ResNeSt's / SKNet's radix splits) -> slices added: QLinearAdds on slices of
+    # a sum over a short dimension (ResNeSt's radix splits, multi-path gates) -> slices added: QLinearAdds on slices of
     # the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float); a stack -> a
     # concatenation of unsqueezes (QLinearConcat)
     Pass("sums_to_adds", lambda c: _sums_to_adds(c.gm, c.is_float, c.image_size), stale_shapes=True),

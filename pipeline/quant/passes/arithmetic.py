@@ -39,7 +39,7 @@ def _sums_to_adds(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool], image
     of 2 to ``_MAX_SUM_TERMS`` -> ``x.unbind(dim)[0] + x.unbind(dim)[1] + ...`` (``split(1, dim)`` with
     ``keepdim``); returns whether any changed. Needs the shapes (``_shapes``)."""
     graph, changed = gm.graph, False
-    for node in list(graph.nodes):  # torch.stack -> unsqueezes concatenated: QLinearConcat (SKNet's branches)
+    for node in list(graph.nodes):  # torch.stack -> unsqueezes concatenated: QLinearConcat (multi-path branches)
         if node.op == "call_function" and node.target is torch.stack and not node.kwargs.keys() - {"dim"} and \
                 isinstance(node.args[0], (list, tuple)) and all(isinstance(t, fx.Node) for t in node.args[0]) and \
                 not is_float(node):

@@ -26,8 +26,8 @@ def _mark_float_modules(gm: fx.GraphModule, untraceable: dict[str, str]) -> None
 
 def _mark_constants(gm: fx.GraphModule) -> None:
     """Tensors the model computes from its parameters and buffers alone (at most expanded to the input's size)
-    stay float: ConViT's positional attention ``softmax(pos_proj(rel_indices))`` and its gates, a class token
-    expanded to the batch. Quantized, ConViT's relative positions at 224 px (-13 to 338) shared one scale of 1.38,
+    stay float: a gated positional attention's ``softmax(pos_proj(rel_indices))`` and its gates, a class token
+    expanded to the batch. Quantized, such relative positions at 224 px (-13 to 338) shared one scale of 1.38,
     and offsets 1 and 2 became the same value; float, they are exact, and ONNX Runtime folds them into
     initializers where no input size enters. A quantized op reads them through a quantizer, as a parameter."""
     data: set[fx.Node] = set()  # nodes whose value depends on the input's values (not only on its size)
@@ -44,9 +44,9 @@ def _mark_constants(gm: fx.GraphModule) -> None:
 
 
 def _constants_at_batch_1(gm: fx.GraphModule, image_size: int) -> bool:
-    """A constant expanded to the batch and computed on further (ConViT: ``pos_proj(rel_indices.expand(B, ...))``
+    """A constant expanded to the batch and computed on further (``pos_proj(rel_indices.expand(B, ...))``
     and a softmax) is computed at batch 1 and broadcast where it meets the input instead, so ONNX Runtime folds
-    the chain into an initializer; it ran it on every call (10 float MatMuls of the batch's size in ConViT).
+    the chain into an initializer; it ran it on every call (10 float MatMuls of the batch's size in one such model).
     Kept as it was where that changes the model's outputs (checked on weights of its own, so a model rebuilt
     from a checkpoint, before its weights are loaded, gets the same graph). True if anything changed."""
     expands = [n for n in gm.graph.nodes if n.meta.get("constant") and _calls(n, set(), "expand") and n.users

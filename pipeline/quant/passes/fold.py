@@ -20,16 +20,16 @@ _RESHAPES = {"flatten", "reshape", "view", "contiguous"}  # keep the last dimens
 
 
 def _one_data_user(node: fx.Node) -> fx.Node | None:
-    """The one user of ``node`` that reads its values; others may read its size only (LeViT's
-    ``bn(x.flatten(0, 1)).reshape_as(x)``)."""
+    """The one user of ``node`` that reads its values; others may read its size only
+    (``bn(x.flatten(0, 1)).reshape_as(x)``)."""
     data = [u for u in node.users if not (u.op == "call_method" and (
         u.target in _SHAPE_METHODS or (u.target in ("reshape_as", "view_as", "expand_as") and u.args[0] is not node)))]
     return data[0] if len(data) == 1 else None
 
 
 def _linear_batchnorms(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) -> bool:
-    """A BatchNorm1d over a linear layer's output features (LeViT's ``bn(linear(x).flatten(0, 1))``) or over its
-    input features (LeViT's and EfficientViT-M's heads: ``linear(drop(bn(x)))``) folds into that linear layer,
+    """A BatchNorm1d over a linear layer's output features (``bn(linear(x).flatten(0, 1))``) or over its
+    input features (hybrid ViTs' heads: ``linear(drop(bn(x)))``) folds into that linear layer,
     as a BN folds into a conv: one INT8 kernel instead of a float BatchNormalization between DequantizeLinear
     and QuantizeLinear. The folded layer is a new module (the float model keeps its own); QAT fine-tunes it with
     the statistics frozen. True if anything changed."""

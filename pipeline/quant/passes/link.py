@@ -64,7 +64,7 @@ def _link_input_quants(gm: fx.GraphModule) -> None:
     """Tell each conv / linear which observer quantizes its input (its bias is quantized on that scale)."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), (QConvBn, QLinear)):
-            src = _behind_identities(node.args[0], gm)  # GhostNet's F.dropout keeps the quantized input
+            src = _behind_identities(node.args[0], gm)  # an eval-mode F.dropout keeps the quantized input
             aq = gm.get_submodule(src.target) if src.op == "call_module" else None
             if isinstance(aq, SharedQuant):
                 aq = aq.source

@@ -13,58 +13,33 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import STD_CONVS, inside, replace_module
+from pipeline import families
+from pipeline.models import inside, replace_module
 from pipeline.quant.graph import _calls, _only_user
 from pipeline.quant.modules import SamePadConv2d, _SamePadPool
 from pipeline.quant.target import _MATMUL
 from pipeline.quant.tracer import _NORM_ACT, _SAME
 
 
-def _is_split_qkv_bias(m: nn.Module) -> bool:
-    """timm's BEiT / EVA attention: a bias-free ``qkv`` linear and q / v biases concatenated on every call."""
-    return (isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv.bias is None
-            and isinstance(getattr(m, "q_bias", None), torch.Tensor) and isinstance(getattr(m, "v_bias", None),
-                                                                                    torch.Tensor))
-
-
 def plain_layers(model: nn.Module, float_layers: tuple[str, ...]) -> nn.Module:
     """A copy of ``model`` whose layers that compute their weights from other parameters on every call hold
-    those weights instead, as BN folds into a conv (same outputs; QAT then fine-tunes the folded weights):
-    weight-standardised convs (timm's ``StdConv2d`` family: BiT, NFNet, ViT hybrids) become plain convs, and
-    BEiT / EVA attention's q / v biases the ``qkv`` linear's bias (they ran ``F.linear`` on its weight). fx
-    would trace that arithmetic and leave the conv or linear float. ``model`` itself when there is none."""
+    those weights instead, as BN folds into a conv (same outputs; QAT then fine-tunes the folded weights): the
+    layers the families register (``pipeline.families.plain_layer``: weight-standardised convs, concatenated
+    q / v biases) are folded their way. fx would trace that arithmetic and leave the conv or linear float.
+    ``model`` itself when there is none."""
+    rules = families.plain_layers()
 
-    names = [n for n, m in model.named_modules() if (type(m).__name__ in STD_CONVS or _is_split_qkv_bias(m))
-             and not inside(n, float_layers)]
+    def rule(m: nn.Module) -> families.PlainLayer | None:
+        return next((r for r in rules if r.matches(m)), None)
+
+    names = [n for n, m in model.named_modules() if rule(m) is not None and not inside(n, float_layers)]
     if not names:
         return model
     model = copy.deepcopy(model)
     for name in names:
         mod = model.get_submodule(name)
-        if _is_split_qkv_bias(mod):
-            k_bias = mod.k_bias if isinstance(getattr(mod, "k_bias", None), torch.Tensor) else \
-                torch.zeros_like(mod.v_bias)
-            mod.qkv.bias = nn.Parameter(torch.cat((mod.q_bias, k_bias, mod.v_bias)).detach().clone())
-            mod.q_bias = mod.k_bias = mod.v_bias = None  # its forward then calls the qkv linear
-            continue
-        gain = (mod.gain * mod.scale).view(-1) if hasattr(mod, "gain") else None
-        with torch.no_grad():
-            weight = F.batch_norm(mod.weight.reshape(1, mod.out_channels, -1), None, None, weight=gain,
-                                  training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
-        if getattr(mod, "same_pad", False):  # 'SAME' padding from the input size: fixed later for this size
-            from timm.layers import Conv2dSame
-
-            conv: nn.Conv2d = Conv2dSame(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, 0,
-                                         mod.dilation, mod.groups, mod.bias is not None)
-        else:
-            conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                             mod.dilation, mod.groups, mod.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if mod.bias is not None:
-                conv.bias.copy_(mod.bias)
-        conv.train(mod.training)
-        replace_module(model, name, conv)
+        if (new := rule(mod).fold(mod)) is not None:
+            replace_module(model, name, new)
     return model
 
 
@@ -93,7 +68,7 @@ def _split_norm_act(gm: fx.GraphModule) -> None:
 
 
 def _softmax_modules_as_calls(gm: fx.GraphModule) -> None:
-    """``nn.Softmax`` modules (DaViT's, Swin V2's) -> ``F.softmax`` calls, which the rest treats as softmax."""
+    """``nn.Softmax`` modules (DaViT's, cosine attention's) -> ``F.softmax`` calls, which the rest treats as softmax."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(m := gm.get_submodule(node.target), nn.Softmax) and \
                 m.dim is not None:
@@ -165,7 +140,7 @@ def _fold_zero_pads(gm: fx.GraphModule) -> bool:
 
 def _functional_convs(gm: fx.GraphModule) -> bool:
     """``F.conv2d(x, w, b, ...)`` with ``w`` (and ``b``) a parameter or buffer of the model (a fixed filter:
-    timm's BlurPool2d) -> an ``nn.Conv2d`` holding them, which ``_fuse_convs`` then quantizes (a QLinearConv
+    anti-aliased downsampling) -> an ``nn.Conv2d`` holding them, which ``_fuse_convs`` then quantizes (a QLinearConv
     instead of a float Conv between DequantizeLinear and QuantizeLinear). True if anything changed."""
     changed = False
     for node in list(gm.graph.nodes):

@@ -106,7 +106,7 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
         elif _moves(gm, node) and _is_tensor(node) and on_grid(node.args[0]):
             # a reshape, transpose or max pool of a quantized tensor keeps its grid (SharedQuant), as ORT's own
             # quantizer does: an own observer sees the fake-quantized values, whose range differs by up to half
-            # a step, and ORT runs the op float between DQ and Q when the two scales differ (SKNet's unsqueezes,
+            # a step, and ORT runs the op float between DQ and Q when the two scales differ (path gates' unsqueezes,
             # a softmax's 1/256 grid reshaped in ResNeSt)
             kind[node] = "shared"
         elif node.op == "call_module":
@@ -143,7 +143,7 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
             float_ops.append((node.name, _op_name(gm, node), "no INT8 kernel in ONNX Runtime"))
     # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
     # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
-    # into Swin's float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
+    # into a float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
     takes_float = {n for n in kind if (kind[n] == "float" and _is_tensor(n)) or _calls(n, _SOFTMAX, "softmax")}
     for node in reversed(list(kind)):
         if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
