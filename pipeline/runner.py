@@ -114,6 +114,11 @@ class Runner:
             if isinstance(st, FitConfig) and st.batch_size % world:
                 errors.append(f"{name}.batch_size: {st.batch_size} is not divisible by the world size {world}; "
                               f"use a multiple of {world}")
+        if self.data_cfg.source != "imagefolder":  # data held in memory fits, before checks build the model
+            try:  # (an image folder is counted when it runs: check_size in run())
+                check_size(self.data_cfg, None)
+            except PipelineError as e:
+                raise_if_errors([*errors, str(e)])
         for name in self.needed:  # a stage that writes into the run folder never replaces an earlier run's files
             st = self.registry[name]
             if not st.cached and (old := next((f for f in st.outputs if (self.run_dir / f).exists()), None)):
