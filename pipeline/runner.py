@@ -238,9 +238,9 @@ class Runner:
     # ------------------------------------------------------------ running
 
     def run(self) -> dict[str, Artifact]:
+        check_size(self.data_cfg, self.cache_dir)  # the decoded data fits its limit, the disk and memory
         check_writable(self.artifacts_root)
         check_writable(self.run_dir)
-        check_size(self.data_cfg, self.cache_dir)  # the decoded data fits its limit, the disk and memory
         self.rt = make_runtime(self.root.device, self.root.seed, self.root.amp,
                                self._channels_last(), self.root.progress, self.root.deterministic,
                                self.root.sync_bn)
