@@ -115,6 +115,11 @@ class Runner:
             if isinstance(st, FitConfig) and st.batch_size % world:
                 errors.append(f"{name}.batch_size: {st.batch_size} is not divisible by the world size {world}; "
                               f"use a multiple of {world}")
+        if self.data_cfg.source != "imagefolder":  # data held in memory fits, before checks build the model
+            try:  # (an image folder is counted when it runs: check_size in run())
+                check_size(self.data_cfg, None)
+            except PipelineError as e:
+                raise_if_errors([*errors, str(e)])
         for name in self.needed:  # a stage that writes into the run folder never replaces an earlier run's files
             st = self.registry[name]
             if not st.cached and (old := next((f for f in st.outputs if (self.run_dir / f).exists()), None)):
@@ -234,9 +239,9 @@ class Runner:
     # ------------------------------------------------------------ running
 
     def run(self) -> dict[str, Artifact]:
+        check_size(self.data_cfg, self.cache_dir)  # the decoded data fits its limit, the disk and memory
         check_writable(self.artifacts_root)
         check_writable(self.run_dir)
-        check_size(self.data_cfg, self.cache_dir)  # the decoded data fits its limit, the disk and memory
         self.rt = make_runtime(self.root.device, self.root.seed, self.root.amp,
                                self._channels_last(), self.root.progress, self.root.deterministic,
                                self.root.sync_bn)

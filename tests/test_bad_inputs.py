@@ -233,15 +233,15 @@ def test_the_cache_size_is_checked_before_decoding(tmp_path, monkeypatch):
 
 
 def test_embedded_data_upscaled_beyond_memory_is_one_line(cfg_factory, tmp_path, monkeypatch):
+    """Checked with the config, before the stage checks build (and trace) the model at that size."""
     monkeypatch.setattr(data_mod, "_available_memory", lambda: 10**9)
-    r = Runner(cfg_factory("data.image_size=4096", "data.max_cache_gb=null"), tmp_path)
     with pytest.raises(PipelineError) as e:
-        r.run()
-    assert str(e.value) == ("data: 8000 images decoded at 4096x4096 need 402.7 GB of memory, but this machine has "
-                            "1.0 GB of memory available; lower data.image_size")
+        Runner(cfg_factory("data.image_size=4096", "data.max_cache_gb=null"), tmp_path)
+    assert str(e.value) == ("config error: data: 8000 images decoded at 4096x4096 need 402.7 GB of memory, but this "
+                            "machine has 1.0 GB of memory available; lower data.image_size")
     with pytest.raises(PipelineError, match=r"need 402\.7 GB of memory, more than data\.max_cache_gb=100; lower "
                                             r"data\.image_size or raise data\.max_cache_gb$"):
-        Runner(cfg_factory("data.image_size=4096"), tmp_path).run()
+        Runner(cfg_factory("data.image_size=4096"), tmp_path)
     assert not (tmp_path / "outputs/artifacts/train").exists()
 
 
