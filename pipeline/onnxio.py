@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import atomic_write_bytes
-from pipeline.env import cpu_info  # noqa: F401  (read through here by the quantizer's CPU rules)
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)

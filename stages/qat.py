@@ -88,7 +88,7 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     the CPU model and flags it was timed on."""
     import platform
 
-    from pipeline.onnxio import cpu_info
+    from pipeline.env import cpu_info
 
     cfg: Config = view.settings["qat"]
     extra: dict = {"weight_bits": placement.weight_bits(cfg)[0], "rewrite": quant.REWRITE}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import inference, onnxio, quant
+from pipeline import env, inference, onnxio, quant
 from pipeline.artifacts import save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.inference import ort_quantize
@@ -877,17 +877,16 @@ def test_observer_moves_by_ema_during_qat():
 
 
 def test_auto_weight_bits_and_float_layers_follow_the_cpu(monkeypatch):
-    from pipeline import onnxio
 
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert quant.resolve_weight_bits("auto")[0] == 7 and "no VNNI" in quant.resolve_weight_bits("auto")[1]
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
     assert quant.resolve_weight_bits("auto") == (8, "auto: this CPU has avx512_vnni")
     assert quant.resolve_weight_bits(7)[0] == 7
     model = build_model(R8)  # width 0.5: 8/16/32 channels
     assert quant.narrow_convs(model) == []  # with VNNI narrow INT8 convs are not slower
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})
     narrow = quant.narrow_convs(model)
     # the stem itself; a narrow conv inside a block widens to the block (a lone float conv between
     # DequantizeLinear and QuantizeLinear would be quantized by ONNX Runtime itself)
@@ -898,9 +897,8 @@ def test_auto_weight_bits_and_float_layers_follow_the_cpu(monkeypatch):
 
 @pytest.mark.slow
 def test_qat_with_auto_settings_runs_and_records_why(cfg_factory, tmp_path, monkeypatch):
-    from pipeline import onnxio
 
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})  # no VNNI
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})  # no VNNI
     done = run_pipeline(cfg_factory("stage=export", "qat.source=train", "qat.weight_bits=auto",
                                     "qat.float_layers=[auto]"), tmp_path / "run")
     m = done["qat"].metrics

@@ -135,6 +135,7 @@ def test_help_lists_presets_groups_and_commands(tmp_path):
         assert f"\n  {preset.stem} " in out, f"--help does not list experiment={preset.stem}"
     for group in ("data", "model", "paths"):
         assert f"\n  {group} " in out
+    assert "\n  model   resnet20 | " in out  # the default option first
     assert "python -m pipeline -m prune.ratio=0.3,0.5,0.7" in out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import inference, onnxio, placement, quant
+from pipeline import env, inference, onnxio, placement, quant
 from pipeline.models import build_model
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
@@ -25,7 +25,7 @@ def test_leading_blocks_follow_execution_order():
 def test_base_spec_combines_names_and_auto(monkeypatch):
     from types import SimpleNamespace
 
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})  # no VNNI
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})  # no VNNI
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     model = build_model(R8)
 
@@ -44,10 +44,10 @@ def test_the_default_keeps_narrow_convs_fp32_only_where_int8_is_slower(cfg_facto
     model = build_model(R8)  # width 0.5: an 8-channel stem and first block
     qat = cfg_factory(tiny=False).qat
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2"]})
     assert placement.base_spec(qat, model).float_layers == ("conv1", "layer1.0")
     assert placement.base_spec(cfg_factory().qat, model).float_layers == ()  # experiment=tiny
-    monkeypatch.setattr(onnxio, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
+    monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "avx512_vnni"]})
     assert placement.base_spec(qat, model).float_layers == ()
 
 

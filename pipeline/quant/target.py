@@ -20,7 +20,7 @@ def int8_dot_product() -> str | None:
     """Why this CPU has INT8 dot-product kernels (ARM, or x86 with VNNI/AMX), or None (x86 without them)."""
     import platform
 
-    from pipeline.onnxio import cpu_info
+    from pipeline.env import cpu_info
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "ARM dot-product kernels do not saturate"

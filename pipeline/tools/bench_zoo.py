@@ -26,6 +26,7 @@ import torch
 
 from pipeline import inference, onnxio, placement, quant
 from pipeline.data import load_splits
+from pipeline.env import cpu_info
 from pipeline.inference import ort_quantize
 from pipeline.models import build_model
 from pipeline.tools import data_config
@@ -103,7 +104,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     batches = [int(b) for b in args.batch.split(",")]
     calib = _images(args.size, 64)
-    cpu = onnxio.cpu_info()
+    cpu = cpu_info()
     print(f"{cpu['cpu']} ({cpu['cores']} cores, {', '.join(cpu['flags'])}), {args.size} px, untrained weights, "
           f"8-bit weights, placement {args.placement}, interleaved medians of {args.rounds} rounds")
     head = " | ".join(f"b={b} INT8/FP32 | b={b} INT8/ORT | b={b} ORT/FP32" for b in batches)
