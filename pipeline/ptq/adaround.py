@@ -8,6 +8,7 @@ rounding is not better than nearest rounding on the calibration images keeps nea
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -91,26 +92,31 @@ def round_layer(m: Layer, x: torch.Tensor, target: torch.Tensor, iters: int, sec
     return LayerResult("", it, err_nearest, min(err, err_nearest))
 
 
-def _layer_data(gm: fx.GraphModule, m: Layer, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantized model's input to ``m`` and the float model's output of ``m`` (after its activation)."""
-    with float_mode(gm), torch.no_grad():
-        target = torch.cat([activation(m, preact(m, x, quantized=False)) for x in capture_inputs(gm, m, images)])
+def _layer_data(gm: fx.GraphModule, ref: fx.GraphModule, name: str, images: Sequence[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized model's input to layer ``name`` and the float model's (``ref`` in float) output of it (after
+    its activation)."""
+    m, m_ref = gm.get_submodule(name), ref.get_submodule(name)
+    with float_mode(ref), torch.no_grad():
+        target = torch.cat([activation(m_ref, preact(m_ref, x, quantized=False))
+                            for x in capture_inputs(ref, m_ref, images)])
     x = torch.cat(list(capture_inputs(gm, m, images)))
     return x, target
 
 
 def adaround(gm: fx.GraphModule, images: Sequence[torch.Tensor], seconds: float, iters: int,
              progress: bool = False) -> list[LayerResult]:
-    """Adaptive rounding of every quantized layer of ``gm`` (in place), in ``seconds`` in all (shared evenly among
-    the layers still to round), each at most ``iters`` steps."""
+    """Adaptive rounding of every quantized layer of ``gm`` (in place) against a copy of ``gm`` as it is now, in
+    float, in ``seconds`` in all (shared evenly among the layers still to round), each at most ``iters`` steps."""
     from tqdm import tqdm
 
     gm.eval()
+    ref = copy.deepcopy(gm)
     todo = layers(gm)
     deadline = time.perf_counter() + seconds
     out = []
     for k, (name, m) in enumerate(tqdm(todo, desc="ptq: adaround", disable=not progress, leave=False)):
-        x, target = _layer_data(gm, m, images)
+        x, target = _layer_data(gm, ref, name, images)
         budget = max(0.0, deadline - time.perf_counter()) / (len(todo) - k)
         res = round_layer(m, x, target, iters, budget, seed=k)
         res.name = name
