@@ -17,8 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pipeline.ptq.layers import Layer, activation, apply, capture_inputs, float_mode, layers, preact, \
-    set_folded_weight, weight_and_bias
+from pipeline.ptq.layers import (
+    Layer,
+    activation,
+    apply,
+    capture_inputs,
+    float_mode,
+    layers,
+    preact,
+    set_folded_weight,
+    weight_and_bias,
+)
 from pipeline.quant.spec import _weight_qparams
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
