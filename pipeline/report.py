@@ -22,6 +22,7 @@ COLUMNS = [  # (key, header, format)
     ("latency_ms_p50", "p50 ms (b=1)", "{:.2f}"), ("latency_ms_p99", "p99 ms (b=1)", "{:.2f}"),
     ("throughput_ips", "img/s", "{:.0f}"), ("speedup_vs_baseline", "speedup", "{:.2f}x"),
     ("int8_kernels", "INT8 kernels", "{}"),  # "INT8 / all" convs+matmuls in ORT's graph
+    ("quantize_s", "quantize s", "{:.1f}"),  # INT8 rows: seconds the quantization took (ptq / qat stage, ORT static)
 ]
 
 

@@ -114,6 +114,7 @@ class ExportResult(Result):
     fp32_input: str | None = _field()  # INT8 rows: the model stage the INT8 model was quantized from
     weight_bits: str | None = _field()  # INT8 from QAT: "8-bit (why)"
     placement: str | None = _field()  # INT8 from QAT with a measured placement: its summary
+    quantize_seconds: float | None = _field()  # INT8 rows: wall time of the quantization (qat / ptq stage, ORT's)
     kept_unprunable: Any = _field()
     params: int | None = _field()
     macs: int | None = _field()

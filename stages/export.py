@@ -11,6 +11,7 @@ weights and compute for GPUs, float32 inputs and outputs).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # what an export node makes (Stage.kind): the model stage's own precision (FP32, or INT8 QDQ for a quantized
 # model), an FP16 copy of an FP32 model, or ONNX Runtime's static quantization of the model that entered QAT
 MODEL, FP16, ORT_STATIC = "model", "fp16", "ort_static"
+QUANTIZERS = ("qat", "ptq")  # the stages whose model is INT8
 FP16_SUFFIX = "_fp16"
 
 
@@ -55,8 +57,9 @@ def plan(view: GraphView) -> dict[str, tuple[str, str]]:
     cfg: Config = view.settings["export"]
     models = view.model_stages()
     out = {f"export/{s}": (MODEL, s) for s in models}
-    if "qat" in models and cfg.ort_static_reference:
-        out[f"export/{ORT_STATIC}"] = (ORT_STATIC, "qat")
+    quantized = next((s for s in QUANTIZERS if s in models), None)
+    if quantized and cfg.ort_static_reference:  # of the FP32 model that entered qat (or ptq)
+        out[f"export/{ORT_STATIC}"] = (ORT_STATIC, quantized)
     return out | {f"export/{s}{FP16_SUFFIX}": (FP16, s) for s in cfg.fp16 if s in models}
 
 
@@ -76,7 +79,7 @@ def inputs(view: GraphView, node: str) -> dict[str, str]:
 
 
 def check(view: GraphView) -> list[str]:
-    stages = [s for s in view.model_stages() if s != "qat"]
+    stages = [s for s in view.model_stages() if s not in QUANTIZERS]
     return [f"export.fp16: {s!r} is not an FP32 model stage of the pipeline; choose from {', '.join(stages)}"
             for s in view.settings["export"].fp16 if s not in stages]
 
@@ -151,8 +154,10 @@ def _ort_static(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
                                                            .manual_seed(ctx.rt.seed))[: cfg.calib_images]],
                              ctx.data_cfg.mean, ctx.data_cfg.std)
     path = ctx.out_dir / "model.onnx"
+    start = time.perf_counter()
     ort_quantize.static_quantize(src.path / "model.onnx", path, calib, ctx.extra["act_dtype"],
                                ctx.extra["weight_bits"], ctx.work_dir)
+    seconds = round(time.perf_counter() - start, 1)
     n = min(cfg.parity_images, len(splits.test_y))
     x = onnxio.normalise(splits.test_x[:n], ctx.data_cfg.mean, ctx.data_cfg.std)
     rt = inference.get()
@@ -162,7 +167,8 @@ def _ort_static(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
     cov = rt.kernel_coverage(path)
     result = ExportResult(source=src.node, kind=ORT_STATIC, fp32_input=m.source, precision="int8", opset=m.opset,
                           params=m.params, macs=m.macs, size_mb=path.stat().st_size / 1e6,
-                          parity=_parity(ref, got, n, reference="fp32 onnx"), int8_coverage=cov)
+                          parity=_parity(ref, got, n, reference="fp32 onnx"), int8_coverage=cov,
+                          quantize_seconds=seconds)
     log.info("%s: ORT static INT8 of %s, agreement with FP32 %.2f%%, INT8 kernels %d/%d", ctx.node, src.node,
              result.parity.top1_agreement, cov["int8_kernels"], cov["int8_kernels"] + cov["float_kernels"])
     return result, got
@@ -223,6 +229,7 @@ def _export(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
         source=art.node, kind=precision, precision=precision, opset=cfg.opset,
         fp32_input=src.source if int8 else None,
         weight_bits=src.weight_bits_note if int8 else None, placement=src.placement_summary if int8 else None,
+        quantize_seconds=art.manifest.get("seconds") if int8 else None,
         kept_unprunable=src.kept_unprunable or None,
         params=src.params, macs=src.macs,  # of the float architecture
         size_mb=path.stat().st_size / 1e6, parity=_parity(ref, got, n))

@@ -1,7 +1,8 @@
 """qat: quantization-aware training towards a real INT8 model.
 
-Reads: ``qat.source`` (default ``distill``; built first when it has no artifact) and, with
-``qat.distill_alpha > 0``, ``train`` as teacher. Writes ``model.pt`` (the QAT state dict + the float
+Reads: ``qat.source`` (default ``distill``; built first when it has no artifact), with ``qat.init=ptq`` the
+``ptq`` stage's model as the start (instead of min/max calibration) and, with ``qat.distill_alpha > 0``, ``train``
+as teacher. Writes ``model.pt`` (the QAT state dict + the float
 architecture, pruned shapes and quantization spec that rebuild it) and ``metrics.json`` (accuracy of
 the FP32 input, after calibration only (PTQ) and after QAT).
 
@@ -22,7 +23,7 @@ from typing import Literal
 from torch import nn
 
 from pipeline import placement, quant
-from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
+from pipeline.artifacts import CKPT_EXTRA, CKPT_SHAPES, save_checkpoint
 from pipeline.config import setting
 from pipeline.data import batches
 from pipeline.distillation import KDLoss, freeze_teacher
@@ -40,6 +41,7 @@ class Config(FitConfig):
     """``conf/stages/qat.yaml``; FitConfig fields drive the fake-quant fine-tuning."""
 
     source: str  # model stage to quantize: distill | prune | train
+    init: Literal["calibration", "ptq"]  # QAT's start: min/max calibration, or the ptq stage's model
     act_dtype: Literal["uint8", "int8"]  # activations; uint8 is what x86 ORT kernels want
     weight_bits: Literal[7, 8, "auto"]  # 7 avoids u8*s8 saturation on AVX2 CPUs without VNNI; 8 for VNNI/ARM
     # training batches (unaugmented) that calibrate the observers
@@ -57,6 +59,8 @@ class Config(FitConfig):
 def inputs(view: GraphView, node: str) -> dict[str, str]:
     cfg: Config = view.settings["qat"]
     out = {"model": cfg.source}
+    if cfg.init == "ptq":
+        out["init"] = "ptq"
     if cfg.distill_alpha > 0:
         out["teacher"] = "train"
     return out
@@ -64,9 +68,17 @@ def inputs(view: GraphView, node: str) -> dict[str, str]:
 
 def check(view: GraphView) -> list[str]:
     cfg: Config = view.settings["qat"]
-    models = [s for s in view.all_model_stages() if s != "qat"]
+    models = [s for s in view.all_model_stages() if s not in ("qat", "ptq")]
     if cfg.source not in models:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
+    if cfg.init == "ptq":
+        ptq = view.settings.get("ptq")
+        if ptq is not None and ptq.source != cfg.source:
+            return [f"qat.init=ptq starts from the ptq stage's model of ptq.source={ptq.source}, but qat.source="
+                    f"{cfg.source}; set both to the same stage"]
+        if placement.MEASURE in cfg.float_layers:
+            return ["qat.init=ptq takes the ptq stage's FP32 layers; qat.float_layers=[measure] needs qat.init="
+                    "calibration"]
     model = build_model(view.model.__dict__)
     errs = unknown_layer_errors("qat.float_layers", [n for n in cfg.float_layers if n not in placement.TOKENS], model,
                                 view.model.name or view.model.target)
@@ -123,6 +135,19 @@ def _epoch_hook(cfg: Config):
     return hook
 
 
+def _ptq_start(ctx: StageContext) -> tuple[nn.Module, quant.QuantSpec]:
+    """``qat.init=ptq``: the ptq stage's model and spec. Its corrections live in the folded weights and biases, so
+    batch norm stays frozen (folded with its running statistics) from the start; the activation ranges follow
+    ``qat.freeze_observer_epoch`` as after calibration."""
+    art = ctx.inputs["init"]
+    gm, _ = art.model()
+    qspec = quant.QuantSpec(**art.checkpoint()[CKPT_EXTRA]["quant"])
+    quant.freeze_bn(gm)
+    for a in quant.act_quants(gm):
+        a.observe = not isinstance(a, quant.FixedQuant)
+    return gm.to(ctx.rt.device), qspec
+
+
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     rt = dataclasses.replace(ctx.rt, amp="off")  # fake-quant runs in FP32
@@ -147,14 +172,20 @@ def run(ctx: StageContext) -> dict:
     bits_reason = placement.weight_bits(cfg)[1]
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
              f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")
-    gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
-    calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
-                    seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
-    gm.to(rt.device)
-    n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
-    ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
-    log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
+    if cfg.init == "ptq":
+        gm, qspec = _ptq_start(ctx)
+        ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+        log.info("qat: FP32 input %.2f%%, start: the ptq model (%s) %.2f%%", fp32_acc, ctx.inputs["init"].path,
+                 ptq_acc)
+    else:
+        gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
+        calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
+                        seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
+        gm.to(rt.device)
+        n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
+        ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+        log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
     n_quantized = len(quant.quantized_layers(gm))
     floats = quant.float_ops(gm)
     if floats:

@@ -79,6 +79,8 @@ def _row(name: str, src: str, r: ExportResult, onnx: str, names: dict[str, str])
         row["dequantized_ops"] = cov["dequantized_ops"]
     if r.fp32_input in names:
         row["fp32_input"] = names[r.fp32_input]
+    if r.quantize_seconds is not None:
+        row["quantize_s"] = r.quantize_seconds
     for k in ("float_ops", "placement", "weight_bits", "kept_unprunable"):
         if getattr(r, k):
             row[k] = getattr(r, k)
@@ -94,7 +96,7 @@ def expected_rows(view: GraphView) -> list[str]:
         if src.endswith("_fp16"):
             rows.append(ROW_NAMES.get(src.removesuffix("_fp16"), src.removesuffix("_fp16")) + "-fp16")
         else:
-            rows.append(ROW_NAMES.get(src, src) + ("-int8" if src in ("qat", "ort_static") else ""))
+            rows.append(ROW_NAMES.get(src, src) + ("-int8" if src in ("qat", "ptq", "ort_static") else ""))
     return rows
 
 

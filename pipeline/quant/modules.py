@@ -90,6 +90,7 @@ class QConvBn(nn.Module):
         self.shift = shift  # added to the output before the activation (Hardsigmoid = ReLU6(y + 3) / 6)
         self.bits = spec.weight_bits
         self.bn_frozen = False
+        self.quantize_weight = True  # False: float weights (post-training quantization's float reference)
         object.__setattr__(self, "in_quant", None)  # the ActQuant feeding it (not a submodule)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,7 +127,10 @@ class QConvBn(nn.Module):
             y = bn(y) + self.shift
         else:
             w, b = self.folded()
-            y = self._conv(x, fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0])
+            if not self.quantize_weight:
+                y = self._conv(x, w, b)
+            else:
+                y = self._conv(x, fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0])
         return self.act(y) if self.act is not None else y
 
 
@@ -134,10 +138,13 @@ class QLinear(nn.Module):
     def __init__(self, linear: nn.Linear, spec: QuantSpec):
         super().__init__()
         self.linear, self.bits = linear, spec.weight_bits
+        self.quantize_weight = True  # False: float weights (post-training quantization's float reference)
         object.__setattr__(self, "in_quant", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.linear.weight
+        if not self.quantize_weight:
+            return F.linear(x, w, self.linear.bias)
         return F.linear(x, fake_quant_weight(w, self.bits), quantize_bias(self.linear.bias, w, self.bits,
                                                                           self.in_quant)[0])
 

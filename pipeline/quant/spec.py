@@ -24,9 +24,12 @@ class QuantSpec:
     weight_bits: int  # 8, or 7 to avoid u8*s8 pair saturation on CPUs without VNNI
     ema: float  # observer moving-average constant during QAT (calibration uses min/max)
     float_layers: tuple[str, ...]  # module names (and everything inside them) kept in FP32
+    # convs whose fused ReLU6 runs as ReLU (cross-layer equalization scales channels, which a fixed clip at 6 forbids)
+    relu6_as_relu: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint
+        self.relu6_as_relu = tuple(self.relu6_as_relu)
 
     def keeping_fp32(self, names) -> QuantSpec:
         """The same spec with ``names`` kept in FP32 as well."""
@@ -76,6 +79,16 @@ class ActQuant(nn.Module):
         else:
             self.min_val.lerp_(mn, self.ema)
             self.max_val.lerp_(mx, self.ema)
+        self._qparams()
+
+    @torch.no_grad()
+    def set_range(self, lo: float, hi: float) -> None:
+        """Set the range (a percentile or MSE search instead of min/max) and the scale and zero point from it."""
+        self.min_val.fill_(lo)
+        self.max_val.fill_(hi)
+        self._qparams()
+
+    def _qparams(self) -> None:
         lo, hi = torch.clamp(self.min_val, max=0.0), torch.clamp(self.max_val, min=0.0)
         if self.qmin == 0:
             scale = torch.clamp((hi - lo) / 255.0, min=1e-8)

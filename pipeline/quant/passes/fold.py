@@ -106,6 +106,8 @@ def _fuse_convs(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node
             shift = 0.0
             if _is_act(nxt, gm):
                 act = gm.get_submodule(nxt.target) if nxt.op == "call_module" else nn.ReLU()
+                if isinstance(act, nn.ReLU6) and str(node.target) in spec.relu6_as_relu:
+                    act = nn.ReLU()
                 last = nxt
             elif _is_hard(nxt, gm) == "Hardsigmoid" and not is_float(node):
                 act, shift, last = nn.ReLU6(), 3.0, nxt  # ReLU6(y + 3) / 6: the 3 in the bias, /6 in the scale

@@ -1,0 +1,154 @@
+"""ptq: post-training quantization, no training loop: a real INT8 model from a trained one and unlabeled images.
+
+Reads: ``ptq.source`` (default ``train``). Writes ``model.pt`` in the qat stage's form (the quantized state dict
++ the float architecture, pruned shapes and quantization spec that rebuild it; ``export`` makes it an INT8 QDQ ONNX
+model, report row ``ptq-int8``) and ``metrics.json``: accuracy of the FP32 input, after min/max calibration alone,
+and after each step, with the seconds each took. ``qat.init=ptq`` starts QAT from this model.
+
+Steps (``pipeline.ptq``), in this order: cross-layer equalization and high-bias absorption (``equalize``),
+activation ranges (``ptq.range``: minmax | percentile | mse; always), adaptive rounding (``adaround``, within
+``ptq.adaround_seconds``), empirical bias correction (``bias_correction``). The quantization format (activation
+type, weight bits, FP32 layers) is the qat stage's (``qat.act_dtype``, ``qat.weight_bits``, ``qat.float_layers``),
+so both make the same kind of INT8 model. Labels are never read: the calibration images are the first
+``ptq.calib_images`` of a seeded shuffle of the training split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+
+from pipeline import placement, ptq, quant
+from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
+from pipeline.config import setting
+from pipeline.data import batches
+from pipeline.errors import PipelineError
+from pipeline.models import build_model, count_macs, count_params
+from pipeline.results import QatResult
+from pipeline.stage import GraphView, Stage, StageContext
+from pipeline.training import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """``conf/stages/ptq.yaml``."""
+
+    source: str  # model stage to quantize: train | prune | distill
+    steps: list[Literal["equalize", "bias_correction", "adaround"]]  # run in the order of pipeline.ptq.ORDER
+    calib_images: int = setting(ge=1, msg="{value}; post-training quantization needs calibration images")
+    batch_size: int = setting(ge=1)  # calibration images per forward pass
+    range: Literal["minmax", "percentile", "mse"]  # how activation ranges are set from the calibration images
+    percentile: float = setting(gt=50, le=100, msg="{value} must be a percentage {range}")
+    bias_absorption: bool  # equalize: move the part of a bias a ReLU passes unchanged into the next conv
+    adaround_seconds: float = setting(ge=0)  # time budget of adaptive rounding, all layers together
+    adaround_iters: int = setting(ge=1)  # optimisation steps per layer at most
+    adaround_images: int = setting(ge=1)  # of the calibration images (held in memory per layer)
+
+
+def inputs(view: GraphView, node: str) -> dict[str, str]:
+    return {"model": view.settings["ptq"].source}
+
+
+def _qat_settings(view: GraphView) -> SimpleNamespace:
+    """The quantization format, from ``qat.*`` (one definition for both stages); ``measure`` is qat's alone."""
+    q = view.settings["qat"]
+    return SimpleNamespace(act_dtype=q.act_dtype, weight_bits=q.weight_bits, observer_ema=q.observer_ema,
+                           float_layers=[n for n in q.float_layers if n != placement.MEASURE])
+
+
+def check(view: GraphView) -> list[str]:
+    cfg: Config = view.settings["ptq"]
+    models = [s for s in view.all_model_stages() if s not in ("qat", "ptq")]
+    if cfg.source not in models:
+        return [f"ptq.source: {cfg.source!r} is not an FP32 model stage; choose one of {', '.join(models)}"]
+    if view.settings.get("qat") is None:
+        return []
+    model = build_model(view.model.__dict__)
+    try:
+        gm = quant.prepare_qat(model, placement.base_spec(_qat_settings(view), model), view.data.image_size)
+    except PipelineError as e:
+        return [f"ptq: {e}"]
+    if not quant.quantized_layers(gm):
+        return ["qat.float_layers keeps every conv/linear in FP32; ptq has nothing to quantize"]
+    return []
+
+
+def key_extra(view: GraphView, node: str) -> dict:
+    """The quantization format it takes from ``qat.*``, resolved (weight bits; ``auto`` FP32 layers by CPU)."""
+    q = _qat_settings(view)
+    extra = {"act_dtype": q.act_dtype, "weight_bits": placement.weight_bits(q)[0], "float_layers": q.float_layers,
+             "observer_ema": q.observer_ema, "rewrite": quant.REWRITE}
+    if placement.AUTO in q.float_layers:
+        extra["float_layers_auto"] = [platform.machine().lower(), quant.int8_dot_product() is not None]
+    return extra
+
+
+def _calibration_images(ctx: StageContext) -> list[torch.Tensor]:
+    cfg: Config = ctx.settings
+    splits = ctx.splits()
+    out, n = [], 0
+    for xb, _ in batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.batch_size, shuffle=True,
+                         seed=ctx.rt.seed, device=ctx.rt.device, channels_last=ctx.rt.channels_last):
+        out.append(xb[: cfg.calib_images - n])
+        n += len(out[-1])
+        if n >= cfg.calib_images:
+            break
+    return out
+
+
+def run(ctx: StageContext) -> QatResult:
+    cfg: Config = ctx.settings
+    start = time.perf_counter()
+    splits = ctx.splits()
+    src = ctx.inputs["model"]
+    ckpt = src.checkpoint()
+    model, _ = src.model()
+    qat = SimpleNamespace(**ctx.extra)  # the format, resolved in key_extra
+    qspec = placement.base_spec(qat, model)
+
+    def acc(m: torch.nn.Module) -> float:
+        return evaluate(m, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
+
+    fp32_acc = acc(model)
+    images = _calibration_images(ctx)
+    n_images = sum(len(x) for x in images)
+    plain = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
+    ptq.set_ranges(plain, images, "minmax")
+    calib_acc = acc(plain)
+    del plain
+    log.info("ptq: FP32 input %.2f%%, min/max calibration alone on %d images %.2f%%", fp32_acc, n_images, calib_acc)
+    gm = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
+    settings = ptq.PtqSettings(steps=cfg.steps, range=cfg.range, percentile=cfg.percentile,
+                               bias_absorption=cfg.bias_absorption, adaround_seconds=cfg.adaround_seconds,
+                               adaround_iters=cfg.adaround_iters, adaround_images=cfg.adaround_images)
+    report = ptq.run_ptq(gm, images, settings, evaluate=acc, progress=ctx.rt.progress,
+                         log=lambda line: log.info("ptq: %s", line))
+    qspec = dataclasses.replace(qspec, relu6_as_relu=tuple(report.relu6_as_relu))
+    test_acc = report.steps[-1]["test_acc"]
+    gm = gm.cpu()
+    save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
+                    extra={"quant": dataclasses.asdict(qspec)})
+    seconds = time.perf_counter() - start
+    log.info("ptq: test accuracy %.2f%% (FP32 input %.2f%%, min/max calibration %.2f%%), %.1f s", test_acc, fp32_acc,
+             calib_acc, seconds)
+    bits_reason = placement.weight_bits(qat)[1]
+    return QatResult(test_acc=test_acc, params=count_params(model), macs=count_macs(model, ctx.data_cfg.image_size),
+                     source=src.node, weight_bits=qspec.weight_bits, weight_bits_reason=bits_reason,
+                     extra={"test_acc_fp32_input": fp32_acc, "test_acc_calibration": calib_acc,
+                            "calibration_images": n_images, "steps": report.steps, "seconds": round(seconds, 1),
+                            "quant": dataclasses.asdict(qspec), "quantized_layers": len(quant.quantized_layers(gm)),
+                            "float_ops": quant.float_ops(gm)})
+
+
+STAGE = Stage(name="ptq", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,
+              main_only=True, trains=True, check=check, key_extra=key_extra, result=QatResult)

@@ -1,0 +1,166 @@
+"""Post-training quantization: each step against the property it promises, and a tiny run through the stages."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import ptq, quant
+from pipeline.ptq.adaround import round_layer
+from pipeline.ptq.bias_correction import correct_biases, mean_error
+from pipeline.ptq.equalize import equalize
+from pipeline.ptq.layers import activation, float_mode, layers, preact, weight_and_bias
+from pipeline.quant.spec import _weight_qparams
+from pipeline.runner import run_pipeline
+from tests.conftest import tiny_weights
+
+
+def _spec(bits: int = 8) -> quant.QuantSpec:
+    return quant.QuantSpec("uint8", bits, 0.01, ())
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking batch norms: uneven scales, shifts and statistics (equalization has something to move)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(n, generator=g) ** 3 * 4 + 0.01)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+def _small_net() -> nn.Module:
+    def cbr(i, o, k=3, groups=1, act=nn.ReLU):
+        return [nn.Conv2d(i, o, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(o), act()]
+
+    torch.manual_seed(0)
+    return _randomise_bn(nn.Sequential(
+        *cbr(3, 16), *cbr(16, 32, 1), *cbr(32, 32, 3, groups=32), nn.Conv2d(32, 24, 1), nn.Conv2d(24, 16, 3),
+        *cbr(16, 16, act=nn.Hardswish), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+
+
+def _prepared(model: nn.Module, bits: int = 8) -> torch.fx.GraphModule:
+    return quant.prepare_qat(copy.deepcopy(model), _spec(bits), 32).eval()
+
+
+def _ranges(gm: torch.fx.GraphModule) -> torch.Tensor:
+    """Per output channel weight range of every quantized conv, spread as max/min ratio per layer."""
+    return torch.stack([(r := weight_and_bias(m)[0].detach().abs().reshape(len(weight_and_bias(m)[0]), -1)
+                         .amax(1)).max() / r.min().clamp(min=1e-12) for _, m in layers(gm)[:-1]])
+
+
+def test_equalization_keeps_the_float_function_and_evens_weight_ranges():
+    gm = _prepared(_small_net())
+    x = torch.randn(16, 3, 32, 32)
+    with float_mode(gm):
+        ref = gm(x)
+    spread = _ranges(gm)
+    rep = equalize(gm, absorb=False)
+    with float_mode(gm):
+        out = gm(x)
+    # conv->ReLU->1x1, 1x1->ReLU->depthwise, depthwise->ReLU->1x1, 1x1->3x3, 3x3->3x3 (no activation between);
+    # the last conv's Hardswish is no ReLU: skipped and counted
+    assert rep.pairs == 5
+    assert rep.skipped == {"followed by QHardSwish, not a conv": 1}
+    assert (out - ref).abs().max().item() < 1e-4
+    assert _ranges(gm)[:5].log().mean() < spread[:5].log().mean() - 0.5  # per-channel ranges much closer
+
+
+def test_equalization_keeps_mobilenet_v2_and_runs_its_relu6_as_relu():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.mobilenet_v2(num_classes=10))
+    gm = _prepared(model)
+    ref_gm = copy.deepcopy(gm)
+    rep = equalize(gm, absorb=False)
+    for name in rep.relu6_as_relu:  # the reference: what equalization makes of a pair's ReLU6 (as AIMET does)
+        ref_gm.get_submodule(name).act = nn.ReLU()
+    x = torch.randn(4, 3, 32, 32)
+    with float_mode(ref_gm):
+        ref = ref_gm(x)
+    with float_mode(gm):
+        out = gm(x)
+    assert rep.pairs >= 30 and len(rep.relu6_as_relu) >= 30
+    assert (out - ref).abs().max().item() < 1e-4
+    spec = quant.QuantSpec("uint8", 8, 0.01, (), relu6_as_relu=tuple(rep.relu6_as_relu))
+    rebuilt = quant.prepare_qat(copy.deepcopy(model), spec, 32).eval()  # how a checkpoint is rebuilt
+    rebuilt.load_state_dict(gm.state_dict())
+    with float_mode(rebuilt):
+        assert (rebuilt(x) - out).abs().max().item() < 1e-5
+
+
+def test_bias_correction_zeroes_the_mean_error_on_its_calibration_images():
+    gm = _prepared(_small_net(), bits=4)  # 4-bit weights: a clear bias to correct
+    images = [torch.randn(16, 3, 32, 32)]
+    ptq.set_ranges(gm, images, "minmax")
+    ref = copy.deepcopy(gm)  # the float model the quantized one is matched to
+    before = [mean_error(gm, name, images, ref).abs().max().item() for name, _ in layers(gm)]
+    correct_biases(gm, images)
+    after = [mean_error(gm, name, images, ref).abs().max().item() for name, _ in layers(gm)]
+    # zero up to the rounding of the INT32 bias (step: input scale x weight scale), before and after the correction
+    step = [float((_weight_qparams(weight_and_bias(m)[0], m.bits)[0] * m.in_quant.scale).max())
+            if m.in_quant is not None else 0.0 for _, m in layers(gm)]
+    assert max(before) > 0.05
+    assert all(a <= s + 1e-4 for a, s in zip(after, step, strict=True)), (after, step)
+    assert max(after) < max(before) / 20
+
+
+def test_adaround_lowers_the_layer_reconstruction_error_and_writes_its_weights():
+    gm = _prepared(_small_net(), bits=4)
+    ptq.set_ranges(gm, [torch.randn(32, 3, 32, 32)], "minmax")
+    _, m = layers(gm)[1]  # the 1x1 conv 16 -> 32 with its BN and ReLU
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(64, 16, 8, 8))
+    with torch.no_grad():
+        target = activation(m, preact(m, x, quantized=False))
+    res = round_layer(m, x, target, iters=300, seconds=60)
+    assert res.mse_adaround < 0.9 * res.mse_nearest, res
+    m.in_quant = None  # compare the weights alone (no bias quantization)
+    with torch.no_grad():
+        got = float((activation(m, preact(m, x)) - target).pow(2).mean())
+    assert got == pytest.approx(res.mse_adaround, rel=1e-3)  # the quantized layer uses the rounded weights
+
+
+def test_percentile_and_mse_ranges_clip_outliers_that_minmax_keeps():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 4))
+    x = torch.randn(16, 3, 32, 32)
+    x[0, 0, 0, 0] = 200.0  # one outlier
+    his = {}
+    for method in ("minmax", "percentile", "mse"):
+        gm = _prepared(model)
+        ptq.set_ranges(gm, [x], method, percentile=99.9)
+        his[method] = float(next(a for a in quant.act_quants(gm)).max_val)
+    assert his["percentile"] < his["minmax"] / 3 and his["mse"] < his["minmax"]
+
+
+SMALL = ["train.epochs=0", "ptq.calib_images=64", "ptq.batch_size=32", "ptq.adaround_seconds=2",
+         "ptq.adaround_iters=20", "ptq.adaround_images=32", "ptq.range=mse"]
+
+
+def test_tiny_ptq_run_reports_its_steps_and_starts_qat(cfg_factory, tmp_path):
+    qat = run_pipeline(cfg_factory("pipeline=[train,ptq,qat]", "stage=qat", "qat.init=ptq", "qat.source=train",
+                                   "qat.epochs=0", tiny_weights(tmp_path), *SMALL), tmp_path / "run")["qat"]
+    m = next((tmp_path / "outputs" / "artifacts" / "ptq").glob("*/metrics.json")).read_text()
+    m = json.loads(m)
+    assert [s["step"] for s in m["steps"]] == ["equalize", "ranges", "adaround", "bias_correction"]
+    assert m["steps"][0]["pairs"] > 0 and m["steps"][0]["skipped"]
+    assert qat.metrics["test_acc_ptq"] == pytest.approx(m["test_acc"])  # QAT starts from exactly the PTQ model
+
+
+@pytest.mark.slow
+def test_ptq_row_beside_qat_and_ort_static_in_the_report(cfg_factory, tmp_path):
+    run_pipeline(cfg_factory("pipeline=[train,ptq,qat,export,validate]", "qat.source=train", "qat.epochs=0",
+                             tiny_weights(tmp_path), *SMALL), tmp_path / "run")  # conf/experiment/ptq.yaml
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "report.json").read_text())["rows"]}
+    assert {"baseline", "ptq-int8", "qat-int8", "ort-static-int8"} <= set(rows)
+    ptq_row = rows["ptq-int8"]
+    assert ptq_row["fp32_input"] == "baseline" and ptq_row["quantize_s"] > 0
+    assert ptq_row["int8_kernels"].split("/")[0] == ptq_row["int8_kernels"].split("/")[1]  # every layer INT8
