@@ -108,9 +108,11 @@ def _runtime_why(rows: list[dict], best: dict) -> str:
 def _int8_vs_input(rows: list[dict]) -> list[dict]:
     """Each INT8 row's throughput over its FP32 input's (the model it was quantized from), where both were timed."""
     by_name = {r["name"]: r for r in rows}
-    return [{"name": r["name"], "fp32_input": r["fp32_input"],
-             "ratio": r["throughput_ips"] / by_name[r["fp32_input"]]["throughput_ips"]}
-            for r in rows if r.get("fp32_input") in by_name]
+    # on a runtime with a reduced float precision, the INT8 row also against its input in it (distill@openvino-bf16)
+    pairs = [(r, f) for r in rows if r.get("fp32_input") for f in (r["fp32_input"], r["fp32_input"] + "-bf16")
+             if f in by_name and (f == r["fp32_input"] or by_name[f].get("runtime") == r.get("runtime"))]
+    return [{"name": r["name"], "fp32_input": f, "ratio": r["throughput_ips"] / by_name[f]["throughput_ips"]}
+            for r, f in pairs]
 
 
 def runtime_markdown(rows: list[dict]) -> list[str]:

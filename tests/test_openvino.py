@@ -18,7 +18,7 @@ from pipeline import deploy, inference, onnxio
 from pipeline.errors import PipelineError
 from pipeline.inference import ort_quantize
 from pipeline.predict import Predictor, main
-from pipeline.report import build_report
+from pipeline.report import build_report, int8_markdown
 from pipeline.runner import run_pipeline
 from stages.validate import runtime_rows
 from tests.conftest import tiny_weights
@@ -42,9 +42,15 @@ def test_runtime_rows_and_the_reason_for_another_runtime():
 
     rows = [row("baseline", "baseline", "onnxruntime", "fp32", 100, 50),
             row("baseline@openvino-bf16", "baseline", "openvino", "bf16", 170, 49.8)]
+    rows += [row("baseline@openvino", "baseline", "openvino", "fp32", 90, 50),
+             {**row("int8@openvino", "int8", "openvino", "int8", 150, 49.5), "fp32_input": "baseline@openvino"}]
     rep = build_report(rows, "baseline", {}, type("G", (), {"max_accuracy_drop": 0.5, "min_speedup": None}))
     assert rep["best"] == "baseline@openvino-bf16"
     assert "running on openvino in bf16 (1.70x the same model in ONNX Runtime, -0.20 points)" in rep["best_reason"]
+    # INT8 on OpenVINO against its input in f32 and in bf16: slower than bf16 is called out
+    assert [(p["fp32_input"], round(p["ratio"], 2)) for p in rep["int8_vs_fp32_input"]] == [
+        ("baseline@openvino", 1.67), ("baseline@openvino-bf16", 0.88)]
+    assert "int8@openvino is slower than baseline@openvino-bf16 on this CPU" in int8_markdown(rep)[0]
 
 
 def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
