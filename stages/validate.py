@@ -125,8 +125,8 @@ def check(view: GraphView) -> list[str]:
     for name in dict.fromkeys(cfg.runtimes):
         try:  # a missing optional package is found before anything is trained
             inference.get(name).devices(cfg.provider)
-        except PipelineError as e:
-            errors.append(f"validate.runtimes: {e}")
+        except PipelineError as e:  # a missing package, or a GPU provider that cannot be had
+            errors.append(str(e) if str(e).startswith("validate.") else f"validate.runtimes: {e}")
     if errors or not cfg.models or view.settings.get("export") is None:
         return errors
     rows = expected_rows(view)
