@@ -68,7 +68,7 @@ def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
         if row.get("runtime", "onnxruntime") != "onnxruntime":
             continue
         for k, s in sessions_for(row["name"], run / row["onnx"], row["precision"], threads).items():
-            sessions[k], precision[k] = s, row["precision"]
+            sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else row["precision"]
     return sessions, precision
 
 
