@@ -53,6 +53,7 @@ def test_runtime_rows_and_the_reason_for_another_runtime():
     assert "int8@openvino is slower than baseline@openvino-bf16 on this CPU" in int8_markdown(rep)[0]
 
 
+@pytest.mark.slow
 def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
     """A tiny validate with validate.runtimes=[onnxruntime,openvino]: a row per runtime (and bf16 where native),
     all timed; the runtime itself (f32 equals ONNX Runtime, bf16 differs a little, async calls, INT8 coverage);
