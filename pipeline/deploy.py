@@ -108,7 +108,9 @@ def model_card(rep: dict, chosen: dict, fallback: dict | None, classes: list[str
         "", f"Why this one: {rep['best_reason']}.", "",
         f"Runs on **{rt}**{f' ({settings})' if settings else ''}: `pipeline.predict` uses it (`--runtime` "
         "chooses another).", "",
-        f"Measured with {rt} {version} on {env['cpu']} ({env['cores']} cores, "
+        f"Measured with {rt} {version}"
+        + (f" (the baseline: onnxruntime {env['versions'].get('onnxruntime')})" if rt != "onnxruntime" else "")
+        + f" on {env['cpu']} ({env['cores']} cores, "
         f"{', '.join(env['flags']) or 'no SIMD flags read'}), throughput at batch {base['batch_size']}, "
         "medians of interleaved rounds; accuracy on the held-out test split.", "",
         "## How to call it", "",
