@@ -25,6 +25,7 @@ META_CLASSES, META_MEAN, META_STD, META_SIZE = "classes", "mean", "std", "input_
 META_RESIZE = "resize"  # {"mode": "squash" | "shorter", "crop_fraction": f}: how images reach input_size
 META_LAYOUT, META_PRECISION, META_SOURCE = "input_layout", "precision", "source_stage"
 META_ROW, META_COMMIT = "report_row", "git_commit"
+META_RUNTIME = "runtime"  # {"name": "openvino", "options": {...}, "threads": 0, ...}: what validate measured it on
 LAYOUT_FLOAT = "NCHW float32, normalised: (pixel / 255 - mean) / std"
 LAYOUT_UINT8 = "NHWC uint8 RGB pixels (normalisation inside the graph)"
 BUNDLE = "bundle.json"
@@ -100,9 +101,16 @@ def model_card(rep: dict, chosen: dict, fallback: dict | None, classes: list[str
         lines.append(f"| {r['name']} | `{f}` | {r['precision']} | {r['accuracy']:.2f} | "
                      f"{r['accuracy_delta_vs_baseline']:+.2f} | {r['throughput_ips']:.0f} | "
                      f"{r['speedup_vs_baseline']:.2f}x | {r['latency_ms_p50']:.2f} |")
+    rt = chosen.get("runtime", "onnxruntime")
+    version = (env.get("runtimes") or {}).get(rt, {}).get("version") or env["versions"].get(rt)
+    settings = ", ".join(f"{k}={v}" for k, v in (chosen.get("runtime_options") or {}).items())
     lines += [
         "", f"Why this one: {rep['best_reason']}.", "",
-        f"Measured with ONNX Runtime {env['versions'].get('onnxruntime')} on {env['cpu']} ({env['cores']} cores, "
+        f"Runs on **{rt}**{f' ({settings})' if settings else ''}: `pipeline.predict` uses it (`--runtime` "
+        "chooses another).", "",
+        f"Measured with {rt} {version}"
+        + (f" (the baseline: onnxruntime {env['versions'].get('onnxruntime')})" if rt != "onnxruntime" else "")
+        + f" on {env['cpu']} ({env['cores']} cores, "
         f"{', '.join(env['flags']) or 'no SIMD flags read'}), throughput at batch {base['batch_size']}, "
         "medians of interleaved rounds; accuracy on the held-out test split.", "",
         "## How to call it", "",
@@ -114,10 +122,17 @@ def model_card(rep: dict, chosen: dict, fallback: dict | None, classes: list[str
     return "\n".join(lines)
 
 
+def runtime_of(row: dict, settings: dict | None = None) -> dict:
+    """The runtime a report row was measured on and its session settings (what ``pipeline.predict`` uses)."""
+    return {"name": row.get("runtime", "onnxruntime"), "precision": row["precision"],
+            "options": row.get("runtime_options") or {}, **(settings or {})}
+
+
 def write_bundle(out: Path, rep: dict, onnx_files: dict[str, Path], classes: list[str], mean: list[float],
                  std: list[float], size: int, config_yaml: str, reproduce: str, commit: str | None,
-                 resize: dict | None = None) -> Path:
-    """Write ``out`` (replacing it): the recommended row's ONNX and the baseline, with metadata and card."""
+                 resize: dict | None = None, settings: dict | None = None) -> Path:
+    """Write ``out`` (replacing it): the recommended row's ONNX and the baseline, with metadata and card, and
+    for each the runtime it was measured on with its settings (``settings``: threads, graph optimisation)."""
     rows = {r["name"]: r for r in rep["rows"]}
     chosen = rows.get(rep["best"]) or rows[rep["baseline"]]
     fallback = rows[rep["baseline"]] if chosen["name"] != rep["baseline"] else None
@@ -136,11 +151,12 @@ def write_bundle(out: Path, rep: dict, onnx_files: dict[str, Path], classes: lis
                 META_PRECISION: row["precision"], META_SOURCE: row["stage"],
                 META_ROW: {k: row[k] for k in ("name", "accuracy", "accuracy_delta_vs_baseline", "throughput_ips",
                                                "speedup_vs_baseline", "latency_ms_p50", "batch_size")},
-                META_COMMIT: commit or "unknown"}
+                META_COMMIT: commit or "unknown", META_RUNTIME: runtime_of(row, settings)}
         write_metadata(src, tmp / fname, meta)
         files[row["name"]] = fname
         entries[fname] = {"row": row["name"], "precision": row["precision"], "input_layout": layout,
-                          "accuracy": row["accuracy"], "speedup_vs_baseline": row["speedup_vs_baseline"]}
+                          "accuracy": row["accuracy"], "speedup_vs_baseline": row["speedup_vs_baseline"],
+                          "runtime": runtime_of(row, settings)}
     write_json(tmp / BUNDLE, {"recommended": "model.onnx", "fallback": "baseline.onnx" if fallback else None,
                               "models": entries, "classes": classes, "input_size": size, "mean": mean, "std": std})
     layout = entries["model.onnx"]["input_layout"]
@@ -151,6 +167,17 @@ def write_bundle(out: Path, rep: dict, onnx_files: dict[str, Path], classes: lis
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def bundle_runtime(model: Path) -> dict | None:
+    """The runtime (name, precision, options, threads, ...) the bundle next to ``model`` records for it, or None
+    (a bare ONNX file, or a bundle written before runtimes were recorded)."""
+    index = Path(model).parent / BUNDLE
+    try:
+        entry = json.loads(index.read_text())["models"][Path(model).name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry.get("runtime") if isinstance(entry, dict) else None
 
 
 def resolve_model(path: Path) -> Path:

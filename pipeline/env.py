@@ -9,7 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "hydra-core", "torch-pruning")
+PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "onnxscript", "hydra-core", "torch-pruning")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 (OpenVINO's bf16 precision); not INT8 speed
 
 
 def versions() -> dict[str, str]:
@@ -33,7 +34,7 @@ def git_commit() -> str | None:
 
 
 def cpu_info() -> dict:
-    """CPU model name, core count and the SIMD flags that decide INT8 and FP32 kernel speed."""
+    """CPU model name, core count and the SIMD flags that decide INT8, bf16 and FP32 kernel speed."""
     info = {"cpu": "unknown", "cores": os.cpu_count(), "flags": []}
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
@@ -42,7 +43,7 @@ def cpu_info() -> dict:
                 info["cpu"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                info["flags"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-                                       if f in flags)
+                info["flags"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                     *BF16_FLAGS) if f in flags)
                 break
     return info

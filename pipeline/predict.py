@@ -33,16 +33,28 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class Predictor:
-    """One inference session (ONNX Runtime unless ``runtime`` names another) plus the preprocessing its
-    metadata describes."""
+    """One inference session plus the preprocessing its metadata describes. The session runs on the runtime the
+    bundle records for the model, with its settings (OpenVINO's inference precision, threads), else on ONNX
+    Runtime; ``runtime`` and ``threads`` replace the bundle's."""
 
-    def __init__(self, model: Path | str, threads: int = 0, labels: list[str] | None = None,
+    def __init__(self, model: Path | str, threads: int | None = None, labels: list[str] | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, size: int | None = None,
-                 providers: list[str] | None = None, runtime: str = "onnxruntime"):
+                 providers: list[str] | None = None, runtime: str | None = None):
         from pipeline import inference
 
         self.path = deploy.resolve_model(Path(model))
-        self.session = inference.get(runtime).session(self.path, threads, "all", providers)
+        recorded = deploy.bundle_runtime(self.path) or {}
+        self.runtime = runtime or recorded.get("name") or inference.DEFAULT
+        options = (recorded.get("options") or {}) if self.runtime == recorded.get("name") else {}
+        if threads is None:
+            threads = int(recorded.get("threads") or 0)
+        try:
+            rt = inference.get(self.runtime)
+        except PipelineError as e:
+            if runtime is None and self.runtime != inference.DEFAULT:
+                raise PipelineError(f"{e}; or run the bundle on ONNX Runtime: --runtime onnxruntime") from None
+            raise
+        self.session = rt.session(self.path, threads, "all", providers, options=options)
         meta = self.session.metadata
         self.uint8 = self.session.input_dtype == "uint8"
 
@@ -150,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("images", nargs="+", help="image files or folders of images (a shell glob works)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--csv", help="also write the predictions to this CSV file")
-    ap.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call")
-    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
+    ap.add_argument("--batch", type=int, default=32, help="images per inference call")
+    ap.add_argument("--threads", type=int, help="inference threads (0: one per core; default: the bundle's setting)")
+    ap.add_argument("--runtime", help="inference runtime (default: the one the bundle records, else onnxruntime): "
+                    "onnxruntime or openvino")
     ap.add_argument("--labels", help="comma-separated class names (replaces the model's metadata)")
     ap.add_argument("--mean", help="r,g,b normalisation mean in [0, 1]")
     ap.add_argument("--std", help="r,g,b normalisation std in [0, 1]")
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError(f"--csv {args.csv}: the folder {out.absolute().parent} does not exist; create it "
                                     "or give a file in an existing folder")
         pred = Predictor(args.model, args.threads, args.labels.split(",") if args.labels else None,
-                         _floats(args.mean), _floats(args.std), args.size)
+                         _floats(args.mean), _floats(args.std), args.size, runtime=args.runtime)
         top_k = min(args.top_k, len(pred.classes))
         if top_k < args.top_k:
             print(f"note: --top-k {args.top_k} is more than the model's {len(pred.classes)} classes; showing "

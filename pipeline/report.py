@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 NOISE = 0.95  # throughputs within 5% count as equal when picking the best artifact
 COLUMNS = [  # (key, header, format)
-    ("name", "model", "{}"), ("precision", "precision", "{}"), ("accuracy", "top-1 %", "{:.2f}"),
+    ("name", "model", "{}"), ("runtime", "runtime", "{}"), ("precision", "precision", "{}"),
+    ("accuracy", "top-1 %", "{:.2f}"),
     ("accuracy_delta_vs_baseline", "Δ top-1", "{:+.2f}"), ("params", "params", "{:,}"),
     ("macs", "MACs", "{:,}"), ("size_mb", "size MB", "{:.2f}"),
     ("latency_ms_p50", "p50 ms (b=1)", "{:.2f}"), ("latency_ms_p99", "p99 ms (b=1)", "{:.2f}"),
@@ -86,6 +87,8 @@ def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:
         why = (f"the most accurate of the artifacts within 5% of the fastest that pass the gates: "
                f"{best['speedup_vs_baseline']:.2f}x the baseline's throughput at "
                f"{best['accuracy_delta_vs_baseline']:+.2f} points of top-1")
+        if best.get("runtime", inference.DEFAULT) != inference.DEFAULT:
+            why += f", running on {best['runtime']} in {best['precision']}" + _runtime_why(rows, best)
     return {
         "baseline": baseline, "rows": rows, "environment": env,
         "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_speedup": cfg.min_speedup,
@@ -94,12 +97,34 @@ def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:
     }
 
 
+def _runtime_why(rows: list[dict], best: dict) -> str:
+    """Why another runtime: the same model's throughput in ONNX Runtime against the chosen row's."""
+    same = next((r for r in rows if r["name"] == best.get("model")), None)
+    if same is None:
+        return ""
+    return (f" ({best['throughput_ips'] / same['throughput_ips']:.2f}x the same model in ONNX Runtime, "
+            f"{best['accuracy'] - same['accuracy']:+.2f} points)")
+
+
 def _int8_vs_input(rows: list[dict]) -> list[dict]:
     """Each INT8 row's throughput over its FP32 input's (the model it was quantized from), where both were timed."""
     by_name = {r["name"]: r for r in rows}
-    return [{"name": r["name"], "fp32_input": r["fp32_input"],
-             "ratio": r["throughput_ips"] / by_name[r["fp32_input"]]["throughput_ips"]}
-            for r in rows if r.get("fp32_input") in by_name]
+    # on a runtime with a reduced float precision, the INT8 row also against its input in it (distill@openvino-bf16)
+    pairs = [(r, f) for r in rows if r.get("fp32_input") for f in (r["fp32_input"], r["fp32_input"] + "-bf16")
+             if f in by_name and (f == r["fp32_input"] or by_name[f].get("runtime") == r.get("runtime"))]
+    return [{"name": r["name"], "fp32_input": f, "ratio": r["throughput_ips"] / by_name[f]["throughput_ips"]}
+            for r, f in pairs]
+
+
+def runtime_markdown(rows: list[dict]) -> list[str]:
+    """The rows of runtimes other than ONNX Runtime: what they are and how far their predictions agree with it."""
+    other = [r for r in rows if r.get("agreement_vs_onnxruntime") is not None]
+    if not other:
+        return []
+    return ["Rows `<model>@<runtime>` run the same ONNX file on another runtime (OpenVINO: f32 inference "
+            "precision; `-bf16`: bfloat16, on CPUs that run it natively); speedups are against the FP32 baseline "
+            "in ONNX Runtime. Top-1 agreement with the same model in ONNX Runtime, on every test image: "
+            + ", ".join(f"{r['name']} {r['agreement_vs_onnxruntime']:.2f}%" for r in other) + ".", ""]
 
 
 def int8_markdown(rep: dict) -> list[str]:
@@ -202,11 +227,14 @@ def write_report(run_dir: Path, rep: dict) -> None:
         "channels and INT8 kernels change speed.".format(b=rep["rows"][0]["batch_size"]), "",
         f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['flags']) or 'no SIMD flags read'}), "
         f"ORT {env['versions'].get('onnxruntime')}, providers {', '.join(env['providers'])}, "
-        f"graph optimisation `{env['graph_optimization']}`.", "",
+        f"graph optimisation `{env['graph_optimization']}`"
+        + "".join(f", {n} {r['version']}" for n, r in (env.get("runtimes") or {}).items() if n != "onnxruntime")
+        + ".", "",
         "![accuracy vs throughput](report.png)", "",
     ]
     if env.get("note"):
         md.insert(4, f"Note: {env['note']}.")
+    md += runtime_markdown(rep["rows"])
     md += int8_markdown(rep)
     md += float_markdown(rep["rows"])
     md += kept_markdown(rep["rows"])

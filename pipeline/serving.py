@@ -114,10 +114,12 @@ def concurrency(sessions: dict, x: np.ndarray, levels: list[int], requests: int,
 
 
 def settings_sweep(rt: inference.InferenceRuntime, path: Path, x: np.ndarray, threads: list[int], levels: list[str],
-                   providers: list[str], batch: int, warmup: int, runs: int, rounds: int) -> list[dict]:
-    """Throughput at ``batch`` and batch-1 latency for each (intra-op threads, graph optimisation) pair."""
+                   providers: list[str], batch: int, warmup: int, runs: int, rounds: int,
+                   options: dict[str, str] | None = None) -> list[dict]:
+    """Throughput at ``batch`` and batch-1 latency for each (intra-op threads, graph optimisation) pair
+    (``options``: the runtime's session options every pair shares, e.g. OpenVINO's inference precision)."""
     combos = [(t, o) for t in threads for o in levels]
-    sessions = {c: rt.session(path, c[0], c[1], providers) for c in combos}
+    sessions = {c: rt.session(path, c[0], c[1], providers, options=options) for c in combos}
     b1 = np.ascontiguousarray(x[:1])
     bn = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
     lat: dict = {c: [] for c in combos}

@@ -100,7 +100,7 @@ def key_extra(view: GraphView, node: str) -> dict | None:
     the CPU model and flags it was timed on."""
     import platform
 
-    from pipeline.env import cpu_info
+    from pipeline.env import BF16_FLAGS, cpu_info
 
     cfg: Config = view.settings["qat"]
     extra: dict = {"weight_bits": placement.weight_bits(cfg)[0], "rewrite": quant.REWRITE}
@@ -108,7 +108,8 @@ def key_extra(view: GraphView, node: str) -> dict | None:
         extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
     if placement.MEASURE in cfg.float_layers:
         cpu = cpu_info()
-        extra["float_layers_measure"] = [cpu["cpu"], cpu["cores"], cpu["flags"]]
+        # the INT8/FP32 flags it was timed with (the bf16 flags do not change an ONNX Runtime timing)
+        extra["float_layers_measure"] = [cpu["cpu"], cpu["cores"], [f for f in cpu["flags"] if f not in BF16_FLAGS]]
     return extra
 
 

@@ -1,8 +1,10 @@
-"""validate: ONNX Runtime accuracy, latency and throughput of every exported model vs the baseline.
+"""validate: accuracy, latency and throughput of every exported model on each inference runtime vs the baseline.
 
 Reads every ``export/*`` artifact of the pipeline. Writes ``report.json``, ``report.md`` and
 ``report.png`` into the run folder (not cached: measurements belong to the machine and moment).
-Timing is interleaved: each round measures every model once, and medians over rounds are reported.
+Every model is a row per runtime of ``validate.runtimes`` (and per float precision the runtime offers on this
+CPU: OpenVINO's bf16 for FP32 models); speedups are relative to the FP32 baseline in ONNX Runtime.
+Timing is interleaved: each round measures every row once, and medians over rounds are reported.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Config:
     # ORT intra-op threads; 0 = ORT's default (one per core)
     threads: int = setting(ge=0, msg="must be {range} (0 = ORT default)")
     graph_optimization: Literal["disable", "basic", "extended", "all"]
-    provider: Literal["auto", "cpu", "cuda"]  # auto: CUDA EP when installed and a GPU is present
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"]  # auto: CUDA EP when installed and a GPU is present
+    runtimes: list[Literal["onnxruntime", "openvino"]]  # a row per model and runtime; onnxruntime first (baseline)
     warmup: int  # untimed runs before each measurement
     latency_runs: int = setting(ge=1, msg="must be {range}")  # batch-1 runs per round
     throughput_runs: int = setting(ge=1, msg="must be {range}")  # batch runs per round
@@ -87,6 +90,20 @@ def _row(name: str, src: str, r: ExportResult, onnx: str, names: dict[str, str])
     return row
 
 
+def runtime_rows(name: str, precision: str, runtime: str, rt: inference.InferenceRuntime) -> list[tuple[str, str,
+                                                                                                          dict]]:
+    """(row name, precision, session options) of one model on one runtime: ONNX Runtime's row keeps the model's
+    name; another runtime's rows are ``<model>@<runtime>`` in its plain float precision, and for FP32 models one
+    more per reduced float precision it runs natively on this CPU (``<model>@openvino-bf16``)."""
+    if runtime == inference.DEFAULT:
+        return [(name, precision, {})]
+    floats = rt.float_precisions()
+    out = [(f"{name}@{runtime}", precision, rt.precision_options(floats[0]))]
+    if precision == "fp32":
+        out += [(f"{name}@{runtime}-{p}", p, rt.precision_options(p)) for p in floats[1:]]
+    return out
+
+
 def expected_rows(view: GraphView) -> list[str]:
     """The report rows the configured graph makes (what ``row_name`` gives for each export node): the export
     of ``qat`` and ORT's static reference are INT8, ``<stage>_fp16`` nodes FP16, the rest FP32."""
@@ -103,8 +120,17 @@ def expected_rows(view: GraphView) -> list[str]:
 def check(view: GraphView) -> list[str]:
     """``validate.models`` names rows this pipeline makes (checked before anything is trained)."""
     cfg: Config = view.settings["validate"]
-    if not cfg.models or view.settings.get("export") is None:
-        return []
+    errors = []
+    if cfg.runtimes[:1] != [inference.DEFAULT] or len(set(cfg.runtimes)) < len(cfg.runtimes):
+        errors.append(f"validate.runtimes={cfg.runtimes}: list onnxruntime first (the baseline every speedup is "
+                      "relative to) and each runtime once, e.g. validate.runtimes=[onnxruntime,openvino]")
+    for name in dict.fromkeys(cfg.runtimes):
+        try:  # a missing optional package is found before anything is trained
+            inference.get(name).devices(cfg.provider)
+        except PipelineError as e:  # a missing package, or a GPU provider that cannot be had
+            errors.append(str(e) if str(e).startswith("validate.") else f"validate.runtimes: {e}")
+    if errors or not cfg.models or view.settings.get("export") is None:
+        return errors
     rows = expected_rows(view)
     return [f"validate.models: no report row named {m!r} in this pipeline; rows are {', '.join(rows)}"
             for m in cfg.models if m not in rows]
@@ -119,9 +145,9 @@ def inputs(view: GraphView, node: str) -> dict[str, str]:
     return {n.split("/", 1)[1]: n for n in nodes}
 
 
-def _serving(ctx: StageContext, sessions: dict, x, providers: list[str], rows: list[dict],
-             best: str | None) -> dict:
-    """Throughput per batch size, latency under concurrency, and the settings sweep of the recommended row."""
+def _serving(ctx: StageContext, sessions: dict, x, rows: list[dict], best: str | None) -> dict:
+    """Throughput per batch size, latency under concurrency (every row, every runtime), and the settings sweep of
+    the recommended row on its runtime."""
     cfg: Config = ctx.settings
     out: dict = {}
     if cfg.serving_batch_sizes:
@@ -132,15 +158,18 @@ def _serving(ctx: StageContext, sessions: dict, x, providers: list[str], rows: l
                                                  cfg.warmup, cfg.rounds)
     if (cfg.sweep_threads or cfg.sweep_graph_optimization) and best is not None:
         row = next(r for r in rows if r["name"] == best)
+        rt = inference.get(row["runtime"])
         out["settings"] = {"model": best, "rows": serving.settings_sweep(
-            inference.get(), ctx.run_dir / row["onnx"], x, cfg.sweep_threads or [cfg.threads],
-            cfg.sweep_graph_optimization or [cfg.graph_optimization], providers, cfg.batch_size, cfg.warmup,
-            cfg.throughput_runs, cfg.rounds)}
+            rt, ctx.run_dir / row["onnx"], x, cfg.sweep_threads or [cfg.threads],
+            cfg.sweep_graph_optimization or [cfg.graph_optimization], rt.devices(cfg.provider)[0], cfg.batch_size,
+            cfg.warmup, cfg.throughput_runs, cfg.rounds, row.get("runtime_options"))}
     return out
 
 
 def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dict:
-    """outputs/runs/<run>/deploy: the recommended model (+ the baseline), metadata, model card, config."""
+    """outputs/runs/<run>/deploy: the recommended model (+ the baseline), metadata, model card, config, and the
+    runtime (with its settings) that measured it."""
+    cfg: Config = ctx.settings
     files = {}
     for name, art in arts.items():
         uint8 = art.path / "model_uint8.onnx"
@@ -151,12 +180,18 @@ def _bundle(ctx: StageContext, rep: dict, arts: dict, classes: list[str]) -> dic
     reproduce = f"python -m pipeline --config-path {shlex.quote(str(out.absolute()))} --config-name config {run_dir}"
     deploy.write_bundle(out, rep, files, classes, ctx.data_cfg.mean, ctx.data_cfg.std, ctx.data_cfg.image_size,
                         ctx.config_yaml, reproduce, git_commit(),
-                        {"mode": ctx.data_cfg.resize, "crop_fraction": ctx.data_cfg.crop_fraction})
+                        {"mode": ctx.data_cfg.resize, "crop_fraction": ctx.data_cfg.crop_fraction},
+                        {"threads": cfg.threads, "graph_optimization": cfg.graph_optimization})
     log.info("validate: deployment bundle written to %s", out)
     info = {"path": str(out), "model": rep["best"],
             "predict": f"python -m pipeline.predict {shown(out)} <image or folder>"}
-    if ctx.settings.deploy_optimized:
-        info["startup"] = _optimized(out, ctx.settings)
+    chosen = next(r for r in rep["rows"] if r["name"] == rep["best"])
+    info["runtime"] = chosen["runtime"]
+    if cfg.deploy_optimized and chosen["runtime"] == inference.DEFAULT:
+        info["startup"] = _optimized(out, cfg)
+    elif cfg.deploy_optimized:
+        log.info("validate: deploy_optimized saves ONNX Runtime's optimised graph; the recommended row runs on %s, "
+                 "so none is saved", chosen["runtime"])
     return info
 
 
@@ -176,49 +211,81 @@ def _optimized(out, cfg: Config) -> dict:
     return res
 
 
+def _sessions(ctx: StageContext, results: dict[str, ExportResult], names: dict[str, str]) -> tuple[list, dict, dict]:
+    """The report rows (not yet measured) and a session per row: every model on every runtime of
+    ``validate.runtimes``, in each precision the runtime offers for it. Also the runtimes' environment."""
+    cfg: Config = ctx.settings
+    rows, sessions, env = [], {}, {}
+    for rname in cfg.runtimes:
+        rt = inference.get(rname)
+        devices, note = rt.devices(cfg.provider)
+        env[rname] = {"version": rt.version(), "devices": devices, **({"note": note} if note else {})}
+        for src, art in ctx.inputs.items():
+            name, r = names[src], results[src]
+            if cfg.models and name not in cfg.models:
+                continue
+            path = art.path / "model.onnx"
+            for row_name_, precision, options in runtime_rows(name, r.precision, rname, rt):
+                sessions[row_name_] = rt.session(path, cfg.threads, cfg.graph_optimization, devices, options=options)
+                row = _row(row_name_, src, r, os.path.relpath(path, ctx.run_dir), names)
+                row.update(model=name, runtime=rname, precision=precision)
+                if options:
+                    row["runtime_options"] = options
+                if rname != inference.DEFAULT:
+                    row["parity_top1_agreement"] = None  # measured against the ONNX Runtime row below
+                    for k in ("float_ops", "placement", "weight_bits", "kept_unprunable"):  # the model's: once
+                        row.pop(k, None)
+                    if row.get("fp32_input"):
+                        row["fp32_input"] = runtime_rows(row["fp32_input"], "int8", rname, rt)[0][0]
+                    if r.precision == "int8":  # which convs/matmuls this runtime runs in INT8
+                        cov = rt.kernel_coverage(path)
+                        row.update(int8_coverage=cov["coverage"],
+                                   int8_kernels=f"{cov['int8_kernels']}/{cov['int8_kernels'] + cov['float_kernels']}")
+                        row.pop("dequantized_ops", None)
+                rows.append(row)
+    return rows, sessions, env
+
+
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     splits = ctx.splits()
     timing_n = max([cfg.batch_size, 256, *cfg.serving_batch_sizes])
     x = onnxio.normalise(splits.test_x[:timing_n], ctx.data_cfg.mean, ctx.data_cfg.std)  # timing inputs
     y = splits.test_y.numpy()
-    rt = inference.get()
-    providers, note = rt.devices(cfg.provider)
     results: dict[str, ExportResult] = {src: art.result for src, art in ctx.inputs.items()}
     names = {src: row_name(src, r) for src, r in results.items()}
     unknown = [m for m in cfg.models if m not in names.values()]
     if unknown:
         raise PipelineError(f"validate.models: no report row named {unknown[0]!r}; rows are "
                             f"{', '.join(names.values())}")
-    rows, sessions = [], {}
-    for src, art in ctx.inputs.items():
-        name = names[src]
-        if cfg.models and name not in cfg.models:
-            continue
-        path = art.path / "model.onnx"
-        sessions[name] = rt.session(path, cfg.threads, cfg.graph_optimization, providers)
-        rows.append(_row(name, src, results[src], os.path.relpath(path, ctx.run_dir), names))
+    rows, sessions, runtimes = _sessions(ctx, results, names)
     logits = inference.predict_images(sessions, splits.test_x, ctx.data_cfg.mean, ctx.data_cfg.std)
     for row in rows:
         row["accuracy"] = float((logits[row["name"]].argmax(1) == y).mean() * 100)
+        if row["runtime"] != inference.DEFAULT:  # the same model's predictions in ONNX Runtime, on every test image
+            ref = logits[row["model"]].argmax(1)
+            row["agreement_vs_onnxruntime"] = float((logits[row["name"]].argmax(1) == ref).mean() * 100)
         log.info("validate: %s accuracy %.2f%%", row["name"], row["accuracy"])
 
-    timing = report.measure(sessions, x, cfg, progress=ctx.rt.progress)
+    timing = report.measure(sessions, x, cfg, progress=ctx.rt.progress)  # every runtime in one interleaved loop
     for row in rows:
         row.update(timing[row["name"]])
     base = next((r for r in rows if r["name"] == "baseline"), rows[0])
     for row in rows:
         row["speedup_vs_baseline"] = row["throughput_ips"] / base["throughput_ips"]
         row["accuracy_delta_vs_baseline"] = row["accuracy"] - base["accuracy"]
+    ort = runtimes[inference.DEFAULT]
     env = {"platform": platform.platform(), **cpu_info(), "threads": cfg.threads,
-           "graph_optimization": cfg.graph_optimization, "providers": providers,
+           "graph_optimization": cfg.graph_optimization, "providers": ort["devices"], "runtimes": runtimes,
            "versions": versions()}
-    if note:
-        env["note"] = note
+    notes = [f"{n}: {r['note']}" if n != inference.DEFAULT else r["note"] for n, r in runtimes.items() if r.get("note")]
+    if notes:
+        env["note"] = "; ".join(notes)
     rep = report.build_report(rows, base["name"], env, cfg)
-    rep["serving"] = _serving(ctx, sessions, x, providers, rows, rep["best"])
+    rep["serving"] = _serving(ctx, sessions, x, rows, rep["best"])
     if cfg.deploy and rep["best"] is not None:
-        rep["deploy"] = _bundle(ctx, rep, {names[src]: art for src, art in ctx.inputs.items()}, splits.classes)
+        arts = {r["name"]: ctx.inputs[r["stage"]] for r in rows}
+        rep["deploy"] = _bundle(ctx, rep, arts, splits.classes)
     report.write_report(ctx.run_dir, rep)
     log.info("validate: report written to %s", ctx.run_dir / "report.md")
     failures = rep["gates"]["failures"]

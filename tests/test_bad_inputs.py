@@ -93,6 +93,26 @@ def test_bad_values_are_one_line_config_errors(cfg_factory, tmp_path, overrides,
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["validate.provider=cuda"], r"^config error: validate.provider=cuda but (onnxruntime has no CUDAExecutionProvider "
+                                 r".*install onnxruntime-gpu|no CUDA GPU is visible).*validate.provider=cpu"),
+    (["validate.provider=tensorrt"], r"^config error: validate.provider=tensorrt but (onnxruntime has no "
+                                     r"TensorrtExecutionProvider|no CUDA GPU is visible)"),
+    (["validate.runtimes=[openvino]"], r"^config error: validate.runtimes=\['openvino'\]: list onnxruntime first"),
+])
+def test_runtimes_and_gpu_providers_that_cannot_be_had_are_one_line(cfg_factory, tmp_path, overrides, match):
+    """ONNX Runtime's GPU providers without onnxruntime-gpu or a GPU, and a runtime list without the baseline's
+    runtime first: one line at the config check (this machine has no GPU; with both, cuda would be accepted)."""
+    import onnxruntime
+    import torch
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("onnxruntime-gpu and a GPU are present")
+    with pytest.raises(PipelineError, match=match) as e:
+        Runner(cfg_factory("pipeline=[train,export,validate]", *overrides), tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_validate_rows_named_up_front_match_the_rows_it_reports(cfg_factory, tmp_path):
     from stages.validate import expected_rows
 

@@ -64,6 +64,16 @@ def test_only_the_runtime_modules_import_onnxruntime():
         assert not bad, f"{rel} imports {bad}; go through pipeline.inference"
 
 
+def test_only_the_openvino_runtime_module_imports_openvino():
+    """OpenVINO is optional: one runtime module imports it, behind the guard that names the pip extra."""
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "pipeline/inference/openvino.py" or rel.startswith("pipeline/tools/"):
+            continue
+        bad = {m for m in _imports(path) if m.split(".")[0] == "openvino"}
+        assert not bad, f"{rel} imports {bad}; go through pipeline.inference"
+
+
 def test_no_import_cycles_in_the_project():
     files = [*ROOT.joinpath("pipeline").rglob("*.py"), *ROOT.joinpath("stages").glob("*.py")]
     mods = {_module(p): p for p in files}

@@ -42,7 +42,7 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     for row in rep["rows"]:
         assert set(row) >= ROW_KEYS, ROW_KEYS - set(row)
         assert (tmp_path / "run1" / row["onnx"]).is_file()
-    assert (tmp_path / "run1/report.md").read_text().count("| baseline | fp32 |") == 1
+    assert (tmp_path / "run1/report.md").read_text().count("| baseline | onnxruntime | fp32 |") == 1
     inputs = {p["name"]: p["fp32_input"] for p in rep["int8_vs_fp32_input"]}
     assert inputs == {"qat-int8": "distill", "ort-static-int8": "distill"}
     assert "INT8 against its FP32 input" in (tmp_path / "run1/report.md").read_text()

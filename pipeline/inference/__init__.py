@@ -4,7 +4,8 @@ Validate, the serving measurements, ``pipeline.predict``, the INT8 placement sea
 talk to a runtime only through :class:`InferenceRuntime` and :class:`Session`. A runtime lives in one
 module of this package and registers itself (``register``); ONNX Runtime (CPU and CUDA execution
 providers) is ``pipeline/inference/ort.py``, its static quantizer ``pipeline/inference/ort_quantize.py``.
-Those two are the only modules of the pipeline that import ``onnxruntime``.
+Those two are the only modules of the pipeline that import ``onnxruntime``. OpenVINO (optional extra
+``openvino``) is ``pipeline/inference/openvino.py``, the only module that imports ``openvino``.
 
     from pipeline import inference
     rt = inference.get("onnxruntime")
@@ -34,7 +35,8 @@ __all__ = ["DEFAULT", "OPT_LEVELS", "InferenceRuntime", "Session", "get", "names
 DEFAULT = "onnxruntime"
 
 # name -> "module:Class"; a runtime's module is imported only when the runtime is used (its package may be absent)
-_REGISTRY: dict[str, str] = {"onnxruntime": "pipeline.inference.ort:OnnxRuntime"}
+_REGISTRY: dict[str, str] = {"onnxruntime": "pipeline.inference.ort:OnnxRuntime",
+                             "openvino": "pipeline.inference.openvino:OpenVinoRuntime"}
 _INSTANCES: dict[str, InferenceRuntime] = {}
 
 

@@ -64,6 +64,15 @@ class InferenceRuntime(ABC):
     def version(self) -> str:
         """The runtime's version (for reports and model cards)."""
 
+    def float_precisions(self) -> list[str]:
+        """The float precisions a model can be compiled in on this machine, the runtime's plain one first (a
+        report row each for FP32 models)."""
+        return ["f32"]
+
+    def precision_options(self, precision: str) -> dict[str, str]:
+        """The ``session(options=...)`` that run a model in ``precision`` (one of ``float_precisions``)."""
+        return {}
+
 
 def predict(sess: Session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits of ``x`` in batches."""

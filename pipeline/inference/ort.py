@@ -1,4 +1,4 @@
-"""ONNX Runtime as an inference runtime: CPU and CUDA execution providers, INT8 kernel coverage from its
+"""ONNX Runtime as an inference runtime: CPU, CUDA and TensorRT execution providers, INT8 kernel coverage from its
 optimised graph. Registered as ``onnxruntime`` in ``pipeline.inference``."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.inference.base import InferenceRuntime, Session
 INT8_KERNELS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm",
                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "NhwcQLinearConv"}
 FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv"}
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
 class OrtSession(Session):
@@ -38,7 +38,7 @@ class OrtSession(Session):
         return self.ort.run(self._out, {self._in: x})[0]
 
     def bound_call(self, x: np.ndarray) -> Callable[[], None]:
-        if self.devices[0] == CUDA:  # IO binding: input on the GPU, output left there
+        if self.devices[0] in (CUDA, TENSORRT):  # IO binding: input on the GPU, output left there
             import onnxruntime as ort
 
             binding = self.ort.io_binding()
@@ -68,19 +68,31 @@ class OnnxRuntime(InferenceRuntime):
         return onnxruntime.__version__
 
     def devices(self, choice: str) -> tuple[list[str], str]:
+        """``cpu``; ``cuda`` (CUDA EP); ``tensorrt`` (TensorRT EP, CUDA and CPU behind it for what it cannot
+        run); ``auto``: CUDA where onnxruntime-gpu and a GPU are both present, else CPU. Untested without a GPU."""
         import onnxruntime as ort
+        import torch
 
-        have_cuda = CUDA in ort.get_available_providers()
-        if choice == "cpu" or (choice == "auto" and not have_cuda):
-            import torch
-
-            gpu = torch.cuda.is_available() and choice == "auto"
-            note = "a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on CPU"
-            return [CPU], note if gpu else ""
-        if not have_cuda:
-            raise PipelineError("validate.provider=cuda but onnxruntime has no CUDA provider; "
-                                "install onnxruntime-gpu or use validate.provider=cpu")
-        return [CUDA, CPU], ""
+        available = ort.get_available_providers()
+        gpu = torch.cuda.is_available()
+        have_cuda = CUDA in available
+        if choice == "cpu" or (choice == "auto" and not (have_cuda and gpu)):
+            note = ""
+            if choice == "auto" and gpu:
+                note = ("a GPU is present but onnxruntime has no CUDA provider (install onnxruntime-gpu); measured on "
+                        "CPU")
+            elif choice == "auto" and have_cuda:
+                note = "onnxruntime-gpu is installed but no CUDA GPU is visible; measured on CPU"
+            return [CPU], note
+        want = TENSORRT if choice == "tensorrt" else CUDA
+        if want not in available:
+            raise PipelineError(f"validate.provider={choice} but onnxruntime has no {want} (its providers: "
+                                f"{', '.join(available)}); install onnxruntime-gpu (with TensorRT for tensorrt) or "
+                                "use validate.provider=cpu")
+        if not gpu:
+            raise PipelineError(f"validate.provider={choice} but no CUDA GPU is visible; use validate.provider=cpu "
+                                "or auto")
+        return ([TENSORRT] if choice == "tensorrt" else []) + [CUDA, CPU], ""
 
     def session(self, path: Path | str, threads: int = 0, opt_level: str = "all", devices: list[str] | None = None,
                 optimized_path: Path | None = None, options: dict[str, str] | None = None) -> OrtSession:

@@ -1,0 +1,145 @@
+"""Benchmark: the same ONNX models on ONNX Runtime and OpenVINO (f32, bf16, INT8), throughput relative to ORT FP32.
+
+    python -m pipeline.tools.bench_runtimes --run outputs/runs/<run>              # a run's exported models
+    python -m pipeline.tools.bench_runtimes --models mobilenet_v3_small,efficientnet_b0 --size 224 --batch 8
+
+``--run``: every model row of the run's ``report.json`` (its ONNX files), each on ONNX Runtime and on OpenVINO in
+f32, and FP32 models also in bf16 where the CPU runs it natively; ratios against the run's FP32 baseline in ONNX
+Runtime, top-1 on the run's test split. ``--models``: torchvision models with untrained weights (speed only), FP32
+ONNX exported here, and with ``--int8`` ONNX Runtime's static QDQ quantization of it (calibrated on embedded
+images) on both runtimes. Timing is interleaved: every session is warmed up before each timed block (about
+``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import inference, onnxio
+from pipeline.env import cpu_info
+from pipeline.tools import data_config
+
+
+def _images(size: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from pipeline.data import load_splits
+
+    dc = data_config("data.val_fraction=0.0")
+    s = load_splits(dc, 0)
+    raw, y = (s.train_x, s.train_y) if split == "train" else (s.test_x, s.test_y)
+    x = torch.from_numpy(onnxio.normalise(raw[:n], dc.mean, dc.std))
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+    return x.numpy(), y[:n].numpy()
+
+
+def sessions_for(name: str, path: Path, precision: str, threads: int) -> dict[str, inference.Session]:
+    """``<name> ort``, ``<name> ov-f32`` and, for FP32 models on CPUs with native bf16, ``<name> ov-bf16``."""
+    ort, ov = inference.get(), inference.get("openvino")
+    out = {f"{name} ort": ort.session(path, threads), f"{name} ov-f32": ov.session(path, threads)}
+    if precision == "fp32" and "bf16" in ov.float_precisions():
+        out[f"{name} ov-bf16"] = ov.session(path, threads, options=ov.precision_options("bf16"))
+    return out
+
+
+def timed(sessions: dict[str, inference.Session], x: np.ndarray, rounds: int, seconds: float,
+          reference: str) -> dict[str, float]:
+    """Median seconds per call of every session on ``x``, interleaved rounds (runs per block set by the reference)."""
+    runs = inference.runs_for(sessions[reference], x, seconds)
+    t: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            t[k].append(float(np.median(inference.time_runs(sess, x, max(5, runs // 4), runs))))
+    return {k: statistics.median(v) for k, v in t.items()}
+
+
+def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
+    rep = json.loads((run / "report.json").read_text())
+    sessions, precision = {}, {}
+    for row in rep["rows"]:
+        if row.get("runtime", "onnxruntime") != "onnxruntime":
+            continue
+        for k, s in sessions_for(row["name"], run / row["onnx"], row["precision"], threads).items():
+            sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else row["precision"]
+    return sessions, precision
+
+
+def _torchvision(names: list[str], size: int, int8: bool, threads: int, folder: Path) -> tuple[dict, dict]:
+    import torch
+
+    from pipeline.inference import ort_quantize
+    from pipeline.models import build_model
+
+    calib, _ = _images(size, 64)
+    sessions, precision = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model({"name": name, "num_classes": 1000, "image_size": size, "small_input": False}).eval()
+        fp32 = folder / f"{name}.onnx"
+        onnxio.export_onnx(model, torch.from_numpy(calib[:2]), fp32, 18)
+        files = [(name, fp32, "fp32")]
+        if int8:
+            q = folder / f"{name}.int8.onnx"
+            ort_quantize.static_quantize(fp32, q, calib, "uint8", 8, folder)
+            files.append((f"{name}-int8", q, "int8"))
+        for label, path, prec in files:
+            for k, s in sessions_for(label, path, prec, threads).items():
+                sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else prec
+    return sessions, precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a run folder with report.json (validate's rows)")
+    src.add_argument("--models", help="comma-separated torchvision model names (untrained weights)")
+    ap.add_argument("--size", type=int, default=224, help="input size for --models")
+    ap.add_argument("--int8", action="store_true", help="--models: also ONNX Runtime's static INT8 QDQ")
+    ap.add_argument("--batch", default="8")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=0.5)
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    cpu = cpu_info()
+    ov = inference.get("openvino")
+    print(f"{cpu['cpu']} ({cpu['cores']} cores, {', '.join(cpu['flags'])}); ONNX Runtime {inference.get().version()},"
+          f" OpenVINO {ov.version()}, threads {args.threads or 'default'}, interleaved medians of {args.rounds} "
+          "rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run:
+            sessions, precision = _from_run(args.run, args.threads)
+            ref = "baseline ort"
+            test_x, test_y = _images(32, 10**6, "test")
+        else:
+            sessions, precision = _torchvision(args.models.split(","), args.size, args.int8, args.threads, Path(tmp))
+            ref, test_x, test_y = None, None, None
+        acc = {}
+        if test_x is not None:
+            acc = {k: float((inference.predict(s, test_x).argmax(1) == test_y).mean() * 100)
+                   for k, s in sessions.items()}
+        for b in (int(v) for v in args.batch.split(",")):
+            shape = next(iter(sessions.values())).input_shape
+            size = shape[-1] if isinstance(shape[-1], int) else args.size
+            x = np.ascontiguousarray(np.resize(_images(size, 64)[0], (b, 3, size, size)).astype(np.float32))
+            print(f"\nbatch {b}:\n| row | precision | top-1 % | img/s | vs ORT FP32 |\n|---|---|---|---|---|")
+            groups = [sessions] if ref else [{k: s for k, s in sessions.items() if k.split(" ")[0].split("-int8")[0]
+                                              == m} for m in args.models.split(",")]
+            for group in groups:
+                base = ref or next(iter(group))
+                med = timed(group, x, args.rounds, args.seconds, base)
+                for k, t in med.items():
+                    top1 = f"{acc[k]:.2f}" if k in acc else "–"
+                    print(f"| {k} | {precision[k]} | {top1} | {b / t:.0f} | {med[base] / t:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
