@@ -110,8 +110,8 @@ def make_pruner(kind: str, min_epochs: int, reduction_factor: int, max_steps: in
 class TrialReporter(EpochObserver):
     """Reports a trial's fine-tuning epochs to its fidelity trial and stops the job when the pruner says so."""
 
-    def __init__(self, trial, stages: list[str]):
-        self.trial, self.stages = trial, set(stages)
+    def __init__(self, trial, stages: list[str], steps: int):
+        self.trial, self.stages, self.steps = trial, set(stages), steps
         self.step = 0  # fine-tuning epochs with a validation accuracy, trained or replayed
         self.trained = 0  # epochs this job trained (the budget it spent)
 
@@ -133,7 +133,7 @@ class TrialReporter(EpochObserver):
         if math.isnan(val_acc):  # no validation split: nothing to compare, the trial runs in full
             return
         self.trial.report(val_acc, self.step)
-        if self.trial.should_prune():
+        if self.step < self.steps and self.trial.should_prune():  # after the last epoch only exports remain
             self.trial.set_user_attr("stopped_at_epoch", self.step)
             raise TrialPruned(self.step, val_acc)
 
@@ -154,7 +154,7 @@ def reporting(cfg: DictConfig, sweep_dir: Path) -> Iterator[TrialReporter | None
     storage = open_storage(storage_url(search.get("storage"), sweep_dir))
     name = str(cfg.hydra.sweeper.study_name) if "hydra" in cfg else "search"
     study = optuna.load_study(study_name=name + FIDELITY_SUFFIX, storage=storage, pruner=pruner)
-    reporter = TrialReporter(optuna.trial.Trial(study, int(trial_id)), stages)
+    reporter = TrialReporter(optuna.trial.Trial(study, int(trial_id)), stages, steps)
     OBSERVERS.append(reporter)
     try:
         yield reporter

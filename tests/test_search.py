@@ -103,7 +103,7 @@ def test_pruner_stops_a_weaker_trial_at_its_first_rung_and_replays_cached_stages
     storage = open_storage(f"sqlite:///{tmp_path}/s.db")
     study = optuna.create_study(storage=storage, study_name="s" + FIDELITY_SUFFIX, direction="maximize",
                                 pruner=make_pruner("successive_halving", 1, 2, 3))
-    first = TrialReporter(study.ask(), ["prune", "distill"])
+    first = TrialReporter(study.ask(), ["prune", "distill"], 3)
     first.reused("prune", [{"epoch": 1, "val_acc": 40.0}])  # a cached stage: step 1, no epoch trained
     first.epoch("distill", 1, 45.0, main=True)
     first.epoch("distill", 1, 99.0, main=False)  # a side model: counted, not reported
@@ -112,10 +112,14 @@ def test_pruner_stops_a_weaker_trial_at_its_first_rung_and_replays_cached_stages
     assert study.trials[0].intermediate_values == {1: 40.0, 2: 45.0}
     assert study.trials[0].user_attrs["epochs_trained"] == 2
     study.tell(0, 45.0)
-    weak = TrialReporter(study.ask(), ["prune", "distill"])
+    weak = TrialReporter(study.ask(), ["prune", "distill"], 3)
     with pytest.raises(TrialPruned, match="after fine-tuning epoch 1"):
         weak.epoch("prune", 1, 20.0, main=True)
     assert study.trials[1].user_attrs == {"epochs_trained": 1, "stopped_at_epoch": 1}
+    study.tell(1, state=optuna.trial.TrialState.PRUNED)
+    last = TrialReporter(study.ask(), ["prune"], 1)  # after its last epoch a trial is never stopped
+    last.epoch("prune", 1, 5.0, main=True)
+    assert last.step == 1
 
 
 def test_budget_counts_each_trials_full_fine_tuning():
@@ -181,3 +185,24 @@ def test_storage_urls_and_missing_drivers():
             assert str(e).endswith(f"pip install {package}") or "cannot open" in str(e), e
         else:  # the driver is installed and connected to nothing: open_storage must have failed
             raise AssertionError(url)
+
+
+@pytest.mark.slow
+def test_four_trial_search_through_submitit_local_shares_one_study_and_the_baseline(tmp_path):
+    # 4 trials, 2 at a time, each a separate process started by Submitit's local executor (the SLURM
+    # launcher's code path); the two first trials need the same baseline: one builds it under the lock
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = _search(tmp_path, "search=base", "hydra/launcher=submitit_local", "hydra.sweep.subdir=${hydra.job.num}",
+                  "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "pipeline=[train,prune,export,validate]",
+                  "validate.models=[baseline,prune]", "search.row=prune", "search.fidelity_stages=[prune]",
+                  "++hydra.sweeper.params={prune.ratio:'interval(0.2,0.6)'}", "search.min_speedup=null",
+                  "search.max_accuracy_drop=null", "search.probe=false", "search.budget_epochs=null")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "sweep/search.json").read_text())
+    assert len(res["trials"]) == 4 and res["storage"] == f"sqlite:///{tmp_path}/sweep/search.db"
+    for t in res["trials"]:  # each trial's job reported its epoch to the one study, from its own process
+        assert t["state"] == "COMPLETE" and list(t["intermediate"]) == ["1"] and t["epochs_trained"] == 1, t
+        assert (tmp_path / "sweep" / t["job"] / "report.json").is_file()
+    assert res["budget"]["spent"] == 4 and res["recommended"] is not None
+    assert len(list((tmp_path / "sweep/.submitit").glob("*/*_result.pkl"))) == 4
+    assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, built once
