@@ -72,7 +72,8 @@ def test_bad_searches_are_one_line_errors_before_any_trial(tmp_path, args, match
 @pytest.mark.slow
 def test_search_runs_prunes_resumes_and_recommends(tmp_path):
     # trial 0: a probe-pruned trial is impossible to meet (min_speedup 50); then relax and resume
-    out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=1", "search.min_speedup=50")
+    cheap = ("prune.epochs=0", "qat.epochs=0", "search.pruner=none")  # 1 distillation epoch per trial
+    out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=1", "search.min_speedup=50", *cheap)
     assert out.returncode == 0, out.stderr[-3000:]
     first = json.loads((tmp_path / "sweep/search.json").read_text())
     assert [t["state"] for t in first["trials"]] == ["PRUNED"] and first["recommended"] is None
@@ -80,11 +81,12 @@ def test_search_runs_prunes_resumes_and_recommends(tmp_path):
     assert not (tmp_path / "o/artifacts/train").exists()  # pruned before any training
     out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=3", "search.min_speedup=0.01",
                   "search.max_accuracy_drop=100", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  "hydra.sweeper.n_jobs=2")  # the two missing trials in parallel
+                  "hydra.sweeper.n_jobs=2", *cheap)  # the two missing trials in parallel
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "sweep/search.json").read_text())
     assert len(res["trials"]) == 3 and res["trials"][0] == {**first["trials"][0], "pareto": False}
     assert [t["state"] for t in res["trials"][1:]] == ["COMPLETE", "COMPLETE"]
+    assert [t["epochs_trained"] for t in res["trials"]] == [0, 1, 1] and res["budget"]["spent"] == 2
     assert res["recommended"] in res["pareto"] and res["reproduce"].startswith("python -m pipeline experiment=tiny")
     assert "hydra" not in res["reproduce"]
     summary = (tmp_path / "sweep/summary.md").read_text()
