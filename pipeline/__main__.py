@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import CONF_DIR as _CONF_DIR
 from pipeline.errors import PipelineError
+from pipeline.rundir import unique_dir  # noqa: F401 (registered as ${unique_dir:...} on import of pipeline)
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(_CONF_DIR)
@@ -23,28 +25,7 @@ LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_slurm": "hydra
                      "ray_aws": "hydra-ray-launcher", "rq": "hydra-rq-launcher"}
 
 
-def unique_dir(base: str) -> str:
-    """``${unique_dir:<path>}``: claim a new folder atomically (mkdir) at ``path``, or ``path_2``, ``path_3``, ...
-    when another run started in the same second. An unwritable place is a one-line error."""
-    path = Path(base)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for i in range(1, 10_000):
-            candidate = path if i == 1 else path.with_name(f"{path.name}_{i}")
-            try:
-                candidate.mkdir()
-                return str(candidate)
-            except FileExistsError:
-                continue
-    except OSError as e:
-        print(f"error: cannot create the run folder {path} ({e.strerror or e}); choose a writable place with "
-              "paths.outputs=/some/writable/dir", file=sys.stderr)
-        sys.exit(2)
-    raise RuntimeError(f"no free run folder next to {path}")
-
-
 SWEEP_SUMMARY = "pipeline.sweep.SweepSummary"
-OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
 
 def check_launcher(argv: list[str]) -> str | None:
@@ -231,6 +212,7 @@ def _check_sweep(cfg: DictConfig, name: str, overrides: list[str]) -> str | None
 def main(cfg: DictConfig) -> None:
     from pipeline.artifacts import atomic_write_text, shown
     from pipeline.errors import first_line
+    from pipeline.fidelity import TrialPruned, reporting
     from pipeline.runner import run_pipeline
     from pipeline.sweep import JOB_ERROR
 
@@ -243,7 +225,11 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        done = run_pipeline(cfg, run_dir)
+        with reporting(cfg, Path(HydraConfig.get().sweep.dir)) if multirun else contextlib.nullcontext():
+            done = run_pipeline(cfg, run_dir)
+    except TrialPruned as e:  # the search's pruner stopped this trial: not a failure (search.md lists it)
+        log.info("%s", e)
+        return
     except PipelineError as e:
         log.error("%s", e)
         if multirun:  # the other jobs still run; the sweep summary lists this one and the sweep exits with 2

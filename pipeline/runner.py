@@ -45,7 +45,7 @@ from pipeline.models import ModelConfig
 from pipeline.results import Result
 from pipeline.runtime import make_runtime, runtime_key
 from pipeline.stage import Artifact, GraphView, Stage, StageContext, UnboundSettings, base
-from pipeline.training import FitConfig
+from pipeline.training import OBSERVERS, FitConfig
 from pipeline.weights import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,7 @@ class Runner:
         if st.cached and not force and self._reusable(node, final):
             log.info("%s: reusing %s (same config)", node, final)
             done[node] = self._gated(node, st, self._artifact(node, final))
+            self._tell_reused(st, done[node])
             return done[node]
         if node not in requested:
             if not self.root.run_upstream:
@@ -296,6 +297,15 @@ class Runner:
                      node, ", ".join(sorted(requested)))
         done[node] = self._gated(node, st, self._build(node, st, inputs, final, force))
         return done[node]
+
+    @staticmethod
+    def _tell_reused(st: Stage, art: Artifact) -> Artifact:
+        """Epoch observers (a search trial's reporter) see a reused training stage's history as if it ran."""
+        if st.trains and OBSERVERS:
+            history = art.metrics.get("history") or []
+            for obs in OBSERVERS:
+                obs.reused(st.name, history)
+        return art
 
     def _gated(self, node: str, st: Stage, art: Artifact) -> Artifact:
         if st.gate is not None and st.cached:
@@ -316,7 +326,7 @@ class Runner:
             # a parallel job may have built it while this one waited for the lock
             if st.cached and not force and self._reusable(node, final, quiet=True):
                 log.info("%s: reusing %s (built by another job)", node, final)
-                return self._artifact(node, final)
+                return self._tell_reused(st, self._artifact(node, final))
             if main:
                 if st.cached:  # staging folders of killed runs of this key (nobody else holds the lock)
                     for stale in final.parent.glob(f".{final.name}.*.partial"):

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
@@ -32,7 +32,10 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import atomic_write_text, write_json
+from pipeline.config import setting
 from pipeline.errors import PipelineError
+from pipeline.fidelity import FIDELITY_SUFFIX, fine_tune_epochs, open_storage, safe_url, storage_url
+from pipeline.search_report import compare_grid, grid_points, plot_search, search_markdown, sweep_points
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,15 @@ class SearchSettings:
     min_speedup: float | None  # constraint: throughput / baseline throughput
     probe: bool  # prune trials whose architecture is too slow before fine-tuning
     probe_margin: float  # the probe may be this much below min_speedup (timing noise) before a trial is pruned
+    budget_epochs: int | None = setting(ge=1)  # fine-tuning epochs all trials together may train (None: no limit)
+    fidelity_stages: list[str]  # stages whose epochs are the budget and the pruner's steps
+    pruner: Literal["none", "successive_halving", "hyperband"]
+    min_epochs: int = setting(ge=1)  # the pruner's first rung: epochs every trial gets
+    reduction_factor: int = setting(ge=2)  # keep the best 1/reduction_factor of the trials at each rung
+    warm_start: list[Any]  # first trials: points {key: value} or earlier sweep folders
+    compare: list[str]  # grid sweep folders drawn beside the trials (search.png, search.md)
+    storage: str | None  # study storage: null (<sweep>/search.db) or a database URL
+    trial: int | None  # set by the sweeper in each trial's job (its fidelity trial); null otherwise
 
 
 def _fmt(v: Any) -> str:
@@ -92,6 +104,23 @@ class Dimension:
         else:
             raise PipelineError(f"search space: {key}={expr} is a single value; give choice(...), range(...) or "
                                 "interval(...)")
+
+    def param(self, value: Any, where: str) -> Any:
+        """A warm-start value as the parameter Optuna stores for this key; outside the space: a one-line error."""
+        if self.kind == "choice":
+            v = _fmt(value)
+            if v not in self.choices:
+                raise PipelineError(f"search.warm_start: {where} sets {self.key}={v}, not one of the searched "
+                                    f"choices ({', '.join(self.choices)})")
+            return v
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"search.warm_start: {where} sets {self.key}={value!r}, not a number") from None
+        if not float(self.low) <= v <= float(self.high):
+            raise PipelineError(f"search.warm_start: {where} sets {self.key}={v}, outside the searched interval "
+                                f"[{self.low}, {self.high}]")
+        return int(v) if self.int else v
 
     def suggest(self, trial) -> str:
         if self.kind == "choice":
@@ -142,6 +171,7 @@ class SearchSweeper(Sweeper):
 
     def _settings(self) -> SearchSettings:
         from pipeline.config import bind, raise_if_errors
+        from pipeline.runner import stage_registry
 
         errors: list[str] = []
         s = bind(self.config.get("search"), SearchSettings, "search", errors)
@@ -150,6 +180,11 @@ class SearchSweeper(Sweeper):
                        for o in s.objectives if o not in OBJECTIVES]
             if not s.objectives:
                 errors.append("search.objectives: empty; give e.g. [accuracy, speedup]")
+            trainers = [n for n, st in stage_registry().items() if st.trains]
+            errors += [f"search.fidelity_stages: {f!r} is not a training stage; choose from {', '.join(trainers)}"
+                       for f in s.fidelity_stages if f not in trainers]
+            if s.trial is not None:
+                errors.append("search.trial: set by the search for each trial's job; leave it null")
         if self.n_trials < 1 or self.n_jobs < 1:
             errors.append("hydra.sweeper.n_trials and n_jobs must be >= 1")
         if not self.params:
@@ -192,11 +227,56 @@ class SearchSweeper(Sweeper):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         return probe_speedup(cfg, int8=settings.row.endswith("-int8"), cache=self._probe_cache)
 
+    # ------------------------------------------------------------ warm start
+
+    def _warm_points(self, settings: SearchSettings, dims: list[Dimension]) -> list[dict]:
+        """``search.warm_start`` as Optuna parameters: points ``{key: value}``, and the points of earlier
+        sweeps (a search's complete trials, a grid's jobs that wrote a report)."""
+        by_key = {d.key: d for d in dims}
+        points = []
+        for n, item in enumerate(settings.warm_start):
+            if isinstance(item, dict):
+                points.append((f"point {n}", item))
+            elif isinstance(item, str):
+                points += [(f"{item} {job}", p) for job, p in sweep_points(Path(item))]
+            else:
+                raise PipelineError(f"search.warm_start: item {n} is {item!r}; give {{key: value}} points or "
+                                    "sweep folders")
+        out = []
+        for where, point in points:
+            unknown = [k for k in point if k not in by_key]
+            if unknown:
+                raise PipelineError(f"search.warm_start: {where} sets {unknown[0]}, which is not searched "
+                                    f"(searched: {', '.join(by_key)})")
+            out.append({k: by_key[k].param(v, where) for k, v in point.items()})
+        return out
+
     # ------------------------------------------------------------ the loop
+
+    def _studies(self, settings: SearchSettings, sweep_dir: Path, directions: list[str]):
+        """The search's study and its single-objective companion holding intermediate values (pipeline.fidelity)."""
+        import optuna
+
+        def constraints(t) -> list[float]:
+            return t.user_attrs.get("constraints", [1.0])
+
+        sampler = (optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=constraints)
+                   if self.sampler_name == "nsga2" else
+                   optuna.samplers.TPESampler(seed=self.seed, constraints_func=constraints,
+                                              n_startup_trials=min(10, max(2, self.n_trials // 3))))
+        storage = open_storage(storage_url(settings.storage, sweep_dir))
+        study = optuna.create_study(storage=storage, study_name=self.study_name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+        fid = optuna.create_study(storage=storage, study_name=self.study_name + FIDELITY_SUFFIX,
+                                  direction="maximize", load_if_exists=True)
+        for st in (study, fid):  # a resumed search: trials that were running when it stopped are run again
+            for t in st.trials:
+                if t.state == optuna.trial.TrialState.RUNNING:
+                    st.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        return study, fid
 
     def sweep(self, arguments: list[str]) -> list:
         import optuna
-        from hydra.core.utils import JobStatus
 
         try:
             settings = self._settings()
@@ -206,81 +286,124 @@ class SearchSweeper(Sweeper):
             if sweeps:
                 raise PipelineError(f"{sweeps[0]}: searched keys go into hydra.sweeper.params, not the command line")
             self._check_space(dims, list(arguments))
+            warm = self._warm_points(settings, dims)
+            sweep_dir = Path(self.config.hydra.sweep.dir)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            names = settings.objectives
+            directions = [OBJECTIVES[o][1] for o in names]
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study, fid = self._studies(settings, sweep_dir, directions)
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        names = settings.objectives
-        directions = [OBJECTIVES[o][1] for o in names]
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-        def constraints(t) -> list[float]:
-            return t.user_attrs.get("constraints", [1.0])
-
-        sampler = (optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=constraints)
-                   if self.sampler_name == "nsga2" else
-                   optuna.samplers.TPESampler(seed=self.seed, constraints_func=constraints,
-                                              n_startup_trials=min(10, max(2, self.n_trials // 3))))
-        study = optuna.create_study(storage=f"sqlite:///{sweep_dir / 'search.db'}", study_name=self.study_name,
-                                    directions=directions, sampler=sampler, load_if_exists=True)
-        for t in study.trials:  # a resumed search: trials that were running when it stopped are run again
-            if t.state == optuna.trial.TrialState.RUNNING:
-                study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        for params in warm:  # first trials; their artifacts are reused when a grid already built them
+            study.enqueue_trial(params, skip_if_exists=True)
         finished = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("counted")]
         if finished:
             log.info("search: resuming %s with %d of %d trials done", sweep_dir, len(finished), self.n_trials)
         self._probe_cache: dict = {}
-        job_idx = len(finished)
-        returns = []
-        while len([t for t in study.trials if t.user_attrs.get("counted")]) < self.n_trials:
-            done = len([t for t in study.trials if t.user_attrs.get("counted")])
-            batch = []
-            for _ in range(min(self.n_jobs, self.n_trials - done)):
-                trial = study.ask()
-                overrides = [d.suggest(trial) for d in dims]
-                trial.set_user_attr("overrides", overrides)
-                if settings.probe and settings.min_speedup is not None:
-                    speed = self._probe(list(arguments) + overrides, settings)
-                    trial.set_user_attr("probe_speedup", speed)
-                    if speed < settings.min_speedup * settings.probe_margin:
-                        trial.set_user_attr("constraints", [settings.min_speedup - speed])
-                        trial.set_user_attr("counted", True)
-                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                        log.info("search: trial %d %s pruned before training: probe %.2fx < %.2fx", trial.number,
-                                 " ".join(overrides), speed, settings.min_speedup)
-                        continue
-                batch.append((trial, overrides))
-            if not batch:
-                continue
-            rets = self.launcher.launch([list(arguments) + ov for _, ov in batch], initial_job_idx=job_idx)
-            job_idx += len(batch)
-            returns.append(rets)
-            for (trial, overrides), ret in zip(batch, rets, strict=True):
-                row = None
-                if ret.status == JobStatus.COMPLETED:
-                    row = self._row(Path(ret.hydra_cfg.hydra.runtime.output_dir), settings.row)
-                trial.set_user_attr("counted", True)  # a trial of a search killed mid-way is not counted
-                if row is None:
-                    trial.set_user_attr("constraints", [1.0])
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    log.warning("search: trial %d %s failed (no %s row in its report)", trial.number,
-                                " ".join(overrides), settings.row)
-                    continue
-                cons = []
-                if settings.max_accuracy_drop is not None:
-                    cons.append(-row["accuracy_delta_vs_baseline"] - settings.max_accuracy_drop)
-                if settings.min_speedup is not None:
-                    cons.append(settings.min_speedup - row["speedup_vs_baseline"])
-                trial.set_user_attr("constraints", cons or [0.0])
-                trial.set_user_attr("row", {k: row[k] for k in ("name", "accuracy", "accuracy_delta_vs_baseline",
-                                                                "throughput_ips", "speedup_vs_baseline",
-                                                                "latency_ms_p50")})
-                trial.set_user_attr("job", Path(ret.hydra_cfg.hydra.runtime.output_dir).name)
-                study.tell(trial, [row[OBJECTIVES[o][0]] for o in names])
-        self._write(study, sweep_dir, settings.row, names, directions, list(arguments))
+        self._job_idx = len(finished)
+        returns: list = []
+        while self._counted(study) < self.n_trials:
+            batch, stop = self._next_batch(study, fid, dims, settings, list(arguments))
+            if batch:
+                returns.append(self._run_batch(batch, study, fid, settings, list(arguments)))
+            if stop:
+                break
+        self._write(study, sweep_dir, settings, names, directions, list(arguments))
         return returns
+
+    @staticmethod
+    def _counted(study) -> int:
+        return len([t for t in study.trials if t.user_attrs.get("counted")])
+
+    @staticmethod
+    def _spent(study) -> int:
+        return sum(t.user_attrs.get("epochs_trained", 0) for t in study.trials if t.user_attrs.get("counted"))
+
+    def _next_batch(self, study, fid, dims: list[Dimension], settings: SearchSettings,
+                    base: list[str]) -> tuple[list, bool]:
+        """Up to ``n_jobs`` trials to launch (too-slow ones pruned by the probe on the way); ``stop`` when the
+        next trial's full fine-tuning no longer fits what is left of ``search.budget_epochs``."""
+        import optuna
+
+        batch, reserved = [], 0
+        left = None if settings.budget_epochs is None else settings.budget_epochs - self._spent(study)
+        for _ in range(min(self.n_jobs, self.n_trials - self._counted(study))):
+            trial = study.ask()
+            overrides = [d.suggest(trial) for d in dims]
+            trial.set_user_attr("overrides", overrides)
+            if settings.probe and settings.min_speedup is not None:
+                speed = self._probe(base + overrides, settings)
+                trial.set_user_attr("probe_speedup", speed)
+                if speed < settings.min_speedup * settings.probe_margin:
+                    trial.set_user_attr("constraints", [settings.min_speedup - speed])
+                    trial.set_user_attr("counted", True)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    log.info("search: trial %d %s pruned before training: probe %.2fx < %.2fx", trial.number,
+                             " ".join(overrides), speed, settings.min_speedup)
+                    continue
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, base + overrides)
+            steps, cost = fine_tune_epochs(cfg, settings.fidelity_stages)
+            if left is not None and reserved + cost > left:
+                trial.set_user_attr("over_budget", True)  # not counted: a resumed search with more budget runs it
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log.info("search: budget spent (%d of %d fine-tuning epochs; the next trial needs %d)",
+                         settings.budget_epochs - left + reserved, settings.budget_epochs, cost)
+                return batch, True
+            reserved += cost
+            ftrial = fid.ask()
+            trial.set_user_attr("epochs_full", cost)
+            batch.append((trial, ftrial, overrides))
+        return batch, False
+
+    def _run_batch(self, batch: list, study, fid, settings: SearchSettings, base: list[str]) -> list:
+        import optuna
+        from hydra.core.utils import JobStatus
+
+        jobs = [base + ov + [f"++search.trial={ft._trial_id}"] for _, ft, ov in batch]  # the id in the storage
+        rets = self.launcher.launch(jobs, initial_job_idx=self._job_idx)
+        self._job_idx += len(batch)
+        for (trial, ftrial, overrides), ret in zip(batch, rets, strict=True):
+            done = fid._storage.get_trial(ftrial._trial_id)  # what the job reported (another process)
+            trial.set_user_attr("epochs_trained", done.user_attrs.get("epochs_trained", 0))
+            trial.set_user_attr("intermediate", {str(k): v for k, v in sorted(done.intermediate_values.items())})
+            trial.set_user_attr("counted", True)  # a trial of a search killed mid-way is not counted
+            if ret.status == JobStatus.COMPLETED:
+                trial.set_user_attr("job", Path(ret.hydra_cfg.hydra.runtime.output_dir).name)
+            stopped = done.user_attrs.get("stopped_at_epoch")
+            if stopped is not None:
+                trial.set_user_attr("stopped_at_epoch", stopped)
+                trial.set_user_attr("constraints", [1.0])
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                fid.tell(ftrial, state=optuna.trial.TrialState.PRUNED)
+                log.info("search: trial %d %s stopped by the pruner after fine-tuning epoch %d", trial.number,
+                         " ".join(overrides), stopped)
+                continue
+            row = None
+            if ret.status == JobStatus.COMPLETED:
+                row = self._row(Path(ret.hydra_cfg.hydra.runtime.output_dir), settings.row)
+            if row is None:
+                trial.set_user_attr("constraints", [1.0])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                fid.tell(ftrial, state=optuna.trial.TrialState.FAIL)
+                log.warning("search: trial %d %s failed (no %s row in its report)", trial.number,
+                            " ".join(overrides), settings.row)
+                continue
+            cons = []
+            if settings.max_accuracy_drop is not None:
+                cons.append(-row["accuracy_delta_vs_baseline"] - settings.max_accuracy_drop)
+            if settings.min_speedup is not None:
+                cons.append(settings.min_speedup - row["speedup_vs_baseline"])
+            trial.set_user_attr("constraints", cons or [0.0])
+            trial.set_user_attr("row", {k: row[k] for k in ("name", "accuracy", "accuracy_delta_vs_baseline",
+                                                            "throughput_ips", "speedup_vs_baseline",
+                                                            "latency_ms_p50")})
+            study.tell(trial, [row[OBJECTIVES[o][0]] for o in settings.objectives])
+            last = list(done.intermediate_values.values())
+            fid.tell(ftrial, last[-1] if last else row["accuracy"])
+        return rets
 
     @staticmethod
     def _row(job_dir: Path, name: str) -> dict | None:
@@ -289,49 +412,44 @@ class SearchSweeper(Sweeper):
             return None
         return next((r for r in json.loads(rep.read_text())["rows"] if r["name"] == name), None)
 
-    def _write(self, study, sweep_dir: Path, row: str, names: list[str], directions: list[str],
+    def _write(self, study, sweep_dir: Path, settings: SearchSettings, names: list[str], directions: list[str],
                base: list[str]) -> dict:
         trials = []
         for t in study.trials:
             if not t.user_attrs.get("counted"):
                 continue
-            trials.append({"number": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", []),
-                           "job": t.user_attrs.get("job"), "probe_speedup": t.user_attrs.get("probe_speedup"),
+            a = t.user_attrs
+            trials.append({"number": t.number, "state": t.state.name, "overrides": a.get("overrides", []),
+                           "job": a.get("job"), "probe_speedup": a.get("probe_speedup"),
                            "values": dict(zip(names, t.values, strict=True)) if t.values else None,
-                           "row": t.user_attrs.get("row"),
-                           "feasible": all(c <= 0 for c in t.user_attrs.get("constraints", [1.0]))})
+                           "row": a.get("row"), "feasible": all(c <= 0 for c in a.get("constraints", [1.0])),
+                           "epochs_trained": a.get("epochs_trained", 0), "epochs_full": a.get("epochs_full"),
+                           "stopped_at_epoch": a.get("stopped_at_epoch"), "intermediate": a.get("intermediate", {})})
         run_args = [a for a in base if not a.startswith(("hydra.", "hydra/"))]  # a single run, not the sweep
         done = [(t["number"], [t["values"][n] for n in names]) for t in trials if t["state"] == "COMPLETE"]
         front = pareto(done, directions)
         for t in trials:
             t["pareto"] = t["number"] in front
         best = recommend(trials)
-        out = {"objectives": dict(zip(names, directions, strict=True)), "row": row, "trials": trials,
+        spent = sum(t["epochs_trained"] for t in trials)
+        grids = [grid_points(Path(g), settings.row, settings.fidelity_stages) for g in settings.compare]
+        out = {"objectives": dict(zip(names, directions, strict=True)), "row": settings.row, "trials": trials,
+               "budget": {"epochs": settings.budget_epochs, "spent": spent, "stages": settings.fidelity_stages,
+                          "pruner": settings.pruner},
+               "storage": safe_url(storage_url(settings.storage, sweep_dir)),
                "pareto": sorted(front), "recommended": best["number"] if best else None,
                "reproduce": ("python -m pipeline " + " ".join([*run_args, *best["overrides"]])) if best else None,
                "note": None if best else "no trial meets the constraints (search.max_accuracy_drop, "
-                                         "search.min_speedup); relax them or widen the search space"}
+                                         "search.min_speedup); relax them or widen the search space",
+               "compare": [compare_grid(g, best, settings) for g in grids]}
         write_json(sweep_dir / SEARCH_JSON, out)
+        log.info("search: %d fine-tuning epochs spent%s", spent,
+                 f" of {settings.budget_epochs}" if settings.budget_epochs else "")
         if best is None:
             log.warning("search: %s", out["note"])
         else:
             log.info("search: recommended trial %d (%s): %s", best["number"], " ".join(best["overrides"]),
                      out["reproduce"])
+        plot_search(out, grids, sweep_dir / "search.png")
         atomic_write_text(sweep_dir / "search.md", search_markdown(out))
         return out
-
-
-def search_markdown(out: dict) -> str:
-    names = list(out["objectives"])
-    lines = ["# Search", "", f"Objectives: {', '.join(f'{n} ({d})' for n, d in out['objectives'].items())}.", "",
-             "| trial | state | overrides | " + " | ".join(names) + " | feasible | Pareto |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|"]
-    for t in out["trials"]:
-        vals = [f"{t['values'][n]:.3f}" if t["values"] else "–" for n in names]
-        state = t["state"].lower() + (f" (probe {t['probe_speedup']:.2f}x)" if t["state"] == "PRUNED" else "")
-        mark = "**yes**" if t["pareto"] else ""
-        rec = " ⟵ recommended" if t["number"] == out["recommended"] else ""
-        lines.append(f"| {t['number']}{rec} | {state} | `{' '.join(t['overrides'])}` | " + " | ".join(vals) +
-                     f" | {'yes' if t['feasible'] else 'no'} | {mark} |")
-    lines += ["", f"Recommended: `{out['reproduce']}`" if out["reproduce"] else f"Note: {out['note']}.", ""]
-    return "\n".join(lines)

@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class EpochObserver:
+    """Told about every finished epoch of ``fit`` and every reused training artifact (a search trial's
+    intermediate values, ``pipeline.fidelity``). It may raise to stop the run."""
+
+    def epoch(self, section: str, epoch: int, val_acc: float, main: bool) -> None:
+        """``epoch`` (1-based) of a ``fit`` of config section ``section`` finished (its checkpoint is saved);
+        ``main``: of the stage's model (not a side model such as ``distill.compare_no_kd``'s)."""
+
+    def reused(self, stage: str, history: list[dict]) -> None:
+        """A cached artifact of ``stage`` is reused; ``history`` is its training's per-epoch rows."""
+
+
+OBSERVERS: list[EpochObserver] = []  # installed by the entry point for the run (pipeline.fidelity.reporting)
+
+
 @dataclass
 class FitConfig:
     """Optimisation knobs shared by every training stage (``train.*``, ``distill.*``, ...)."""
@@ -155,13 +170,14 @@ def _save_state(path: Path, state: dict) -> None:
 def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, rt: Runtime,
         work_dir: Path, *, loss_fn: LossFn | None = None, desc: str = "train",
         on_epoch_start: Callable[[int, nn.Module], None] | None = None,
-        extra: nn.Module | None = None, section: str | None = None) -> FitResult:
+        extra: nn.Module | None = None, section: str | None = None, side: bool = False) -> FitResult:
     """Train ``model`` in place; on return it holds the selected (best or last) weights.
 
     ``extra`` holds trainable modules that ``loss_fn`` uses besides the model (distillation
     adapters): they are optimised with it, saved in the resume checkpoint and, under torchrun,
     start from rank 0's values and get gradients averaged across ranks. ``section`` is the config
-    key of ``cfg`` (named in error messages); it defaults to ``desc``.
+    key of ``cfg`` (named in error messages); it defaults to ``desc``. ``side``: a model trained beside the
+    stage's own (a comparison): observers count its epochs but do not take its accuracy as the stage's.
     """
     section = section or desc
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
@@ -281,6 +297,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             if rt.is_main:
                 _save_state(last_path, state)
             rt.barrier()
+            for obs in OBSERVERS:  # after the checkpoint: a stopped run resumes from this epoch
+                obs.epoch(section, epoch + 1, val_acc, not side)
     if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
         if best_state is None and best_path.is_file():  # resumed after the last epoch
             best_state = torch.load(best_path, map_location="cpu", weights_only=True)["model"]

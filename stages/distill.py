@@ -154,7 +154,8 @@ def run(ctx: StageContext) -> dict:
         plain, _, _ = _load_student(ctx, cfg)
         plain.load_state_dict(start_state)
         with interrupt_message("distillation (no-KD comparison)"):
-            fit(plain, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "no_kd", desc="no-kd", section="distill")
+            fit(plain, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "no_kd", desc="no-kd", section="distill",
+                side=True)
         metrics["test_acc_no_kd"] = evaluate(plain, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
         metrics["kd_gain"] = test_acc - metrics["test_acc_no_kd"]
         log.info("distill: without KD %.2f%%, KD gain %+.2f points", metrics["test_acc_no_kd"], metrics["kd_gain"])

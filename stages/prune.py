@@ -120,7 +120,8 @@ def run(ctx: StageContext) -> dict:
     def finetune(m: nn.Module, epochs: int, tag: str) -> None:
         if epochs > 0:
             step_cfg = Config(**{**cfg.__dict__, "epochs": epochs})
-            fit(m, splits, ctx.data_cfg, step_cfg, ctx.rt, ctx.work_dir / tag, desc=f"prune-{tag}", section="prune")
+            fit(m, splits, ctx.data_cfg, step_cfg, ctx.rt, ctx.work_dir / tag, desc=f"prune-{tag}", section="prune",
+                side=True)  # iterative steps: epochs spent, the final fine-tune's accuracy is the stage's
             m.cpu()
 
     unprunable: dict[str, str] = {}  # layers channel pruning keeps because Torch-Pruning cannot prune them, and why

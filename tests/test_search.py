@@ -72,7 +72,8 @@ def test_bad_searches_are_one_line_errors_before_any_trial(tmp_path, args, match
 @pytest.mark.slow
 def test_search_runs_prunes_resumes_and_recommends(tmp_path):
     # trial 0: a probe-pruned trial is impossible to meet (min_speedup 50); then relax and resume
-    out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=1", "search.min_speedup=50")
+    cheap = ("prune.epochs=0", "qat.epochs=0", "search.pruner=none")  # 1 distillation epoch per trial
+    out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=1", "search.min_speedup=50", *cheap)
     assert out.returncode == 0, out.stderr[-3000:]
     first = json.loads((tmp_path / "sweep/search.json").read_text())
     assert [t["state"] for t in first["trials"]] == ["PRUNED"] and first["recommended"] is None
@@ -80,13 +81,130 @@ def test_search_runs_prunes_resumes_and_recommends(tmp_path):
     assert not (tmp_path / "o/artifacts/train").exists()  # pruned before any training
     out = _search(tmp_path, "search=prune_ratio", "hydra.sweeper.n_trials=3", "search.min_speedup=0.01",
                   "search.max_accuracy_drop=100", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  "hydra.sweeper.n_jobs=2")  # the two missing trials in parallel
+                  "hydra.sweeper.n_jobs=2", *cheap)  # the two missing trials in parallel
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "sweep/search.json").read_text())
     assert len(res["trials"]) == 3 and res["trials"][0] == {**first["trials"][0], "pareto": False}
     assert [t["state"] for t in res["trials"][1:]] == ["COMPLETE", "COMPLETE"]
+    assert [t["epochs_trained"] for t in res["trials"]] == [0, 1, 1] and res["budget"]["spent"] == 2
     assert res["recommended"] in res["pareto"] and res["reproduce"].startswith("python -m pipeline experiment=tiny")
     assert "hydra" not in res["reproduce"]
     summary = (tmp_path / "sweep/summary.md").read_text()
     assert "recommended" in summary and "Pareto" in summary
     assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, shared
+
+
+# ---------------------------------------------------------------- multi-fidelity, warm start, storage
+
+
+def test_pruner_stops_a_weaker_trial_at_its_first_rung_and_replays_cached_stages(tmp_path):
+    import optuna
+
+    from pipeline.fidelity import FIDELITY_SUFFIX, TrialPruned, TrialReporter, make_pruner, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=storage, study_name="s" + FIDELITY_SUFFIX, direction="maximize",
+                                pruner=make_pruner("successive_halving", 1, 2, 3))
+    first = TrialReporter(study.ask(), ["prune", "distill"], 3)
+    first.reused("prune", [{"epoch": 1, "val_acc": 40.0}])  # a cached stage: step 1, no epoch trained
+    first.epoch("distill", 1, 45.0, main=True)
+    first.epoch("distill", 1, 99.0, main=False)  # a side model: counted, not reported
+    first.epoch("train", 1, 99.0, main=True)  # not a fidelity stage
+    assert first.step == 2 and first.trained == 2
+    assert study.trials[0].intermediate_values == {1: 40.0, 2: 45.0}
+    assert study.trials[0].user_attrs["epochs_trained"] == 2
+    study.tell(0, 45.0)
+    weak = TrialReporter(study.ask(), ["prune", "distill"], 3)
+    with pytest.raises(TrialPruned, match="after fine-tuning epoch 1"):
+        weak.epoch("prune", 1, 20.0, main=True)
+    assert study.trials[1].user_attrs == {"epochs_trained": 1, "stopped_at_epoch": 1}
+    study.tell(1, state=optuna.trial.TrialState.PRUNED)
+    last = TrialReporter(study.ask(), ["prune"], 1)  # after its last epoch a trial is never stopped
+    last.epoch("prune", 1, 5.0, main=True)
+    assert last.step == 1
+
+
+def test_budget_counts_each_trials_full_fine_tuning():
+    from omegaconf import OmegaConf
+
+    from pipeline.fidelity import fine_tune_epochs
+
+    cfg = OmegaConf.create({"prune": {"epochs": 1, "steps": 3, "step_epochs": 1}, "distill": {"epochs": 2,
+                            "compare_no_kd": True}, "qat": {"epochs": 1}, "train": {"epochs": 30}})
+    assert fine_tune_epochs(cfg, ["prune", "distill", "qat"]) == (4, 1 + 3 + 2 * 2 + 1)
+
+
+def test_warm_start_points_must_lie_in_the_space(tmp_path):
+    d = Dimension("prune.ratio", "interval(0.2, 0.7)")
+    c = Dimension("prune.drop_blocks", "choice([], [layer1.1])")
+    assert d.param(0.3, "point 0") == 0.3 and c.param(["layer1.1"], "point 0") == "[layer1.1]"
+    with pytest.raises(PipelineError, match=r"point 1 sets prune.ratio=0.9, outside the searched interval"):
+        d.param(0.9, "point 1")
+    with pytest.raises(PipelineError, match=r"not one of the searched choices \(\[\], \[layer1.1\]\)"):
+        c.param(["layer2.0"], "point 0")
+    from pipeline.search_report import sweep_points
+
+    job = tmp_path / "grid/0_prune.ratio=0.3"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text("- experiment=tiny\n- prune.ratio=0.3\n- hydra.verbose=true\n")
+    (job / "report.json").write_text('{"rows": []}')
+    assert sweep_points(tmp_path / "grid") == [("job 0_prune.ratio=0.3", {"prune.ratio": 0.3})]
+    with pytest.raises(PipelineError, match="is not a sweep folder"):
+        sweep_points(tmp_path / "nope")
+
+
+def test_grid_comparison_verdicts():
+    from types import SimpleNamespace
+
+    from pipeline.search_report import compare_grid
+
+    grid = {"sweep": "g", "epochs": 12, "points": [
+        {"point": "prune.ratio=0.3", "accuracy": 50.0, "delta": -1.0, "speedup": 1.5},
+        {"point": "prune.ratio=0.7", "accuracy": 40.0, "delta": -11.0, "speedup": 2.5}]}
+    s = SimpleNamespace(max_accuracy_drop=2.0, min_speedup=2.0)
+
+    def best(acc, speed):
+        return {"row": {"accuracy": acc, "speedup_vs_baseline": speed}}
+
+    assert compare_grid(grid, best(49.5, 2.1), s)["verdict"] == "meets the constraints where no grid point does"
+    assert compare_grid(grid, best(50.0, 1.5), s)["grid_best"]["point"] == "prune.ratio=0.3"  # most accurate
+    assert compare_grid(grid, best(50.0, 1.5), s)["verdict"] == "dominates or equals the grid's best"
+    s.min_speedup = 1.0
+    assert compare_grid(grid, best(49.0, 3.0), s)["verdict"] == "does not beat the grid's best"
+    assert compare_grid(grid, None, s)["verdict"] == "no recommended trial"
+
+
+def test_storage_urls_and_missing_drivers():
+    from pipeline.fidelity import open_storage, safe_url, storage_url
+
+    assert storage_url(None, Path("/x/sweep")) == "sqlite:////x/sweep/search.db"
+    assert safe_url("postgresql://me:secret@db:5432/search") == "postgresql://me:***@db:5432/search"
+    for url, package in [("postgresql://me@127.0.0.1:1/s", "psycopg2-binary"),
+                         ("mysql+pymysql://me@127.0.0.1:1/s", "PyMySQL")]:
+        try:
+            open_storage(url)
+        except PipelineError as e:
+            assert str(e).endswith(f"pip install {package}") or "cannot open" in str(e), e
+        else:  # the driver is installed and connected to nothing: open_storage must have failed
+            raise AssertionError(url)
+
+
+@pytest.mark.slow
+def test_four_trial_search_through_submitit_local_shares_one_study_and_the_baseline(tmp_path):
+    # 4 trials, 2 at a time, each a separate process started by Submitit's local executor (the SLURM
+    # launcher's code path); the two first trials need the same baseline: one builds it under the lock
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = _search(tmp_path, "search=base", "hydra/launcher=submitit_local", "hydra.sweep.subdir=${hydra.job.num}",
+                  "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "pipeline=[train,prune,export,validate]",
+                  "validate.models=[baseline,prune]", "search.row=prune", "search.fidelity_stages=[prune]",
+                  "++hydra.sweeper.params={prune.ratio:'interval(0.2,0.6)'}", "search.min_speedup=null",
+                  "search.max_accuracy_drop=null", "search.probe=false", "search.budget_epochs=null")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "sweep/search.json").read_text())
+    assert len(res["trials"]) == 4 and res["storage"] == f"sqlite:///{tmp_path}/sweep/search.db"
+    for t in res["trials"]:  # each trial's job reported its epoch to the one study, from its own process
+        assert t["state"] == "COMPLETE" and list(t["intermediate"]) == ["1"] and t["epochs_trained"] == 1, t
+        assert (tmp_path / "sweep" / t["job"] / "report.json").is_file()
+    assert res["budget"]["spent"] == 4 and res["recommended"] is not None
+    assert len(list((tmp_path / "sweep/.submitit").glob("*/*_result.pkl"))) == 4
+    assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, built once
