@@ -110,10 +110,11 @@ def test_missing_data_root_is_a_config_error(cfg_factory, tmp_path):
 def test_launcher_plugin_that_is_not_installed_is_one_line():
     from pipeline.__main__ import check_launcher
 
-    msg = check_launcher(["-m", "hydra/launcher=submitit_slurm", "prune.ratio=0.3,0.5"])
+    msg = check_launcher(["-m", "hydra/launcher=rq", "prune.ratio=0.3,0.5"])
     assert msg is not None and "\n" not in msg
-    assert "pip install hydra-submitit-launcher" in msg and "basic" in msg
+    assert "pip install hydra-rq-launcher" in msg and "basic" in msg and "submitit_local" in msg
     assert check_launcher(["-m", "hydra/launcher=basic"]) is None
+    assert check_launcher(["-m", "hydra/launcher=submitit_local"]) is None  # the slurm extra, installed with dev
     assert check_launcher(["prune.ratio=0.3"]) is None
 
 
