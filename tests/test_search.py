@@ -189,7 +189,7 @@ def test_storage_urls_and_missing_drivers():
             raise AssertionError(url)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_four_trial_search_through_submitit_local_shares_one_study_and_the_baseline(tmp_path):
     # 4 trials, 2 at a time, each a separate process started by Submitit's local executor (the SLURM
     # launcher's code path); the two first trials need the same baseline: one builds it under the lock
