@@ -215,6 +215,8 @@ def run(ctx: StageContext) -> dict:
         env["note"] = note
     rep = report.build_report(rows, base["name"], env, cfg)
     rep["serving"] = _serving(ctx, sessions, x, providers, rows, rep["best"])
+    if (tracking := ctx.tracking()) is not None:
+        rep["tracking"] = tracking
     if cfg.deploy and rep["best"] is not None:
         rep["deploy"] = _bundle(ctx, rep, {names[src]: art for src, art in ctx.inputs.items()}, splits.classes)
     report.write_report(ctx.run_dir, rep)
