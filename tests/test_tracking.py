@@ -22,9 +22,24 @@ mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 ROOT = Path(__file__).resolve().parents[1]
-# a cheap validate: no serving sweeps; the bundle stays on (it is stored as an artifact)
-CHEAP = ["pipeline=[train,export,validate]", "validate.serving_batch_sizes=[]", "validate.concurrency=[]",
-         "validate.deploy_optimized=false"]
+# fewer images and a cheap validate (no serving sweeps); the bundle stays on (it is stored as an artifact)
+CHEAP = ["pipeline=[train,export,validate]", "data.train_subset=256", "validate.serving_batch_sizes=[]",
+         "validate.concurrency=[]", "validate.deploy_optimized=false"]
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made once (creating them takes seconds); tests copy it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _store(empty_store: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(empty_store, folder / "mlflow.db"))
 
 
 def _client(outputs: Path):
@@ -56,22 +71,23 @@ def test_flatten_and_metric_names():
 
 def test_logger_config_errors_are_one_line_before_anything_runs(cfg_factory, tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match=r"logger\.wandb: unknown experiment tracker; choose from mlflow, "):
-        Runner(cfg_factory("+logger.wandb={}"), tmp_path)
+        Runner(cfg_factory("pipeline=[train]", "+logger.wandb={}"), tmp_path)
     with pytest.raises(PipelineError, match=r"logger\.mlflow\.log_bundle: got 'maybe'"):
-        Runner(cfg_factory("logger=mlflow", "logger.mlflow.log_bundle=maybe"), tmp_path)
+        Runner(cfg_factory("pipeline=[train]", "logger=mlflow", "logger.mlflow.log_bundle=maybe"), tmp_path)
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the package were not installed
     with pytest.raises(PipelineError, match=r"logger=mlflow needs the mlflow package, which is not installed; "
                                             r"pip install -e '\.\[mlflow\]'"):
-        Runner(cfg_factory("logger=[mlflow,tensorboard]"), tmp_path)
+        Runner(cfg_factory("pipeline=[train]", "logger=[mlflow,tensorboard]"), tmp_path)
     assert not (tmp_path / "outputs").exists()  # nothing ran
 
 
-def test_tracked_run_reads_back_and_reused_and_failed_runs_are_complete(cfg_factory, tmp_path, caplog):
+def test_tracked_run_reads_back_and_reused_and_failed_runs_are_complete(cfg_factory, tmp_path, caplog, empty_store):
     """One tiny tracked run (MLflow and TensorBoard), then the same training reused, then a run that fails."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     outputs = tmp_path / "outputs"
+    _store(empty_store, outputs)
     run1 = tmp_path / "run1"
     run_pipeline(cfg_factory(*CHEAP, "train.epochs=2", "logger=[mlflow,tensorboard]"), run1)
     client = _client(outputs)
@@ -110,25 +126,25 @@ def test_tracked_run_reads_back_and_reused_and_failed_runs_are_complete(cfg_fact
     assert "report" in events.Tags()["images"]
 
     # the same training again: reused, and its run still has the stored per-epoch metrics
-    run_pipeline(cfg_factory("stage=train", "train.epochs=2", "logger=mlflow"), tmp_path / "run2")
+    run_pipeline(cfg_factory(*CHEAP, "stage=train", "train.epochs=2", "logger=mlflow"), tmp_path / "run2")
     r2 = _runs(client)[1]
     assert r2.data.tags["reused.train"] == "true" and r2.data.tags["artifact.train"] == tags["artifact.train"]
     assert [(m.step, m.value) for m in client.get_metric_history(r2.info.run_id, "train/loss")] == \
         [(m.step, m.value) for m in history]
 
     # a run that fails is marked FAILED with its error line
-    with pytest.raises(PipelineError, match="loss became"):
-        run_pipeline(cfg_factory("stage=train", "train.lr=1e12", "logger=mlflow"), tmp_path / "run3")
+    with pytest.raises(PipelineError, match="fewer than one batch"):
+        run_pipeline(cfg_factory(*CHEAP, "stage=train", "train.batch_size=512", "logger=mlflow"), tmp_path / "run3")
     r3 = _runs(client)[2]
-    assert r3.info.status == "FAILED" and r3.data.tags["error"].startswith("train: loss became")
+    assert r3.info.status == "FAILED" and "training images are fewer than one batch of 512" in r3.data.tags["error"]
     assert not _warnings(caplog)
 
 
-def test_a_store_that_fails_mid_run_is_warned_about_once_and_the_run_goes_on(tmp_path, caplog):
+def test_a_store_that_fails_mid_run_is_warned_about_once_and_the_run_goes_on(tmp_path, caplog, empty_store):
     """A real MLflow store that stops working after the run started (its database overwritten, its artifact
     folder replaced by a file): one warning, no exception, and report.json learns what happened."""
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
-    db, art = tmp_path / "mlflow.db", tmp_path / "artifacts"
+    db, art = _store(empty_store, tmp_path), tmp_path / "artifacts"
     tracking = Tracking([MlflowTracker(Settings(f"sqlite:///{db}", str(art), "x", None, True))])
     run = RunInfo("x", "run", tmp_path, {"a": "1"}, {}, "a: 1\n")
     tracking.start(run, {})
@@ -173,3 +189,46 @@ def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
     assert all(len(client.get_metric_history(c.info.run_id, "train/loss")) == 1 for c in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/summary.md",
                                                                                        "summary/summary.json"}
+
+
+def test_search_marks_reach_the_parent_and_child_runs(tmp_path, empty_store):
+    """A search's parent run (opened and closed by the sweep callback's hooks) gets the summary and the
+    recommended trial; its child runs get their trial's Pareto and recommended marks."""
+    from omegaconf import OmegaConf
+
+    from pipeline import tracking
+
+    sweep = tmp_path / "sweep"
+    _store(empty_store, tmp_path)
+    config = OmegaConf.create({
+        "model": {"name": "resnet8"},
+        "logger": {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                              "artifact_location": str(tmp_path / "art"), "experiment": None, "run_name": None,
+                              "log_bundle": False}},
+        "hydra": {"sweep": {"dir": str(sweep)}, "overrides": {"task": ["search=prune_ratio"]},
+                  "runtime": {"choices": {"experiment": "tiny"}}}})
+    tracking.sweep_start(config)
+    parents = json.loads((sweep / tracking.PARENT_FILE).read_text())
+    for job in ("0_a", "1_b"):  # what each job's runner does, with the parent the sweep wrote
+        t = Tracking([MlflowTracker(Settings(**config.logger.mlflow))])
+        t.start(RunInfo("tiny", job, sweep / job, {}, {"job": job}, ""), parents)
+        t.close()
+    trials = [{"number": 0, "job": "0_a", "pareto": True, "feasible": True},
+              {"number": 1, "job": "1_b", "pareto": False, "feasible": False},
+              {"number": 2, "job": None, "pareto": False, "feasible": False}]  # pruned by the probe: no job
+    (sweep / "search.json").write_text(json.dumps({"trials": trials, "recommended": 0,
+                                                   "reproduce": "python -m pipeline prune.ratio=0.3"}))
+    (sweep / "summary.md").write_text("# Sweep summary\n")
+    tracking.sweep_end(config, {"jobs": [{}, {}], "rows": [], "failed": []})
+    client = _client(tmp_path)
+    runs = {r.data.tags.get("job", "parent"): r for r in _runs(client)}
+    assert client.get_experiment(runs["parent"].info.experiment_id).name == "tiny"
+    parent = runs["parent"]
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.overrides"] == "search=prune_ratio"
+    assert parent.data.tags["search.recommended_trial"] == "0"
+    assert parent.data.tags["search.reproduce"] == "python -m pipeline prune.ratio=0.3"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == \
+        {"summary/search.json", "summary/summary.md"}
+    assert runs["0_a"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (runs["0_a"].data.tags["search.pareto"], runs["0_a"].data.tags["search.recommended"]) == ("true", "true")
+    assert (runs["1_b"].data.tags["search.pareto"], runs["1_b"].data.tags["search.feasible"]) == ("false", "false")
