@@ -40,10 +40,10 @@ def local_uri(uri: str) -> str:
 
 
 def _client(uri: str):
-    for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..." is not news
-        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's level ("Creating initial MLflow
+        logging.getLogger(name).setLevel(logging.WARNING)  # database tables..." is not news)
     return MlflowClient(tracking_uri=uri)
 
 
