@@ -45,6 +45,7 @@ from pipeline.models import ModelConfig
 from pipeline.results import Result
 from pipeline.runtime import make_runtime, runtime_key
 from pipeline.stage import Artifact, GraphView, Stage, StageContext, UnboundSettings, base
+from pipeline.tracking import bind_settings, open_run
 from pipeline.training import OBSERVERS, FitConfig
 from pipeline.weights import fingerprint as weights_fingerprint
 
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 ROOT_KEYS = ("stage", "pipeline", "run_upstream", "force", "seed", "device", "amp", "channels_last",
              "deterministic", "progress", "sync_bn")
-SECTIONS = ("data", "model", "paths", "search", "hydra")  # top-level sections besides the stages
+SECTIONS = ("data", "model", "paths", "search", "hydra", "logger")  # top-level sections besides the stages
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Runner:
         errors.extend(unknown_key(k, known) for k in cfg if k not in known)  # +sed=3 (meant seed) is no no-op
         self.data_cfg = bind(cfg.get("data"), DataConfig, "data", errors)
         self.model_cfg = bind(cfg.get("model"), ModelConfig, "model", errors)
+        self.loggers = bind_settings(cfg.get("logger"), errors)  # a missing tracker package: before anything runs
         stage_errors: dict[str, list[str]] = {name: [] for name in self.registry}
         self.settings = {name: bind(cfg.get(name), st.config, name, stage_errors[name])
                          for name, st in self.registry.items()}
@@ -245,13 +247,22 @@ class Runner:
         self.rt = make_runtime(self.root.device, self.root.seed, self.root.amp,
                                self._channels_last(), self.root.progress, self.root.deterministic,
                                self.root.sync_bn)
+        # under torchrun only rank 0 tracks; tracking never stops the run (a failing store is warned about once)
+        self.tracking = open_run(self.loggers if self.rt.is_main else {}, self.cfg, self.run_dir, self.config_yaml)
+        self._reused: set[str] = set()
         done: dict[str, Artifact] = {}
-        targets = self.targets()
-        for node in targets:
-            self._ensure(node, set(targets), done)
-        if self.rt.is_main:
-            write_json(self.run_dir / "artifacts.json",
-                       {n: {"key": a.key, "path": str(a.path)} for n, a in done.items()})
+        try:
+            targets = self.targets()
+            for node in targets:
+                self._ensure(node, set(targets), done)
+            if self.rt.is_main:
+                write_json(self.run_dir / "artifacts.json",
+                           {n: {"key": a.key, "path": str(a.path)} for n, a in done.items()})
+                self.tracking.run_files(self.run_dir, lambda t: getattr(t.settings, "log_bundle", True))
+        except BaseException as e:
+            self.tracking.close(e)  # the tracked run is marked FAILED with the error line
+            raise
+        self.tracking.close()
         return done
 
     def _channels_last(self) -> bool:
@@ -284,7 +295,8 @@ class Runner:
         force = self.root.force == "all" or (self.root.force == "stage" and node in requested)
         if st.cached and not force and self._reusable(node, final):
             log.info("%s: reusing %s (same config)", node, final)
-            done[node] = self._gated(node, st, self._artifact(node, final))
+            self._reused.add(node)
+            done[node] = self._tracked(node, st, self._gated(node, st, self._artifact(node, final)))
             self._tell_reused(st, done[node])
             return done[node]
         if node not in requested:
@@ -295,7 +307,7 @@ class Runner:
                 )
             log.info("%s: no artifact for this config; running it first (upstream of %s)",
                      node, ", ".join(sorted(requested)))
-        done[node] = self._gated(node, st, self._build(node, st, inputs, final, force))
+        done[node] = self._tracked(node, st, self._gated(node, st, self._build(node, st, inputs, final, force)))
         return done[node]
 
     @staticmethod
@@ -305,6 +317,12 @@ class Runner:
             history = art.metrics.get("history") or []
             for obs in OBSERVERS:
                 obs.reused(st.name, history)
+        return art
+
+    def _tracked(self, node: str, st: Stage, art: Artifact) -> Artifact:
+        """Hand a finished node to the trackers: its key, whether it was reused, its stored metrics."""
+        if self.tracking and st.cached:
+            self.tracking.node_done(node, art.key, art.metrics, node in self._reused)
         return art
 
     def _gated(self, node: str, st: Stage, art: Artifact) -> Artifact:
@@ -326,6 +344,7 @@ class Runner:
             # a parallel job may have built it while this one waited for the lock
             if st.cached and not force and self._reusable(node, final, quiet=True):
                 log.info("%s: reusing %s (built by another job)", node, final)
+                self._reused.add(node)
                 return self._tell_reused(st, self._artifact(node, final))
             if main:
                 if st.cached:  # staging folders of killed runs of this key (nobody else holds the lock)
@@ -356,7 +375,7 @@ class Runner:
                            model_cfg=OmegaConf.to_container(self.cfg.model, resolve=True), rt=self.rt,
                            inputs=inputs, out_dir=out, work_dir=work_dir, run_dir=self.run_dir,
                            cache_dir=self.cache_dir, extra=extra or {},
-                           config_yaml=self.config_yaml,
+                           config_yaml=self.config_yaml, tracking=self.tracking.info,
                            kind=st.kind(self.view, node) if st.kind is not None else None)
         metrics = st.run(ctx)
         return metrics.to_metrics() if isinstance(metrics, Result) else metrics

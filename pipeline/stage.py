@@ -147,6 +147,9 @@ class StageContext:
     extra: dict = field(default_factory=dict)  # what the stage's key_extra returned for this node
     config_yaml: str = ""  # the run's composed config (resolved), for what a stage ships (deploy bundle)
     kind: str | None = None  # what this node is, for stages of several nodes (``Stage.kind``)
+    # where the run is tracked, for the report: {"backend", "uri", "run_id"} (None: no tracker; waits for the
+    # tracker to have started the run)
+    tracking: Callable[[], dict | list[dict] | None] = field(default=lambda: None, repr=False)
     _splits: Splits | None = field(default=None, repr=False)
 
     def splits(self) -> Splits:

@@ -12,6 +12,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline import tracking
 from pipeline.artifacts import atomic_write_text, write_json
 from pipeline.report import markdown_table, plot_points
 
@@ -108,11 +109,16 @@ def write_summary(sweep_dir: Path) -> dict | None:
 
 
 class SweepSummary(Callback):
-    """``hydra.callbacks.sweep_summary``: runs once after all multirun jobs."""
+    """``hydra.callbacks.sweep_summary``: opens the trackers' parent run before the jobs (``logger=...``);
+    writes the summary once after all multirun jobs and closes the parent run with it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking.sweep_start(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         summary = write_summary(sweep_dir)
+        tracking.sweep_end(config, summary)
         if summary is None:
             return
         print(f"sweep summary: {sweep_dir / 'summary.md'}")

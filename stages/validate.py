@@ -283,6 +283,8 @@ def run(ctx: StageContext) -> dict:
         env["note"] = "; ".join(notes)
     rep = report.build_report(rows, base["name"], env, cfg)
     rep["serving"] = _serving(ctx, sessions, x, rows, rep["best"])
+    if (tracking := ctx.tracking()) is not None:
+        rep["tracking"] = tracking
     if cfg.deploy and rep["best"] is not None:
         arts = {r["name"]: ctx.inputs[r["stage"]] for r in rows}
         rep["deploy"] = _bundle(ctx, rep, arts, splits.classes)

@@ -74,6 +74,17 @@ def test_only_the_openvino_runtime_module_imports_openvino():
         assert not bad, f"{rel} imports {bad}; go through pipeline.inference"
 
 
+def test_only_the_tracker_modules_import_their_libraries():
+    """Experiment tracking goes through pipeline.tracking; each backend's library is imported by its module only."""
+    tb = "pipeline/tracking/tensorboard_tracker.py"
+    allowed = {"mlflow": "pipeline/tracking/mlflow_tracker.py", "tensorboard": tb, "torch.utils.tensorboard": tb}
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        for m in _imports(path):
+            lib = next((k for k in allowed if m == k or m.startswith(k + ".")), None)
+            assert lib is None or allowed[lib] == rel, f"{rel} imports {m}; go through pipeline.tracking"
+
+
 def test_no_import_cycles_in_the_project():
     files = [*ROOT.joinpath("pipeline").rglob("*.py"), *ROOT.joinpath("stages").glob("*.py")]
     mods = {_module(p): p for p in files}

@@ -24,7 +24,7 @@ HELP = CONF_DIR / "hydra" / "help" / "pipeline.yaml"
 _KEY = re.compile(r"^(\s*)([A-Za-z_][\w@/.\-]*|/[\w/.\-]*):(?:\s+(.*))?$")
 _ITEM = re.compile(r"^(\s*)-\s+(.*)$")
 # group folder -> where its keys land in the composed config
-_GROUPS = {"data": "data", "model": "model", "paths": "paths"}
+_GROUPS = {"data": "data", "model": "model", "paths": "paths", "logger": "logger"}
 COMMANDS = (
     ("python -m pipeline", "every stage on the embedded CIFAR-10 subset (no download)"),
     ("python -m pipeline experiment=tiny", "the whole chain in about a minute (smoke test)"),
@@ -219,7 +219,7 @@ def render_doc() -> str:
             "Each stage's knobs sit at its own key (`train.*`, `prune.*`, ...), whichever stage is run.", ""]
     for cf in stage_files:
         out += [f"### `{cf.name}.*`", "", *_intro_md(cf.intro), *_table(cf, f"{cf.name}.")]
-    for group, title in (("data", "Data"), ("model", "Models"), ("paths", "Paths")):
+    for group, title in (("data", "Data"), ("model", "Models"), ("paths", "Paths"), ("logger", "Experiment tracking")):
         out += [f"## {title}: `{group}=`", ""]
         for cf in _files(group):
             default = " (default)" if defaults.get(group) == cf.name else ""
@@ -253,7 +253,7 @@ def render_help() -> str:
     lines += listing("Presets (experiment=NAME):", _files("experiment"))
     lines += listing("Searches (-m search=NAME):", _files("search"))
     lines += ["", "Config groups (GROUP=OPTION; the default first):"]
-    for group in ("data", "model", "paths"):
+    for group in ("data", "model", "paths", "logger"):
         names = [cf.name for cf in _files(group)]
         names.sort(key=lambda n: n != defaults.get(group))
         lines.append(f"  {group.ljust(8)}{' | '.join(names)}")
