@@ -65,9 +65,26 @@ def _gates(rows: list[dict], base: dict, cfg: Any) -> tuple[list[str], dict[str,
         if (cfg.min_speedup is not None and r is not base and r["speedup_vs_baseline"] < cfg.min_speedup):
             reasons.append(f"{r['name']} is {r['speedup_vs_baseline']:.2f}x the baseline "
                            f"(validate.min_speedup={cfg.min_speedup})")
+        reasons += _coverage_gate(r, rows, getattr(cfg, "min_int8_coverage", None))
         ok[r["name"]] = not reasons
         failures += reasons
     return failures, ok
+
+
+def _kernels(row: dict | None) -> int | None:
+    return int(row["int8_kernels"].split("/")[0]) if row and row.get("int8_kernels") else None
+
+
+def _coverage_gate(r: dict, rows: list[dict], share: float | None) -> list[str]:
+    """An INT8 model on another runtime must run (``share`` of) the layers ONNX Runtime runs as INT8 in INT8:
+    ORT's own coverage is gated at export; another runtime may fall back to float kernels for a QDQ pattern."""
+    if share is None or r.get("runtime", inference.DEFAULT) == inference.DEFAULT or r.get("precision") != "int8":
+        return []
+    got, want = _kernels(r), _kernels(next((x for x in rows if x["name"] == r.get("model")), None))
+    if got is None or not want or got >= share * want:
+        return []
+    return [f"{r['name']} runs {got} of the {want} layers ONNX Runtime runs in INT8 as INT8 "
+            f"(validate.min_int8_coverage={share})"]
 
 
 def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:

@@ -77,3 +77,19 @@ def test_what_stays_float_lists_the_rewrite_and_what_onnx_runtime_runs_on_dequan
     assert md[2:4] == ["- qat-int8: sum (no INT8 kernel in ONNX Runtime) x8; ONNX Runtime runs float: ReduceSum x4, "
                        "Softmax x4", "- ort-static-int8: ONNX Runtime runs float: ReduceSum x8"]
     assert float_markdown([{"name": "qat-int8", "float_ops": {}, "dequantized_ops": {}}]) == []
+
+
+def test_an_int8_row_on_another_runtime_that_falls_back_to_float_kernels_is_not_recommended():
+    def row(name, model, runtime, thr, kernels, precision="int8"):
+        return {"name": name, "model": model, "runtime": runtime, "precision": precision, "throughput_ips": thr,
+                "accuracy": 50.0, "accuracy_delta_vs_baseline": 0.0, "speedup_vs_baseline": thr / 100,
+                "int8_kernels": kernels}
+
+    rows = [row("baseline", "baseline", "onnxruntime", 100, None, "fp32"), row("q", "q", "onnxruntime", 200, "10/10"),
+            row("q@openvino", "q", "openvino", 300, "4/10")]
+    gates = type("G", (), {"max_accuracy_drop": None, "min_speedup": None, "min_int8_coverage": 0.5})
+    rep = build_report(rows, "baseline", {}, gates)
+    assert rep["best"] == "q" and rep["gates"]["failures"] == [
+        "q@openvino runs 4 of the 10 layers ONNX Runtime runs in INT8 as INT8 (validate.min_int8_coverage=0.5)"]
+    rows[2]["int8_kernels"] = "5/10"
+    assert build_report(rows, "baseline", {}, gates)["best"] == "q@openvino"
