@@ -1,4 +1,5 @@
-"""``${unique_dir:<path>}``: the resolver that gives every run and sweep its own folder.
+"""``${unique_dir:<path>}``: the resolver that gives every run and sweep its own folder; ``${job_dirname:<text>}``
+makes a sweep job's overrides one safe folder name.
 
 Registered when the ``pipeline`` package is imported, so that a launcher's worker process (Submitit, Ray),
 which composes no config but resolves the job's, finds it: there the value cached in the parent process
@@ -7,6 +8,7 @@ is returned, so a job never claims a folder of its own.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -33,5 +35,20 @@ def unique_dir(base: str) -> str:
     raise RuntimeError(f"no free run folder next to {path}")
 
 
+MAX_NAME = 200  # bytes; file systems refuse names over 255
+
+
+def job_dirname(text: str) -> str:
+    """``${job_dirname:${hydra.job.override_dirname}}``: one folder level (a path in an override, e.g.
+    ``search.compare=[/runs/grid]``, would nest folders) and short enough for the file system (long override
+    lists are cut, ending in a hash of the whole so that two jobs never share a name)."""
+    name = str(text).replace("/", "_")
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name.encode()[: MAX_NAME - 12].decode(errors="ignore") + "~" + digest
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)

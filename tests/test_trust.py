@@ -254,6 +254,24 @@ def test_run_folders_are_claimed_atomically(tmp_path):
     assert first == base and second == base + "_2" and Path(second).is_dir()
 
 
+def test_sweep_job_folders_are_one_level_and_short_enough(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline import CONF_DIR
+    from pipeline.rundir import MAX_NAME, job_dirname
+
+    long = ",".join(f"key{i}=value{i}" for i in range(60))
+    assert job_dirname("prune.ratio=0.3,search.compare=[/runs/grid]") == "prune.ratio=0.3,search.compare=[_runs_grid]"
+    assert len(job_dirname(long).encode()) <= MAX_NAME and job_dirname(long) != job_dirname(long + "1")
+    with initialize_config_dir(str(CONF_DIR), version_base=None):  # the subdir pattern of conf/config.yaml
+        cfg = compose("config", ["search=prune_qat", "search.compare=[/runs/grid]"], return_hydra_config=True)
+        OmegaConf.set_readonly(cfg.hydra, False)
+        cfg.hydra.job.override_dirname = "search.compare=[/runs/grid]"
+        cfg.hydra.job.num = 3
+        assert OmegaConf.select(cfg, "hydra.sweep.subdir") == "3_search.compare=[_runs_grid]"
+
+
 @pytest.mark.slow
 def test_concurrent_runs_keep_every_report_and_build_each_artifact_once(tmp_path):
     """Two runs started together (same second, same outputs): two run folders, one baseline."""
