@@ -209,25 +209,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
     work_dir = Path(work_dir)
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     rng_path = work_dir / f"rng-{rt.rank}.pt"  # each rank's random states (augmentation is per rank)
-    start_epoch, history, best_acc = 0, [], -1.0
-    if last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
-            rng = torch.load(rng_path, map_location="cpu", weights_only=True)
-            if rng["epoch"] != state["epoch"]:
-                raise ValueError(f"random states of epoch {rng['epoch']}, weights of epoch {state['epoch']}")
-            model.load_state_dict(state["model"])
-            if extra is not None:
-                extra.load_state_dict(state["extra"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            set_rng_state(rng["state"], train_it.generator)
-            start_epoch, history, best_acc = state["epoch"], state["history"], state["best_acc"]
-            train_it.epoch = start_epoch
-            log.info("%s: resuming from %s at epoch %d/%d", desc, last_path, start_epoch, cfg.epochs)
-        except Exception as e:  # a checkpoint from another config or a broken file: start over
-            log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
-            start_epoch, history, best_acc = 0, [], -1.0
+    start_epoch, history, best_acc = _resume(last_path, rng_path, model, extra, opt, sched, train_it, desc,
+                                             cfg.epochs)
     resumed_at = start_epoch
     with rt.global_batchnorm(model):  # before wrapping: DDP sees the synchronised layers
         ddp_model = rt.wrap(model)  # after resuming, so every rank starts from the same weights
@@ -239,35 +222,10 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
             model.train()
-            loss_sum = torch.zeros((), device=rt.device)
-            correct = torch.zeros((), dtype=torch.int64, device=rt.device)
-            n = 0
-            bar = tqdm(train_it, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not rt.progress, leave=False, mininterval=1.0)
             t0 = time.perf_counter()
-            for step, (xb, yb) in enumerate(bar):
-                with rt.autocast():
-                    loss, logits = loss_fn(ddp_model, xb, yb)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                rt.average_grads_(extra_params)
-                if cfg.clip_grad_norm is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                loss_sum += loss.detach()
-                correct += (logits.detach().argmax(1) == yb).sum()
-                n += len(yb)
-                if step % 20 == 19 or step == len(train_it) - 1:
-                    avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
-                    if not math.isfinite(avg):
-                        kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last_path}" if epoch > 0
-                                else "no epoch had finished, so no checkpoint was kept")
-                        raise PipelineError(f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped ({kept}); "
-                                            f"lower {section}.lr, set {section}.clip_grad_norm=1.0 or check the data")
-                    bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
+            loss_sum, correct, n = _train_epoch(ddp_model, train_it, loss_fn, _Step(opt, sched, scaler, params,
+                                                extra_params, cfg.clip_grad_norm), rt, epoch, cfg.epochs, desc,
+                                                section, last_path)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             busy += time.perf_counter() - t0
@@ -284,19 +242,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             if improved:
                 best_acc = val_acc if not math.isnan(val_acc) else best_acc
                 best_state = detached_state(model.state_dict(), clone=True)  # with the module versions
-            if rt.is_main:
-                if improved:
-                    _save_state(best_path, {"model": model.state_dict()})
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
-                         "best_acc": best_acc}
-                if extra is not None:
-                    state["extra"] = extra.state_dict()
-            # random states first: a kill between the two writes leaves them ahead, which resume detects
-            _save_state(rng_path, {"epoch": epoch + 1, "state": rng_state(train_it.generator)})
-            if rt.is_main:
-                _save_state(last_path, state)
-            rt.barrier()
+            _checkpoint(work_dir, rt, model, extra, opt, sched, train_it.generator, improved,
+                        {"epoch": epoch + 1, "history": history, "best_acc": best_acc})
             for obs in OBSERVERS:  # after the checkpoint: a stopped run resumes from this epoch
                 obs.epoch(section, epoch + 1, val_acc, not side)
     if cfg.select == "best" and cfg.epochs > 0:  # every rank holds the same best weights
@@ -306,6 +253,95 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             model.load_state_dict(best_state)
     return FitResult(history, best_acc, cfg.epochs - start_epoch,
                      seen * rt.world_size / busy if busy else float("nan"), resumed_at)
+
+
+def _resume(last_path: Path, rng_path: Path, model: nn.Module, extra: nn.Module | None, opt, sched, train_it,
+            desc: str, epochs: int) -> tuple[int, list, float]:
+    """Load the resume checkpoint (weights, optimizer, schedule, random states) into place: the epoch to start
+    from, the history so far and the best validation accuracy; a checkpoint that does not fit starts over."""
+    if not last_path.is_file():
+        return 0, [], -1.0
+    try:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+        if rng["epoch"] != state["epoch"]:
+            raise ValueError(f"random states of epoch {rng['epoch']}, weights of epoch {state['epoch']}")
+        model.load_state_dict(state["model"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(rng["state"], train_it.generator)
+        train_it.epoch = state["epoch"]
+        log.info("%s: resuming from %s at epoch %d/%d", desc, last_path, state["epoch"], epochs)
+        return state["epoch"], state["history"], state["best_acc"]
+    except Exception as e:  # a checkpoint from another config or a broken file: start over
+        log.warning("%s: cannot resume from %s (%s); starting from scratch", desc, last_path, e)
+        return 0, [], -1.0
+
+
+@dataclass
+class _Step:
+    """What one optimisation step uses."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    params: list
+    extra_params: list
+    clip_grad_norm: float | None
+
+
+def _train_epoch(ddp_model: nn.Module, train_it, loss_fn: LossFn, step_: _Step, rt: Runtime, epoch: int,
+                 epochs: int, desc: str, section: str, last_path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over the training batches: the summed loss, correct predictions and images seen (this rank's);
+    a loss that is no longer finite stops training with a one-line error."""
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    n = 0
+    bar = tqdm(train_it, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", disable=not rt.progress, leave=False,
+               mininterval=1.0)
+    for step, (xb, yb) in enumerate(bar):
+        with rt.autocast():
+            loss, logits = loss_fn(ddp_model, xb, yb)
+        step_.opt.zero_grad(set_to_none=True)
+        step_.scaler.scale(loss).backward()
+        rt.average_grads_(step_.extra_params)
+        if step_.clip_grad_norm is not None:
+            step_.scaler.unscale_(step_.opt)
+            torch.nn.utils.clip_grad_norm_(step_.params, step_.clip_grad_norm)
+        step_.scaler.step(step_.opt)
+        step_.scaler.update()
+        step_.sched.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == yb).sum()
+        n += len(yb)
+        if step % 20 == 19 or step == len(train_it) - 1:
+            avg = rt.all_reduce(loss_sum).item() / (step + 1) / rt.world_size
+            if not math.isfinite(avg):
+                kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last_path}" if epoch > 0
+                        else "no epoch had finished, so no checkpoint was kept")
+                raise PipelineError(f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped ({kept}); "
+                                    f"lower {section}.lr, set {section}.clip_grad_norm=1.0 or check the data")
+            bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
+    return loss_sum, correct, n
+
+
+def _checkpoint(work_dir: Path, rt: Runtime, model: nn.Module, extra: nn.Module | None, opt, sched,
+                generator: torch.Generator, improved: bool, progress: dict) -> None:
+    """After an epoch: best.pt when it improved, this rank's random states, then last.pt (rank 0 writes weights)."""
+    if rt.is_main:
+        if improved:
+            _save_state(work_dir / "best.pt", {"model": model.state_dict()})
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 **progress}
+        if extra is not None:
+            state["extra"] = extra.state_dict()
+    # random states first: a kill between the two writes leaves them ahead, which resume detects
+    _save_state(work_dir / f"rng-{rt.rank}.pt", {"epoch": progress["epoch"], "state": rng_state(generator)})
+    if rt.is_main:
+        _save_state(work_dir / "last.pt", state)
+    rt.barrier()
 
 
 @contextlib.contextmanager
