@@ -150,20 +150,6 @@ def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_through_the_submitit_launcher_runs_each_job_in_its_own_process(tmp_path):
-    """The SLURM launcher's code path with Submitit's local executor: each job a process of its own."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    _cli("-m", "experiment=tiny", "pipeline=[train]", "train.epochs=1", "train.lr=0.1,0.05",
-         f"paths.outputs={tmp_path}/o", f"data.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
-         "hydra.sweep.subdir=${hydra.job.num}", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         cwd=tmp_path)
-    assert len(list((tmp_path / "sweep/.submitit").glob("*/*_result.pkl"))) == 2
-    assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 2  # one model per lr
-    logs = [p.read_text() for p in (tmp_path / "sweep").glob("[01]/*.log")]
-    assert len(logs) == 2 and all("train: running" in log for log in logs), logs
-
-
-@pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",

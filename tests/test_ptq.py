@@ -145,20 +145,14 @@ SMALL = ["train.epochs=0", "ptq.calib_images=64", "ptq.batch_size=32", "ptq.adar
          "ptq.adaround_iters=20", "ptq.adaround_images=32", "ptq.range=mse"]
 
 
-def test_tiny_ptq_run_reports_its_steps_and_starts_qat(cfg_factory, tmp_path):
-    qat = run_pipeline(cfg_factory("pipeline=[train,ptq,qat]", "stage=qat", "qat.init=ptq", "qat.source=train",
-                                   "qat.epochs=0", tiny_weights(tmp_path), *SMALL), tmp_path / "run")["qat"]
-    m = next((tmp_path / "outputs" / "artifacts" / "ptq").glob("*/metrics.json")).read_text()
-    m = json.loads(m)
+@pytest.mark.slow
+def test_tiny_ptq_run_starts_qat_and_is_a_row_beside_qat_and_ort_static(cfg_factory, tmp_path):
+    done = run_pipeline(cfg_factory("pipeline=[train,ptq,qat,export,validate]", "qat.source=train", "qat.epochs=0",
+                                    "qat.init=ptq", tiny_weights(tmp_path), *SMALL), tmp_path / "run")
+    m = json.loads(next((tmp_path / "outputs" / "artifacts" / "ptq").glob("*/metrics.json")).read_text())
     assert [s["step"] for s in m["steps"]] == ["equalize", "ranges", "adaround", "bias_correction"]
     assert m["steps"][0]["pairs"] > 0 and m["steps"][0]["skipped"]
-    assert qat.metrics["test_acc_ptq"] == pytest.approx(m["test_acc"])  # QAT starts from exactly the PTQ model
-
-
-@pytest.mark.slow
-def test_ptq_row_beside_qat_and_ort_static_in_the_report(cfg_factory, tmp_path):
-    run_pipeline(cfg_factory("pipeline=[train,ptq,qat,export,validate]", "qat.source=train", "qat.epochs=0",
-                             tiny_weights(tmp_path), *SMALL), tmp_path / "run")  # conf/experiment/ptq.yaml
+    assert done["qat"].metrics["test_acc_ptq"] == pytest.approx(m["test_acc"])  # QAT starts from the PTQ model
     rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "report.json").read_text())["rows"]}
     assert {"baseline", "ptq-int8", "qat-int8", "ort-static-int8"} <= set(rows)
     ptq_row = rows["ptq-int8"]

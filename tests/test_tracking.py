@@ -169,6 +169,30 @@ def test_a_store_that_fails_mid_run_is_warned_about_once_and_the_run_goes_on(tmp
 
 
 @pytest.mark.slow
+def test_a_submitit_sweep_is_one_parent_run_with_a_child_per_job_process(tmp_path):
+    """Two jobs through the SLURM launcher's code path (Submitit's local executor: a process each, at once)
+    over a knob training does not read: one job trains under the artifact lock, the other reuses it; the
+    tracker shows one parent run and a child per job."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "-m", "experiment=tiny", "pipeline=[train]",
+                          "train.epochs=2", "validate.batch_size=8,16", f"paths.outputs={tmp_path}",
+                          f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=submitit_local",
+                          "hydra.launcher.timeout_min=10", "logger=mlflow"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "sweep/.submitit").glob("*/*_result.pkl"))) == 2  # a Submitit job each
+    assert len(list((tmp_path / "artifacts/train").glob("*/manifest.json"))) == 1  # built once
+    runs = _runs(client := _client(tmp_path))
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["reused.train"] for c in children) == ["false", "true"]
+    assert all(len(client.get_metric_history(c.info.run_id, "train/loss")) == 2 for c in children)
+
+
+@pytest.mark.heavy
 def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
     """A 2-job sweep over a validate knob: one parent run, two children; the second job reuses the training."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

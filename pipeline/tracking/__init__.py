@@ -361,7 +361,10 @@ def sweep_end(config: DictConfig, summary: dict | None) -> None:
                 job_tags[t["job"]] = {"search.trial": str(t["number"]), "search.pareto": str(t["pareto"]).lower(),
                                       "search.feasible": str(t["feasible"]).lower(),
                                       "search.recommended": str(t["number"] == search.get("recommended")).lower()}
-    status = "FAILED" if summary is None or (summary.get("failed") and not summary.get("jobs")) else "FINISHED"
+    if summary is None:  # no job wrote a report (e.g. pipeline=[train]): failed only if a job left its error
+        status = "FAILED" if any(sweep_dir.glob("*/error.txt")) else "FINISHED"  # pipeline.sweep.JOB_ERROR
+    else:
+        status = "FAILED" if summary.get("failed") and not summary.get("jobs") else "FINISHED"
     for name, parent in parents.items():
         if name not in settings:
             continue
