@@ -47,3 +47,9 @@ def tiny_weights(tmp_path: Path) -> str:
 def _quiet_logs():
     for name in ("onnx_ir", "onnxscript", "matplotlib", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end (slow) tests first, so that parallel workers do not end on one long test while the others
+    idle; the order within each group is kept."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
