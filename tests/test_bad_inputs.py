@@ -274,7 +274,7 @@ def slow(*a, **k):
     time.sleep(0.05)
     return read(*a, **k)
 imagestore.read_rgb = slow
-files = sorted(Path(sys.argv[1]).rglob("*.png")) * 40
+files = sorted(Path(sys.argv[1]).rglob("*.png")) * 400  # minutes: the signal always comes mid-decode
 imagestore.build(Path(sys.argv[2]) / "store", files, {}, 8, "squash", 0.875, int(sys.argv[3]), chunk=8)
 """
 
@@ -286,9 +286,10 @@ def test_a_stopped_decode_removes_its_partial_store(tmp_path, sig, workers):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-c", _DECODE_SLOWLY, str(tmp_path / "d"), str(tmp_path / "cache"),
                           str(workers)], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not list((tmp_path / "cache").glob("store.partial-*")) and time.time() < deadline:
         time.sleep(0.05)
+    assert p.poll() is None, "the decode ended before it could be stopped"
     time.sleep(0.5)  # decoding
     p.send_signal(sig)
     err = p.communicate(timeout=60)[1]
