@@ -71,6 +71,11 @@ def _gates(rows: list[dict], base: dict, cfg: Any) -> tuple[list[str], dict[str,
     return failures, ok
 
 
+def _ort_row(rows: list[dict], row: dict) -> dict | None:
+    """The same model's row in ONNX Runtime (a row on another runtime names it as ``model``)."""
+    return next((r for r in rows if r["name"] == row.get("model")), None)
+
+
 def _kernels(row: dict | None) -> int | None:
     return int(row["int8_kernels"].split("/")[0]) if row and row.get("int8_kernels") else None
 
@@ -80,7 +85,7 @@ def _coverage_gate(r: dict, rows: list[dict], share: float | None) -> list[str]:
     ORT's own coverage is gated at export; another runtime may fall back to float kernels for a QDQ pattern."""
     if share is None or r.get("runtime", inference.DEFAULT) == inference.DEFAULT or r.get("precision") != "int8":
         return []
-    got, want = _kernels(r), _kernels(next((x for x in rows if x["name"] == r.get("model")), None))
+    got, want = _kernels(r), _kernels(_ort_row(rows, r))
     if got is None or not want or got >= share * want:
         return []
     return [f"{r['name']} runs {got} of the {want} layers ONNX Runtime runs in INT8 as INT8 "
@@ -116,7 +121,7 @@ def build_report(rows: list[dict], baseline: str, env: dict, cfg: Any) -> dict:
 
 def _runtime_why(rows: list[dict], best: dict) -> str:
     """Why another runtime: the same model's throughput in ONNX Runtime against the chosen row's."""
-    same = next((r for r in rows if r["name"] == best.get("model")), None)
+    same = _ort_row(rows, best)
     if same is None:
         return ""
     return (f" ({best['throughput_ips'] / same['throughput_ips']:.2f}x the same model in ONNX Runtime, "
