@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -380,6 +380,33 @@ def fingerprint(cfg: DataConfig, cache_dir: Path | None = None) -> str:
     if cfg.fingerprint == "content":
         return stable_hash(list(zip([p.name for p in files], file_hashes(files, cache_dir), strict=True)))
     return stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files (``IMAGE_SUFFIXES``) anywhere under ``folder``, in any layout, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def files_fingerprint(folder: Path, files: list[Path], mode: str, cache_dir: Path | None = None) -> str:
+    """A hash of ``files`` under ``folder``, read as ``data.fingerprint`` reads data files (``stat``: relative
+    path, size, mtime; ``content``: relative path, sha256)."""
+    labels = [0] * len(files)
+    return (_content_hash(folder, files, labels, [], cache_dir) if mode == "content"
+            else _manifest_hash(folder, files, labels, []))
+
+
+def read_images(files: Sequence[Path], cfg: DataConfig) -> torch.Tensor:
+    """Image files -> uint8 (N, 3, S, S), S = ``data.image_size``: the pixels evaluation reads from an image
+    folder (decoded and resized as its store is, by ``data.resize``, then center-cropped to S); ``batches``
+    normalises them. An unreadable file is a one-line error."""
+    out = torch.empty((len(files), 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    for i, f in enumerate(files):
+        try:
+            arr = imagestore.read_rgb(Path(f), cfg.image_size, cfg.resize, cfg.crop_fraction)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        out[i] = torch.from_numpy(np.ascontiguousarray(center_crop(arr, cfg.image_size)))
+    return out
 
 
 def _gb(n: float) -> str:

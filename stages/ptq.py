@@ -10,7 +10,9 @@ activation ranges (``ptq.range``: minmax | percentile | mse; always), adaptive r
 ``ptq.adaround_seconds``), empirical bias correction (``bias_correction``). The quantization format (activation
 type, weight bits, FP32 layers) is the qat stage's (``qat.act_dtype``, ``qat.weight_bits``, ``qat.float_layers``),
 so both make the same kind of INT8 model. Labels are never read: the calibration images are the first
-``ptq.calib_images`` of a seeded shuffle of the training split.
+``ptq.calib_images`` of a seeded shuffle of the training split, or, with ``ptq.calib_folder``, up to that many
+image files of a folder (any layout; a seeded choice where it holds more), read as evaluation reads an image
+folder (``data.resize``, ``data.image_size``, ``data.mean``/``data.std``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
@@ -28,8 +31,8 @@ import torch
 
 from pipeline import placement, ptq, quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
-from pipeline.config import setting
-from pipeline.data import batches
+from pipeline.config import key_neutral, setting
+from pipeline.data import IMAGE_SUFFIXES, batches, files_fingerprint, image_files, read_images
 from pipeline.errors import PipelineError
 from pipeline.models import build_model, count_macs, count_params
 from pipeline.results import QatResult
@@ -46,6 +49,7 @@ class Config:
     source: str  # model stage to quantize: train | prune | distill
     steps: list[Literal["equalize", "bias_correction", "adaround"]]  # run in the order of pipeline.ptq.ORDER
     calib_images: int = setting(ge=1, msg="{value}; post-training quantization needs calibration images")
+    calib_folder: str | None = key_neutral(None)  # images that calibrate (any layout); null: the training split
     batch_size: int = setting(ge=1)  # calibration images per forward pass
     range: Literal["minmax", "percentile", "mse"]  # how activation ranges are set from the calibration images
     percentile: float = setting(gt=50, le=100, msg="{value} must be a percentage {range}")
@@ -66,8 +70,28 @@ def _qat_settings(view: GraphView) -> SimpleNamespace:
                            float_layers=[n for n in q.float_layers if n != placement.MEASURE])
 
 
+def _calib_files(cfg: Config) -> list[Path]:
+    """The image files under ``ptq.calib_folder``, sorted by path; a one-line error when there are none."""
+    folder = Path(cfg.calib_folder).expanduser()
+    use = "point it at a folder of calibration images (or null: the training split)"
+    if folder.is_file():
+        raise PipelineError(f"ptq.calib_folder={folder} is a file, not a folder; {use}")
+    if not folder.is_dir():
+        raise PipelineError(f"ptq.calib_folder={folder} does not exist; {use}")
+    files = image_files(folder)
+    if not files:
+        raise PipelineError(f"ptq.calib_folder={folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "add images or set ptq.calib_folder=null (the training split)")
+    return files
+
+
 def check(view: GraphView) -> list[str]:
     cfg: Config = view.settings["ptq"]
+    if cfg.calib_folder is not None:
+        try:
+            _calib_files(cfg)
+        except PipelineError as e:
+            return [str(e)]
     models = [s for s in view.all_model_stages() if s not in ("qat", "ptq")]
     if cfg.source not in models:
         return [f"ptq.source: {cfg.source!r} is not an FP32 model stage; choose one of {', '.join(models)}"]
@@ -84,17 +108,33 @@ def check(view: GraphView) -> list[str]:
 
 
 def key_extra(view: GraphView, node: str) -> dict:
-    """The quantization format it takes from ``qat.*``, resolved (weight bits; ``auto`` FP32 layers by CPU)."""
+    """The quantization format it takes from ``qat.*``, resolved (weight bits; ``auto`` FP32 layers by CPU), and
+    the files of ``ptq.calib_folder`` as ``data.fingerprint`` reads data files (a changed image rebuilds)."""
     q = _qat_settings(view)
     extra = {"act_dtype": q.act_dtype, "weight_bits": placement.weight_bits(q)[0], "float_layers": q.float_layers,
              "observer_ema": q.observer_ema, "rewrite": quant.REWRITE}
     if placement.AUTO in q.float_layers:
         extra["float_layers_auto"] = [platform.machine().lower(), quant.int8_dot_product() is not None]
+    cfg: Config = view.settings["ptq"]
+    if cfg.calib_folder is not None:
+        folder = Path(cfg.calib_folder).expanduser()
+        extra["calib_files"] = files_fingerprint(folder, _calib_files(cfg), view.data.fingerprint)
     return extra
 
 
 def _calibration_images(ctx: StageContext) -> list[torch.Tensor]:
+    """Normalised batches of at most ``ptq.calib_images`` images: of ``ptq.calib_folder`` (a seeded choice where it
+    holds more), else the first of a seeded shuffle of the training split."""
     cfg: Config = ctx.settings
+    if cfg.calib_folder is not None:
+        files = _calib_files(cfg)
+        if len(files) > cfg.calib_images:
+            pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(ctx.rt.seed))
+            files = [files[i] for i in pick[: cfg.calib_images].sort().values.tolist()]
+        log.info("ptq: calibration images: %d files of %s", len(files), cfg.calib_folder)
+        x = read_images(files, ctx.data_cfg)
+        return [xb for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.int64), ctx.data_cfg, cfg.batch_size,
+                                        device=ctx.rt.device, channels_last=ctx.rt.channels_last)]
     splits = ctx.splits()
     out, n = [], 0
     for xb, _ in batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.batch_size, shuffle=True,

@@ -158,3 +158,73 @@ def test_tiny_ptq_run_starts_qat_and_is_a_row_beside_qat_and_ort_static(cfg_fact
     ptq_row = rows["ptq-int8"]
     assert ptq_row["fp32_input"] == "baseline" and ptq_row["quantize_s"] > 0
     assert ptq_row["int8_kernels"].split("/")[0] == ptq_row["int8_kernels"].split("/")[1]  # every layer INT8
+
+
+def _image_folder(folder, n: int) -> list:
+    """``n`` images of the embedded test split as JPEG (their shipped bytes) and PNG files in nested folders,
+    beside a file that is no image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data import EMBEDDED
+
+    with np.load(EMBEDDED) as z:
+        blob, offsets = z["test_jpeg"].tobytes(), z["test_offsets"]
+    files = []
+    for i in range(n):
+        jpeg = blob[offsets[i] : offsets[i + 1]]
+        path = folder / f"set{i % 2}" / ("deep" if i % 3 == 0 else "") / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".jpg":
+            path.write_bytes(jpeg)
+        else:
+            Image.open(io.BytesIO(jpeg)).save(path)
+        files.append(path)
+    (folder / "notes.txt").write_text("not an image")
+    return files
+
+
+def test_ptq_calibrates_on_an_unlabeled_folder_and_refuses_a_bad_one(cfg_factory, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from pipeline.data import read_images
+    from pipeline.errors import PipelineError
+    from pipeline.runner import Runner
+    from stages.ptq import _calibration_images
+
+    folder = tmp_path / "calib"
+    files = sorted(_image_folder(folder, 5))
+    fast = ["pipeline=[train,ptq]", "train.epochs=0", tiny_weights(tmp_path), "ptq.steps=[]", "ptq.range=minmax"]
+    run_pipeline(cfg_factory(*fast, f"ptq.calib_folder={folder}", "ptq.calib_images=64"), tmp_path / "run")
+    (done,) = (tmp_path / "outputs" / "artifacts" / "ptq").glob("*/metrics.json")
+    assert json.loads(done.read_text())["calibration_images"] == 5  # every image of the folder, fewer than 64
+
+    def runner(*o: str) -> Runner:
+        return Runner(cfg_factory(*fast, *o), tmp_path / "k")
+
+    # more images than calib_images: a seeded choice of that many, normalised as evaluation reads an image folder
+    r = runner(f"ptq.calib_folder={folder}")
+    ctx = SimpleNamespace(settings=dataclasses.replace(r.settings["ptq"], calib_images=3, batch_size=2),
+                          data_cfg=r.data_cfg, rt=SimpleNamespace(seed=0, device="cpu", channels_last=False))
+    got = torch.cat(_calibration_images(ctx))
+    assert torch.equal(got, torch.cat(_calibration_images(ctx)))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (r.data_cfg.mean, r.data_cfg.std))
+    every = (read_images(files, r.data_cfg).float() - mean) / std
+    hits = [int(((every - g).abs().amax((1, 2, 3)) < 1e-4).nonzero()) for g in got]
+    assert len(got) == 3 and len(set(hits)) == 3
+
+    before = r.key("ptq")
+    _image_folder(folder / "more", 1)  # the folder's files are part of the key
+    assert runner(f"ptq.calib_folder={folder}").key("ptq") != before
+    assert runner().key("ptq") != before
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "a.txt").write_text("x")
+    for bad, says in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no image files"),
+                      (folder / "notes.txt", "is a file")):
+        with pytest.raises(PipelineError, match=f"ptq.calib_folder=.*{says}") as e:
+            run_pipeline(cfg_factory(*fast, f"ptq.calib_folder={bad}"), tmp_path / "bad")
+        assert "\n" not in str(e.value)
