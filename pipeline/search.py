@@ -31,6 +31,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import tracking
 from pipeline.artifacts import atomic_write_text, write_json
 from pipeline.config import setting
 from pipeline.errors import PipelineError
@@ -294,24 +295,29 @@ class SearchSweeper(Sweeper):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             study, fid = self._studies(settings, sweep_dir, directions)
         except PipelineError as e:
+            tracking.sweep_end(self.config, None, error=e)  # the parent run the sweep callback opened: FAILED
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        for params in warm:  # first trials; their artifacts are reused when a grid already built them
-            study.enqueue_trial(params, skip_if_exists=True)
-        finished = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("counted")]
-        if finished:
-            log.info("search: resuming %s with %d of %d trials done", sweep_dir, len(finished), self.n_trials)
-        self._probe_cache: dict = {}
-        self._job_idx = len(finished)
-        returns: list = []
-        while self._counted(study) < self.n_trials:
-            batch, stop = self._next_batch(study, fid, dims, settings, list(arguments))
-            if batch:
-                returns.append(self._run_batch(batch, study, fid, settings, list(arguments)))
-            if stop:
-                break
-        self._write(study, sweep_dir, settings, names, directions, list(arguments))
+        try:
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            for params in warm:  # first trials; their artifacts are reused when a grid already built them
+                study.enqueue_trial(params, skip_if_exists=True)
+            finished = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("counted")]
+            if finished:
+                log.info("search: resuming %s with %d of %d trials done", sweep_dir, len(finished), self.n_trials)
+            self._probe_cache: dict = {}
+            self._job_idx = len(finished)
+            returns: list = []
+            while self._counted(study) < self.n_trials:
+                batch, stop = self._next_batch(study, fid, dims, settings, list(arguments))
+                if batch:
+                    returns.append(self._run_batch(batch, study, fid, settings, list(arguments)))
+                if stop:
+                    break
+            self._write(study, sweep_dir, settings, names, directions, list(arguments))
+        except BaseException as e:  # Ctrl-C or a crash mid-search: the sweep callback's end does not run
+            tracking.sweep_end(self.config, None, error=e)
+            raise
         return returns
 
     @staticmethod

@@ -256,3 +256,17 @@ def test_search_marks_reach_the_parent_and_child_runs(tmp_path, empty_store):
     assert runs["0_a"].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert (runs["0_a"].data.tags["search.pareto"], runs["0_a"].data.tags["search.recommended"]) == ("true", "true")
     assert (runs["1_b"].data.tags["search.pareto"], runs["1_b"].data.tags["search.feasible"]) == ("false", "false")
+
+
+def test_a_search_that_stops_on_a_bad_space_closes_its_parent_run_as_failed(tmp_path, empty_store):
+    """The sweep callback opens the parent run before the search sweeper checks its space; the sweeper's
+    one-line error closes it FAILED with that line (Hydra does not call the callback's end after an exit)."""
+    _store(empty_store, tmp_path / "o")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "-m", "experiment=tiny", "search=base", "logger=mlflow",
+                          f"paths.outputs={tmp_path}/o", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "the search space is empty" in out.stderr, out.stderr[-2000:]
+    runs = _runs(_client(tmp_path / "o"))
+    assert [r.info.status for r in runs] == ["FAILED"]  # the parent, no job ran; none left RUNNING
+    assert "the search space is empty" in runs[0].data.tags["error"] and runs[0].info.end_time is not None

@@ -336,9 +336,11 @@ def sweep_start(config: DictConfig) -> None:
         write_json(sweep_dir / PARENT_FILE, parents)
 
 
-def sweep_end(config: DictConfig, summary: dict | None) -> None:
+def sweep_end(config: DictConfig, summary: dict | None, error: BaseException | None = None) -> None:
     """Close the parent runs: the summary (and a search's files) as artifacts, the search's Pareto marks and
-    recommended trial as tags of the parent and of the child runs."""
+    recommended trial as tags of the parent and of the child runs. ``error``: the sweep stopped before its end
+    (a bad search space, Ctrl-C); the parent runs close ``FAILED`` (``KILLED`` on Ctrl-C) with the error line
+    as their ``error`` tag."""
     sweep_dir = Path(config.hydra.sweep.dir)
     path = sweep_dir / PARENT_FILE
     if not path.is_file():
@@ -346,6 +348,10 @@ def sweep_end(config: DictConfig, summary: dict | None) -> None:
     parents = json.loads(path.read_text())
     errors: list[str] = []
     settings = bind_settings(config.get("logger"), errors)
+    if error is not None:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        _close_parents(parents, settings, [], {"error": first_line(error, 500) or type(error).__name__}, {}, status)
+        return
     files = [p for p in (sweep_dir / n for n in ("summary.md", "summary.json", "summary.png", "search.md",
                                                   "search.json")) if p.is_file()]
     tags: dict[str, str] = {"jobs": str(len((summary or {}).get("jobs", []))),
@@ -365,6 +371,11 @@ def sweep_end(config: DictConfig, summary: dict | None) -> None:
         status = "FAILED" if any(sweep_dir.glob("*/error.txt")) else "FINISHED"  # pipeline.sweep.JOB_ERROR
     else:
         status = "FAILED" if summary.get("failed") and not summary.get("jobs") else "FINISHED"
+    _close_parents(parents, settings, files, tags, job_tags, status)
+
+
+def _close_parents(parents: dict[str, dict], settings: dict[str, Any], files: list[Path], tags: dict[str, str],
+                   job_tags: dict[str, dict[str, str]], status: str) -> None:
     for name, parent in parents.items():
         if name not in settings:
             continue
