@@ -1,12 +1,12 @@
 """Multi-fidelity search: a trial's fine-tuning epochs as Optuna intermediate values, and the study storage.
 
-The search (``pipeline.search``) gives each trial's job ``search.trial=<id>``. In that job a reporter watches
-the fine-tuning stages (``search.fidelity_stages``): after every epoch it reports the validation accuracy at
-step = the trial's fine-tuning epochs so far (a stage reused from the artifact cache replays its recorded
-history at no cost, so steps mean the same in every trial) and asks the pruner whether to go on. A trial the
-pruner stops ends its job early (``TrialPruned``); the epochs it trained and the step it stopped at are kept
-on the trial, and its last epoch's checkpoint stays in the artifact's work folder, so the same config run in
-full later resumes from it.
+The search (``pipeline.search``) gives each trial's job ``search.trial=<number>``, the number of its trial in
+the fidelity study (below). In that job a reporter watches the fine-tuning stages (``search.fidelity_stages``):
+after every epoch it reports the validation accuracy at step = the trial's fine-tuning epochs so far (a stage
+reused from the artifact cache replays its recorded history at no cost, so steps mean the same in every
+trial) and asks the pruner whether to go on. A trial the pruner stops ends its job early (``TrialPruned``); the
+epochs it trained and the step it stopped at are kept on the trial, and its last epoch's checkpoint stays in the
+artifact's work folder, so the same config run in full later resumes from it.
 
 Optuna's pruners take single-objective studies, so the intermediate values live in a companion study
 ``<study>:fidelity`` (one trial per search trial, maximising validation accuracy) in the same storage. Speed
@@ -142,8 +142,8 @@ class TrialReporter(EpochObserver):
 def reporting(cfg: DictConfig, sweep_dir: Path) -> Iterator[TrialReporter | None]:
     """In a search trial's job (``search.trial`` set): report its fine-tuning epochs for the run's duration."""
     search = cfg.get("search")
-    trial_id = search.get("trial") if search is not None else None
-    if trial_id is None:
+    number = search.get("trial") if search is not None else None
+    if number is None:
         yield None
         return
     import optuna
@@ -154,7 +154,13 @@ def reporting(cfg: DictConfig, sweep_dir: Path) -> Iterator[TrialReporter | None
     storage = open_storage(storage_url(search.get("storage"), sweep_dir))
     name = str(cfg.hydra.sweeper.study_name) if "hydra" in cfg else "search"
     study = optuna.load_study(study_name=name + FIDELITY_SUFFIX, storage=storage, pruner=pruner)
-    reporter = TrialReporter(optuna.trial.Trial(study, int(trial_id)), stages, steps)
+    try:  # the trial's storage id, which a Trial is made from
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                                   int(number))
+    except KeyError:
+        raise PipelineError(f"search.trial={number}: the study {study.study_name!r} has no such trial; leave "
+                            "search.trial null (the search sets it in each trial's job)") from None
+    reporter = TrialReporter(optuna.trial.Trial(study, trial_id), stages, steps)
     OBSERVERS.append(reporter)
     try:
         yield reporter

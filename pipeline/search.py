@@ -67,7 +67,7 @@ class SearchSettings:
     warm_start: list[Any]  # first trials: points {key: value} or earlier sweep folders
     compare: list[str]  # grid sweep folders drawn beside the trials (search.png, search.md)
     storage: str | None  # study storage: null (<sweep>/search.db) or a database URL
-    trial: int | None  # set by the sweeper in each trial's job (its fidelity trial); null otherwise
+    trial: int | None  # set by the sweeper in each trial's job (its fidelity trial's number); null otherwise
 
 
 def _fmt(v: Any) -> str:
@@ -368,11 +368,12 @@ class SearchSweeper(Sweeper):
         import optuna
         from hydra.core.utils import JobStatus
 
-        jobs = [base + ov + [f"++search.trial={ft._trial_id}"] for _, ft, ov in batch]  # the id in the storage
+        jobs = [base + ov + [f"++search.trial={ft.number}"] for _, ft, ov in batch]  # its fidelity trial's number
         rets = self.launcher.launch(jobs, initial_job_idx=self._job_idx)
         self._job_idx += len(batch)
+        reported = {t.number: t for t in fid.get_trials(deepcopy=False)}  # what the jobs reported (read again)
         for (trial, ftrial, overrides), ret in zip(batch, rets, strict=True):
-            done = fid._storage.get_trial(ftrial._trial_id)  # what the job reported (another process)
+            done = reported[ftrial.number]
             trial.set_user_attr("epochs_trained", done.user_attrs.get("epochs_trained", 0))
             trial.set_user_attr("intermediate", {str(k): v for k, v in sorted(done.intermediate_values.items())})
             trial.set_user_attr("counted", True)  # a trial of a search killed mid-way is not counted

@@ -124,6 +124,31 @@ def test_pruner_stops_a_weaker_trial_at_its_first_rung_and_replays_cached_stages
     assert last.step == 1
 
 
+def test_a_trial_job_reports_to_its_fidelity_trial_by_number(tmp_path):
+    """The job side of ``search.trial=<number>``: its epochs reach that trial of the fidelity study (read back as
+    the search reads it), and a number the study does not hold is a one-line error."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from pipeline.fidelity import FIDELITY_SUFFIX, open_storage, reporting, storage_url
+
+    fid = optuna.create_study(storage=open_storage(storage_url(None, tmp_path)), direction="maximize",
+                              study_name="search" + FIDELITY_SUFFIX)
+    fid.ask(), fid.ask()
+    cfg = OmegaConf.create({"prune": {"epochs": 2}, "search": {
+        "trial": 1, "fidelity_stages": ["prune"], "pruner": "none", "min_epochs": 1, "reduction_factor": 3,
+        "storage": None}})
+    with reporting(cfg, tmp_path) as reporter:  # its own storage object, as in the job's process
+        reporter.epoch("prune", 1, 42.0, main=True)
+    reported = {t.number: t for t in fid.get_trials(deepcopy=False)}
+    assert reported[1].intermediate_values == {1: 42.0} and reported[1].user_attrs == {"epochs_trained": 1}
+    assert reported[0].intermediate_values == {} and reported[0].user_attrs == {}
+    cfg.search.trial = 5
+    with pytest.raises(PipelineError, match=r"search.trial=5: the study 'search:fidelity' has no such trial"), \
+            reporting(cfg, tmp_path):
+        pass
+
+
 def test_budget_counts_each_trials_full_fine_tuning():
     from omegaconf import OmegaConf
 
