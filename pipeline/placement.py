@@ -8,7 +8,8 @@ Besides module names, ``qat.float_layers`` takes two tokens:
   (squeeze-excitation gates) and narrow INT8 kernels cost more than they save. So the candidates keep the
   first k blocks FP32 (k = 0 .. half the blocks, until two in a row are far slower than the best; one
   QuantizeLinear at the boundary), each is prepared, calibrated and exported as the qat/export stages
-  would, and ONNX Runtime times them interleaved against each other and the FP32 model on this CPU.
+  would, and the target runtime (``qat.target``) times them interleaved against each other and the float model
+  on this CPU.
   One more candidate keeps FP32 every module whose own code runs an op ONNX Runtime has no INT8 kernel for
   (the parent of a LayerNorm or GELU: a transformer layer, an MLP): each such op costs a
   DequantizeLinear/QuantizeLinear pair, which on small token counts (MobileViT's attention) costs more than
@@ -53,17 +54,19 @@ def base_spec(qat, model: nn.Module) -> quant.QuantSpec:
     names = [n for n in qat.float_layers if n not in TOKENS]
     if AUTO in qat.float_layers:
         names += [n for n in quant.narrow_convs(model) if n not in names]
-    return quant.QuantSpec(qat.act_dtype, weight_bits(qat)[0], qat.observer_ema, tuple(names))
+    return quant.QuantSpec(qat.act_dtype, weight_bits(qat)[0], qat.observer_ema, tuple(names),
+                           target=getattr(qat, "target", inference.DEFAULT))
 
 
 @dataclass
 class Placement:
-    """The measured choice and every candidate's timing (ms per batch, ORT on this CPU)."""
+    """The measured choice and every candidate's timing (ms per batch, on the target runtime on this CPU)."""
 
     float_layers: list[str]  # chosen FP32 blocks (on top of the fixed ones)
     batch: int
-    fp32_ms: float  # the whole model in FP32
+    fp32_ms: float  # the whole model in float (the runtime's fastest float precision: ``reference``)
     candidates: list[dict] = field(default_factory=list)  # {"float_blocks", "blocks", "label", "ms", "vs_fp32"}
+    reference: str = "FP32"  # what "vs_fp32" compares with: FP32, or OpenVINO's bf16 where the CPU has it
 
     @property
     def chosen(self) -> dict:
@@ -72,21 +75,22 @@ class Placement:
     def summary(self) -> str:
         """One line: what was chosen, its speed against FP32 and against all-INT8."""
         all_int8, best = self.candidates[0], self.chosen
-        return (f"{best['label']}: {best['vs_fp32']:.2f}x FP32, {all_int8['ms'] / best['ms']:.2f}x all-INT8 "
-                f"(batch {self.batch}, {len(self.candidates)} placements timed)")
+        return (f"{best['label']}: {best['vs_fp32']:.2f}x {self.reference}, {all_int8['ms'] / best['ms']:.2f}x "
+                f"all-INT8 (batch {self.batch}, {len(self.candidates)} placements timed)")
 
     def advice(self) -> str | None:
         """What to do where even the fastest placement is slower than the FP32 model at this batch, else None."""
         fastest = max(c["vs_fp32"] for c in self.candidates)
         if fastest >= 1.0:
             return None
-        return (f"no placement is faster than FP32 at batch {self.batch} on this CPU (the fastest: "
-                f"{fastest:.2f}x FP32): deploy the FP32 model at this batch size, or set qat.measure_batch to the "
-                "batch you deploy with")
+        return (f"no placement is faster than {self.reference} at batch {self.batch} on this CPU (the fastest: "
+                f"{fastest:.2f}x {self.reference}): deploy the FP32 model"
+                f"{' in ' + self.reference if self.reference != 'FP32' else ''} at this batch size, or set "
+                "qat.measure_batch to the batch you deploy with")
 
     def lines(self) -> list[str]:
         """One line per candidate, for the log."""
-        return [f"{c['label']:<40} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x FP32)"
+        return [f"{c['label']:<40} {c['ms']:7.2f} ms at batch {self.batch} ({c['vs_fp32']:.2f}x {self.reference})"
                 for c in self.candidates]
 
     def as_dict(self) -> dict:
@@ -155,7 +159,8 @@ def export_int8(gm: fx.GraphModule, images: torch.Tensor, path: Path) -> None:
 def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Tensor, batch: int,
             threads: int = 0, progress: bool = True) -> Placement:
     """Time all-INT8 and the FP32-prefix candidates of ``model`` (``spec.float_layers`` stay FP32 in all of
-    them) against its FP32 form in ONNX Runtime on this CPU; return the fastest placement."""
+    them) against its float form on the target runtime (``spec.target``; OpenVINO's float is bf16 where the CPU
+    has it) on this CPU; return the fastest placement."""
     from tqdm import tqdm
 
     model = model.cpu().eval()
@@ -175,8 +180,10 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export_onnx(model, images[:2], fp32, 18)
-        rt = inference.get()
-        sessions = {"fp32": rt.session(fp32, threads)}
+        rt = inference.get(spec.target)
+        reference = "bf16" if "bf16" in rt.float_precisions() else "FP32"
+        sessions = {"fp32": rt.session(fp32, threads, options=rt.precision_options("bf16") if reference == "bf16"
+                                       else None)}
         runs = inference.runs_for(sessions["fp32"], x, BLOCK_S)
         warmup = max(2, runs // 2)
         quick: list[float] = []  # one short timing per prefix, to stop exporting once FP32 blocks only cost
@@ -202,4 +209,4 @@ def measure(model: nn.Module, spec: quant.QuantSpec, size: int, images: torch.Te
     fastest = min(c["ms"] for c in candidates)
     best = min((c for c in candidates if c["ms"] <= fastest * (1 + MARGIN)),  # noise must not buy FP32 blocks
                key=lambda c: c["float_blocks"])
-    return Placement(best["blocks"], batch, ms["fp32"], candidates)
+    return Placement(best["blocks"], batch, ms["fp32"], candidates, reference)

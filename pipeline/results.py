@@ -75,6 +75,7 @@ class QatResult(ModelResult):
     weight_bits: int | None = _field()  # 7 or 8, resolved from qat.weight_bits (auto: by the CPU)
     weight_bits_reason: str | None = _field()  # why, e.g. "auto: this CPU has avx512_vnni"
     placement_summary: str | None = _field()  # qat.float_layers=[measure]: the chosen placement, one line
+    target: str | None = _field()  # the runtime the quantizers were placed for (qat.target)
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> QatResult:
@@ -83,6 +84,8 @@ class QatResult(ModelResult):
             out.weight_bits = (metrics.get("quant") or {}).get("weight_bits")
         if out.placement_summary is None:
             out.placement_summary = (metrics.get("placement") or {}).get("summary")
+        if out.target is None:
+            out.target = (metrics.get("quant") or {}).get("target", "onnxruntime")
         return out
 
     @property
@@ -120,7 +123,9 @@ class ExportResult(Result):
     macs: int | None = _field()
     size_mb: float | None = _field()
     parity: Parity | None = _field()
-    int8_coverage: dict | None = _field()  # the runtime's kernel coverage (INT8 rows)
+    int8_coverage: dict | None = _field()  # ONNX Runtime's kernel coverage (INT8 rows)
+    target: str | None = _field()  # INT8 placed for another runtime (qat.target): its name
+    target_coverage: dict | None = _field()  # and that runtime's kernel coverage, which the gate checks
     float_ops: dict | None = _field()  # INT8 from QAT: what stayed float, and why, with counts
     preprocessing_parity: Parity | None = _field()  # export.embed_preprocessing: uint8-input model vs float
 

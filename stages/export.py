@@ -98,12 +98,12 @@ def gate(cfg: Config, node: str, result: ExportResult) -> list[str]:
     failures: list[str] = []
     if result.kind == ORT_STATIC:  # the reference row is reported, never gated
         return failures
-    cov = result.int8_coverage
+    cov = result.target_coverage or result.int8_coverage  # on the runtime the model was placed for
     if cov and _layer_kernels(cov) < cfg.min_int8_coverage * cov["quantized_layers"]:
         failures.append(
             f"{node}: only {_layer_kernels(cov)} of the {cov['quantized_layers']} quantized convs/matmuls run as "
-            f"INT8 kernels in ONNX Runtime (float: {cov['float_ops']}); the model is not really INT8 "
-            f"(export.min_int8_coverage={cfg.min_int8_coverage})")
+            f"INT8 kernels in {result.target or 'ONNX Runtime'} (float: {cov['float_ops']}); the model is not "
+            f"really INT8 (export.min_int8_coverage={cfg.min_int8_coverage})")
     pre = result.preprocessing_parity
     if pre and pre.top1_agreement < cfg.min_top1_agreement:
         failures.append(f"{node}: the model with embedded preprocessing agrees with the float-input model on only "
@@ -245,7 +245,14 @@ def _export(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
         log.info("%s: ORT runs %d of %d convs/matmuls as INT8 kernels %s (%d quantized conv/linear layers%s; FP32 "
                  "ones are qat.float_layers)", ctx.node, cov["int8_kernels"],
                  cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"], att)
-        if note := requantized_note(cov):
+        target = getattr(src, "target", None) or inference.DEFAULT
+        if target != inference.DEFAULT:  # placed for another runtime: checked on that one
+            tcov = inference.get(target).kernel_coverage(path)
+            tcov.update(quantized_layers=cov["quantized_layers"], activation_matmuls=cov["activation_matmuls"])
+            result.target, result.target_coverage = target, tcov
+            log.info("%s: placed for %s (qat.target), which runs %d of %d convs/matmuls as INT8 kernels %s", ctx.node,
+                     target, tcov["int8_kernels"], tcov["int8_kernels"] + tcov["float_kernels"], tcov["int8_ops"])
+        elif note := requantized_note(cov):
             log.warning("%s: %s", ctx.node, note)
     return result, got
 

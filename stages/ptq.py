@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from pipeline import placement, ptq, quant
+from pipeline import inference, placement, ptq, quant
 from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
 from pipeline.config import key_neutral, setting
 from pipeline.data import IMAGE_SUFFIXES, batches, files_fingerprint, image_files, read_images
@@ -67,7 +67,7 @@ def _qat_settings(view: GraphView) -> SimpleNamespace:
     """The quantization format, from ``qat.*`` (one definition for both stages); ``measure`` is qat's alone."""
     q = view.settings["qat"]
     return SimpleNamespace(act_dtype=q.act_dtype, weight_bits=q.weight_bits, observer_ema=q.observer_ema,
-                           float_layers=[n for n in q.float_layers if n != placement.MEASURE])
+                           float_layers=[n for n in q.float_layers if n != placement.MEASURE], target=q.target)
 
 
 def _calib_files(cfg: Config) -> list[Path]:
@@ -113,6 +113,8 @@ def key_extra(view: GraphView, node: str) -> dict:
     q = _qat_settings(view)
     extra = {"act_dtype": q.act_dtype, "weight_bits": placement.weight_bits(q)[0], "float_layers": q.float_layers,
              "observer_ema": q.observer_ema, "rewrite": quant.REWRITE}
+    if getattr(q, "target", inference.DEFAULT) != inference.DEFAULT:  # its default leaves existing keys as they were
+        extra["target"] = q.target
     if placement.AUTO in q.float_layers:
         extra["float_layers_auto"] = [platform.machine().lower(), quant.int8_dot_product() is not None]
     cfg: Config = view.settings["ptq"]

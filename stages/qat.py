@@ -22,9 +22,9 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline import placement, quant
+from pipeline import inference, placement, quant
 from pipeline.artifacts import CKPT_EXTRA, CKPT_SHAPES, save_checkpoint
-from pipeline.config import setting
+from pipeline.config import key_neutral, setting
 from pipeline.data import batches
 from pipeline.distillation import KDLoss, freeze_teacher
 from pipeline.errors import PipelineError
@@ -54,6 +54,8 @@ class Config(FitConfig):
     temperature: float = setting(gt=0)
     float_layers: list[str]  # module names kept in FP32; "auto": the CPU rule; "measure": a timed search
     measure_batch: int = setting(ge=1)  # batch size the "measure" placements are timed at
+    # the runtime whose INT8 patterns the quantizers are placed for: onnxruntime | openvino
+    target: Literal["onnxruntime", "openvino"] = key_neutral("onnxruntime")
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:
@@ -71,6 +73,11 @@ def check(view: GraphView) -> list[str]:
     models = [s for s in view.all_model_stages() if s not in ("qat", "ptq")]
     if cfg.source not in models:
         return [f"qat.source: {cfg.source!r} is not a model stage; choose one of {', '.join(models)}"]
+    if cfg.target != inference.DEFAULT:
+        try:  # its placement is checked (export) and timed (float_layers=[measure]) on that runtime
+            inference.get(cfg.target)
+        except PipelineError as e:
+            return [f"qat.target={cfg.target}: {e}"]
     if cfg.init == "ptq":
         ptq = view.settings.get("ptq")
         if ptq is not None and ptq.source != cfg.source:
@@ -108,8 +115,9 @@ def key_extra(view: GraphView, node: str) -> dict | None:
         extra["float_layers_auto"] = [FLOAT_AUTO_RULE, platform.machine().lower(), quant.int8_dot_product() is not None]
     if placement.MEASURE in cfg.float_layers:
         cpu = cpu_info()
-        # the INT8/FP32 flags it was timed with (the bf16 flags do not change an ONNX Runtime timing)
-        extra["float_layers_measure"] = [cpu["cpu"], cpu["cores"], [f for f in cpu["flags"] if f not in BF16_FLAGS]]
+        # the flags it was timed with (the bf16 flags do not change an ONNX Runtime timing; OpenVINO's float is bf16)
+        flags = cpu["flags"] if cfg.target != inference.DEFAULT else [f for f in cpu["flags"] if f not in BF16_FLAGS]
+        extra["float_layers_measure"] = [cpu["cpu"], cpu["cores"], flags]
     return extra
 
 

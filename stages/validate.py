@@ -131,6 +131,12 @@ def check(view: GraphView) -> list[str]:
             inference.get(name).devices(cfg.provider)
         except PipelineError as e:  # a missing package, or a GPU provider that cannot be had
             errors.append(str(e) if str(e).startswith("validate.") else f"validate.runtimes: {e}")
+    qat = view.settings.get("qat")
+    if qat is not None and qat.target not in cfg.runtimes and view.settings.get("export") is not None and \
+            "export/qat" in view.expand("export"):
+        errors.append(f"qat.target={qat.target} places the INT8 model for {qat.target}, which validate.runtimes="
+                      f"{cfg.runtimes} does not measure; add it: validate.runtimes=[{','.join(cfg.runtimes)},"
+                      f"{qat.target}]")
     if errors or not cfg.models or view.settings.get("export") is None:
         return errors
     rows = expected_rows(view)

@@ -82,6 +82,9 @@ def _data_cfg(**kw) -> DataConfig:
     (["validate.models=[foo]"],  # 14.
      "config error: validate.models: no report row named 'foo' in this pipeline; rows are baseline, prune, distill, "
      "qat-int8, ort-static-int8"),
+    (["qat.target=openvino"], "config error: qat.target=openvino places the INT8 model for openvino, which "
+                              "validate.runtimes=['onnxruntime'] does not measure; add it: validate.runtimes="
+                              "[onnxruntime,openvino]"),
     (["data.image_size=20000"], "config error: data.image_size: 20000 must be in [8, 4096] pixels"),  # 2.
     (["data.max_cache_gb=0"], "config error: data.max_cache_gb: 0.0 must be > 0 (or null: no limit)"),
     (["data.fingerprint=md5"], "config error: data.fingerprint: got 'md5', expected 'stat' | 'content'; fix it with "

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import deploy, inference, onnxio
+from pipeline import deploy, inference, onnxio, quant
 from pipeline.errors import PipelineError
 from pipeline.inference import ort_quantize
 from pipeline.predict import Predictor, main
@@ -59,18 +60,28 @@ def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
     all timed; the runtime itself (f32 equals ONNX Runtime, bf16 differs a little, async calls, INT8 coverage);
     a bundle recommending an OpenVINO row records it, and predict runs it there (or where told)."""
     run = tmp_path / "run"
-    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "train.epochs=0", tiny_weights(tmp_path),
-                             "validate.runtimes=[onnxruntime,openvino]", "validate.serving_batch_sizes=[2]",
-                             "validate.concurrency=[]", "validate.deploy_optimized=false"), run)
+    run_pipeline(cfg_factory("pipeline=[train,qat,export,validate]", "train.epochs=0", tiny_weights(tmp_path),
+                             "qat.source=train", "qat.epochs=0", "qat.target=openvino", "export.fp16=[]",
+                             "export.ort_static_reference=false", "validate.runtimes=[onnxruntime,openvino]",
+                             "validate.serving_batch_sizes=[2]", "validate.concurrency=[]",
+                             "validate.deploy_optimized=false"), run)
     rep = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
     ov = inference.get("openvino")
     bf16 = "bf16" in ov.float_precisions()  # AVX512_BF16 / AMX
-    assert set(rows) == {"baseline", "baseline@openvino"} | ({"baseline@openvino-bf16"} if bf16 else set())
-    assert [r["runtime"] for r in rep["rows"]].count("openvino") == len(rows) - 1
+    assert set(rows) == {"baseline", "baseline@openvino", "qat-int8", "qat-int8@openvino"} | (
+        {"baseline@openvino-bf16"} if bf16 else set())
+    assert [r["runtime"] for r in rep["rows"]].count("openvino") == len(rows) - 2
+    # qat.target=openvino: export checks the INT8 kernels on OpenVINO, where every quantized layer runs in INT8
+    exported = json.loads((run / rows["qat-int8"]["onnx"]).with_name("metrics.json").read_text())
+    assert exported["target"] == "openvino", exported
+    assert exported["target_coverage"]["int8_kernels"] == exported["target_coverage"]["quantized_layers"] == 10
+    assert rows["qat-int8@openvino"]["int8_kernels"] == "10/10"
+    assert set(rep["serving"]["batch"]) == set(rows)
+    rows = {n: r for n, r in rows.items() if not n.startswith("qat")}
     f32 = rows["baseline@openvino"]
     assert f32["precision"] == "fp32" and f32["agreement_vs_onnxruntime"] == 100.0 and f32["throughput_ips"] > 0
-    assert f32["accuracy"] == rows["baseline"]["accuracy"] and set(rep["serving"]["batch"]) == set(rows)
+    assert f32["accuracy"] == rows["baseline"]["accuracy"]
     assert rep["environment"]["runtimes"]["openvino"]["version"].startswith("20")
     md = (run / "report.md").read_text()
     assert "| baseline@openvino | openvino | fp32 |" in md and "| runtime |" in md
@@ -110,6 +121,53 @@ def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
     np.testing.assert_array_equal(pred.logits(xb).argmax(1), inference.predict(direct, xb).argmax(1))
     assert Predictor(out, runtime="onnxruntime").session.runtime == "onnxruntime"
     assert main([str(out), str(imgs[0]), "--runtime", "onnxruntime", "--top-k", "1"]) == 0
+
+
+def _reads(gm, node) -> object:
+    """The node ``node`` reads its first input from, behind identities, dropout and reshapes."""
+    a, skip = node.args[0], (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)
+    while (a.op == "call_module" and isinstance(gm.get_submodule(a.target), skip)) or \
+            (a.op == "call_function" and a.target is torch.flatten):
+        a = a.args[0]
+    return a
+
+
+def test_openvino_target_quantizes_where_convs_and_adds_read():
+    """qat.target=openvino: activations (Hardswish), SE gates and their pools stay float and unrewritten, an
+    ActQuant sits where each conv and residual add reads, and OpenVINO runs every quantized layer in INT8;
+    the ONNX Runtime placement of the same model keeps its INT8 activations."""
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "mobilenet_v3_small", "num_classes": 10, "image_size": 32, "small_input": True})
+    gms = {t: quant.prepare_qat(model.eval(), quant.QuantSpec("uint8", 8, 0.01, (), target=t), 32)
+           for t in ("onnxruntime", "openvino")}
+    ov_gm, ort_gm = gms["openvino"], gms["onnxruntime"]
+    qhs = [m for m in ort_gm.modules() if isinstance(m, quant.QHardSwish)]
+    assert qhs and not any(isinstance(m, quant.QHardSwish) for m in ov_gm.modules())
+    floats = quant.float_ops(ov_gm)
+    assert {k.split(" (")[0] for k in floats} == {"Hardswish", "AdaptiveAvgPool2d", "mul"}, floats
+    assert all("float in OpenVINO" in k for k in floats) and not quant.float_ops(ort_gm)
+    assert len(quant.act_quants(ov_gm)) < len(quant.act_quants(ort_gm)) * 0.75
+    quantized = (quant.ActQuant, quant.SharedQuant)
+    readers = [n for n in ov_gm.graph.nodes if (n.op == "call_module" and isinstance(
+        ov_gm.get_submodule(n.target), (quant.QConvBn, quant.QLinear))) or n.name.startswith("add")]
+    assert sum(n.name.startswith("add") for n in readers) == 6
+    for n in readers:
+        src = _reads(ov_gm, n)
+        assert src.op == "call_module" and isinstance(ov_gm.get_submodule(src.target), quantized), (n, src)
+    x = torch.randn(8, 3, 32, 32)
+    quant.calibrate(ov_gm, [(x, None)])
+    with torch.no_grad():
+        ref = ov_gm.eval()(x).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ov.onnx"
+        onnxio.export_onnx(quant.to_deploy(ov_gm), x[:2], path, 18, quant.onnx_translations())
+        ov = inference.get("openvino")
+        cov = ov.kernel_coverage(path)
+        assert cov["int8_kernels"] == len(quant.quantized_layers(ov_gm, calls=True)) and cov["coverage"] == 1.0, cov
+        got = inference.predict(ov.session(path), x.numpy())
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
 
 
 def test_missing_openvino_is_one_line_naming_the_extra(cfg_factory, tmp_path, monkeypatch):

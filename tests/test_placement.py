@@ -57,7 +57,9 @@ def _fake_runtime(monkeypatch, session, time_runs) -> None:
 
     from pipeline.inference import base
 
-    monkeypatch.setattr(inference, "get", lambda name="onnxruntime": SimpleNamespace(session=session))
+    rt = SimpleNamespace(session=session and (lambda path, threads=0, **options: session(path, threads)),
+                         float_precisions=lambda: ["f32"])
+    monkeypatch.setattr(inference, "get", lambda name="onnxruntime": rt)
     monkeypatch.setattr(inference, "time_runs", time_runs)
     monkeypatch.setattr(base, "time_runs", time_runs)
 

@@ -26,6 +26,7 @@ class QuantSpec:
     float_layers: tuple[str, ...]  # module names (and everything inside them) kept in FP32
     # convs whose fused ReLU6 runs as ReLU (cross-layer equalization scales channels, which a fixed clip at 6 forbids)
     relu6_as_relu: tuple[str, ...] = ()
+    target: Literal["onnxruntime", "openvino"] = "onnxruntime"  # the runtime whose placement rules apply
 
     def __post_init__(self) -> None:
         self.float_layers = tuple(self.float_layers)  # a list when read back from a checkpoint

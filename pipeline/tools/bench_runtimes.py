@@ -2,13 +2,15 @@
 
     python -m pipeline.tools.bench_runtimes --run outputs/runs/<run>              # a run's exported models
     python -m pipeline.tools.bench_runtimes --models mobilenet_v3_small,efficientnet_b0 --size 224 --batch 8
+    python -m pipeline.tools.bench_runtimes --models efficientnet_b0 --qat onnxruntime,openvino   # qat.target
 
 ``--run``: every model row of the run's ``report.json`` (its ONNX files), each on ONNX Runtime and on OpenVINO in
 f32, and FP32 models also in bf16 where the CPU runs it natively; ratios against the run's FP32 baseline in ONNX
 Runtime, top-1 on the run's test split. ``--models``: torchvision models with untrained weights (speed only), FP32
 ONNX exported here, and with ``--int8`` ONNX Runtime's static QDQ quantization of it (calibrated on embedded
-images) on both runtimes. Timing is interleaved: every session is warmed up before each timed block (about
-``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
+images) on both runtimes; with ``--qat`` the pipeline's own INT8 model (``prepare_qat`` calibrated on embedded
+images, no training) placed for each named ``qat.target``. Timing is interleaved: every session is warmed up
+before each timed block (about ``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
 """
 
 from __future__ import annotations
@@ -72,7 +74,20 @@ def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
     return sessions, precision
 
 
-def _torchvision(names: list[str], size: int, int8: bool, threads: int, folder: Path) -> tuple[dict, dict]:
+def _qat_int8(model, calib: np.ndarray, size: int, target: str, path: Path) -> None:
+    """The pipeline's INT8 QDQ model of ``model`` placed for ``target``, calibrated on ``calib`` (no training)."""
+    import torch
+
+    from pipeline import quant
+
+    x = torch.from_numpy(calib)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), size)
+    quant.calibrate(gm, [(x[i : i + 8], None) for i in range(0, len(x), 8)])
+    onnxio.export_onnx(quant.to_deploy(gm.eval()), x[:2], path, 18, quant.onnx_translations())
+
+
+def _torchvision(names: list[str], size: int, int8: bool, threads: int, folder: Path,
+                 targets: list[str]) -> tuple[dict, dict]:
     import torch
 
     from pipeline.inference import ort_quantize
@@ -90,6 +105,10 @@ def _torchvision(names: list[str], size: int, int8: bool, threads: int, folder: 
             q = folder / f"{name}.int8.onnx"
             ort_quantize.static_quantize(fp32, q, calib, "uint8", 8, folder)
             files.append((f"{name}-int8", q, "int8"))
+        for target in targets:
+            q = folder / f"{name}.qat-{target}.onnx"
+            _qat_int8(model, calib, size, target, q)
+            files.append((f"{name}-int8-qat-{target}", q, "int8"))
         for label, path, prec in files:
             for k, s in sessions_for(label, path, prec, threads).items():
                 sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else prec
@@ -103,6 +122,8 @@ def main() -> None:
     src.add_argument("--models", help="comma-separated torchvision model names (untrained weights)")
     ap.add_argument("--size", type=int, default=224, help="input size for --models")
     ap.add_argument("--int8", action="store_true", help="--models: also ONNX Runtime's static INT8 QDQ")
+    ap.add_argument("--qat", default="", help="--models: also the pipeline's INT8 model placed for each of these "
+                    "comma-separated qat.target values (onnxruntime,openvino)")
     ap.add_argument("--batch", default="8")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5)
@@ -120,7 +141,8 @@ def main() -> None:
             ref = "baseline ort"
             test_x, test_y = _images(32, 10**6, "test")
         else:
-            sessions, precision = _torchvision(args.models.split(","), args.size, args.int8, args.threads, Path(tmp))
+            sessions, precision = _torchvision(args.models.split(","), args.size, args.int8, args.threads, Path(tmp),
+                                               [t for t in args.qat.split(",") if t])
             ref, test_x, test_y = None, None, None
         acc = {}
         if test_x is not None:

@@ -31,6 +31,7 @@ from pipeline.quant.passes.normalise import (
 )
 from pipeline.quant.passes.quantizers import _classify, _Kind, _place_quants
 from pipeline.quant.spec import QuantSpec
+from pipeline.quant.target import OpTable, op_table
 from pipeline.quant.tracer import _shapes, _trace
 
 REWRITE = 7  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models)
@@ -48,21 +49,27 @@ class Context:
     kind: dict[fx.Node, _Kind] = field(default_factory=dict)  # what _classify says of each node
     stale_shapes: bool = False  # a pass changed the graph since the shapes were recorded
     is_float: Callable[[fx.Node], bool] = field(init=False)  # node -> kept FP32 (spec.float_layers, or marked)
+    table: OpTable = field(init=False)  # the target runtime's placement rules (spec.target)
 
     def __post_init__(self) -> None:
         self.is_float = _float_test(self.spec.float_layers)
+        self.table = op_table(self.spec.target)
 
 
 @dataclass(frozen=True)
 class Pass:
     """One step of ``prepare_qat``: ``run(ctx)``. With ``stale_shapes``, a True return ("changed") has the next
-    ``shapes_if_stale`` record the shapes again."""
+    ``shapes_if_stale`` record the shapes again; an ``int8_rewrite`` runs only for a target that wants ops
+    rewritten into ops with INT8 kernels (``OpTable.int8_rewrites``)."""
 
     name: str
     run: Callable[[Context], object]
     stale_shapes: bool = False
+    int8_rewrite: bool = False
 
     def __call__(self, ctx: Context) -> None:
+        if self.int8_rewrite and not ctx.table.int8_rewrites:
+            return
         if self.run(ctx) and self.stale_shapes:
             ctx.stale_shapes = True
 
@@ -90,7 +97,7 @@ def _record_shapes_if_stale(ctx: Context) -> None:
 
 
 def _classified(ctx: Context) -> None:
-    ctx.kind, ctx.gm.meta["float_ops"] = _classify(ctx.gm, ctx.untraceable, ctx.is_float)
+    ctx.kind, ctx.gm.meta["float_ops"] = _classify(ctx.gm, ctx.untraceable, ctx.is_float, ctx.table)
 
 
 PASSES: tuple[Pass, ...] = (
@@ -114,19 +121,20 @@ PASSES: tuple[Pass, ...] = (
     Pass("shapes_if_stale", _record_shapes_if_stale),
     # folds, and ops rewritten into ops ONNX Runtime has INT8 kernels for
     Pass("linear_batchnorms", lambda c: _linear_batchnorms(c.gm, c.is_float)),
-    Pass("silu_as_sigmoid_mul", lambda c: _silu_as_sigmoid_mul(c.gm, c.is_float)),
-    Pass("square_as_mul", lambda c: _square_as_mul(c.gm, c.is_float)),
+    Pass("silu_as_sigmoid_mul", lambda c: _silu_as_sigmoid_mul(c.gm, c.is_float), int8_rewrite=True),
+    Pass("square_as_mul", lambda c: _square_as_mul(c.gm, c.is_float), int8_rewrite=True),
     # a sum over a short dimension (ResNeSt's radix splits, multi-path gates) -> slices added: QLinearAdds on slices of
     # the quantized tensor, where ORT has no INT8 ReduceSum (and left the Mul before it float); a stack -> a
     # concatenation of unsqueezes (QLinearConcat)
-    Pass("sums_to_adds", lambda c: _sums_to_adds(c.gm, c.is_float, c.image_size), stale_shapes=True),
+    Pass("sums_to_adds", lambda c: _sums_to_adds(c.gm, c.is_float, c.image_size), stale_shapes=True,
+         int8_rewrite=True),
     Pass("drop_broadcast_expands", lambda c: _drop_broadcast_expands(c.gm), stale_shapes=True),
     Pass("scalar_operands", lambda c: _scalar_operands(c.gm, c.is_float), stale_shapes=True),
     Pass("shapes_if_stale", _record_shapes_if_stale),
     # layers into the QAT modules
     Pass("fuse_convs", lambda c: _fuse_convs(c.gm, c.spec, c.is_float)),
     Pass("lone_batchnorms", lambda c: _lone_batchnorms(c.gm, c.spec, c.is_float)),
-    Pass("hard_activations", lambda c: _hard_activations(c.gm, c.spec, c.is_float)),
+    Pass("hard_activations", lambda c: _hard_activations(c.gm, c.spec, c.is_float), int8_rewrite=True),
     # the quantizers, and what follows from where they are
     Pass("classify", _classified),
     Pass("place_quants", lambda c: _place_quants(c.gm, c.kind, c.spec)),

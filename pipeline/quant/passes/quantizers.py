@@ -28,18 +28,17 @@ from pipeline.quant.target import (
     _PASS_FUNCS,
     _PASS_METHODS,
     _PASS_MODULES,
-    _QUANT_AFTER_FUNCS,
-    _QUANT_AFTER_METHODS,
-    _QUANT_AFTER_MODULES,
     _SOFTMAX,
     _SPLIT_FUNCS,
     _SPLIT_METHODS,
+    OpTable,
 )
 
 # what _classify says of each node: "input" (placeholder or parameter: quantized for its quantized users),
-# "quant_after" (an ActQuant follows), "shared" (on its source's grid: SharedQuant), "pass" (no quantizer: an
-# identity, a shape, or its users take float), "float" (no INT8 kernel: runs float between DQ and Q)
-_Kind = Literal["input", "quant_after", "shared", "pass", "float"]
+# "quant_after" (an ActQuant follows), "boundary" (an INT8 op whose output is quantized for its quantized users
+# only: OpenVINO's convs), "shared" (on its source's grid: SharedQuant), "pass" (no quantizer: an identity, a
+# shape, or its users take float), "float" (no INT8 kernel: runs float between DQ and Q)
+_Kind = Literal["input", "quant_after", "boundary", "shared", "pass", "float"]
 
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -75,9 +74,9 @@ def _moves(gm: fx.GraphModule, node: fx.Node) -> bool:
         (node.op == "call_function" and node.target in _MOVE_FUNCS)
 
 
-def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callable[[fx.Node], bool]
-              ) -> tuple[dict[fx.Node, _Kind], list[tuple[str, str, str]]]:
-    """Every op by the table above (``_Kind``), and the ops that stay float as (node, op, why)."""
+def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callable[[fx.Node], bool],
+              table: OpTable) -> tuple[dict[fx.Node, _Kind], list[tuple[str, str, str]]]:
+    """Every op by the target runtime's ``table`` (``_Kind``), and the ops that stay float as (node, op, why)."""
     def on_grid(src: object) -> bool:  # quantized with a read-back of 1: a slice or move may share its quantizer
         return isinstance(src, fx.Node) and kind.get(src) in ("quant_after", "shared") and \
             src.meta.get("fixed_quant", (1.0, 1.0))[1] == 1.0
@@ -109,18 +108,22 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
             # a step, and ORT runs the op float between DQ and Q when the two scales differ (path gates' unsqueezes,
             # a softmax's 1/256 grid reshaped in ResNeSt)
             kind[node] = "shared"
+        elif table.layer_output == "boundary" and _moves(gm, node):
+            kind[node] = "pass"  # a reshape of a float tensor: quantized, if at all, before it
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, QConvBn):
-                kind[node] = "quant_after"
+                kind[node] = table.layer_output
             elif isinstance(mod, QHardSwish):  # the gate is quantized inside; x * gate needs its own
                 kind[node] = "pass" if mod.gate_only else "quant_after"
                 src = node.args[0]
                 if src.op == "call_module" and isinstance(gm.get_submodule(src.target), QLinear):
                     kind[src] = "quant_after"  # QLinearAdd needs a quantized input (a head's Linear)
-            elif isinstance(mod, (QLinear, *_PASS_MODULES)):
+            elif isinstance(mod, QLinear):
+                kind[node] = "pass" if table.layer_output == "quant_after" else "boundary"
+            elif isinstance(mod, _PASS_MODULES):
                 kind[node] = "pass"
-            elif isinstance(mod, _QUANT_AFTER_MODULES):
+            elif isinstance(mod, table.quant_after_modules):
                 kind[node] = "quant_after"
             else:
                 kind[node] = "float"
@@ -129,7 +132,10 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
         elif node.target in (_PASS_FUNCS if node.op == "call_function" else _PASS_METHODS) or \
                 (node.op == "call_method" and node.target in _CAST_METHODS and _same_dtype(node)):
             kind[node] = "pass"
-        elif node.target in (_QUANT_AFTER_FUNCS if node.op == "call_function" else _QUANT_AFTER_METHODS):
+        elif node.target in (table.quantized_input_funcs if node.op == "call_function" else
+                             table.quantized_input_methods):
+            kind[node] = "boundary"
+        elif node.target in (table.quant_after_funcs if node.op == "call_function" else table.quant_after_methods):
             kind[node] = "quant_after"
             if node.target in _ADD and _is_act(_only_user(node), gm):
                 kind[node] = "pass"  # quantize after the activation that follows the add
@@ -137,10 +143,10 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
                 node.meta["fixed_quant"] = (255 / 256, 1.0)  # [0, 1) in steps of 1/256, as ORT's QLinearSoftmax
         else:
             kind[node] = "float"
-        if kind.get(node) in ("quant_after", "input") and not _is_tensor(node):
+        if kind.get(node) in ("quant_after", "input", "boundary") and not _is_tensor(node):
             kind[node] = "pass"  # shapes and tuples (x.shape, chunk) are not quantized
         if kind[node] == "float" and _is_tensor(node):
-            float_ops.append((node.name, _op_name(gm, node), "no INT8 kernel in ONNX Runtime"))
+            float_ops.append((node.name, _op_name(gm, node), table.float_why))
     # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
     # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
     # into a float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
@@ -221,5 +227,5 @@ def _place_quants(gm: fx.GraphModule, kind: dict[fx.Node, _Kind], spec: QuantSpe
         elif k == "shared":  # its source's ActQuant is in place by now (sources come first)
             source = gm.get_submodule(_sliced_from(node).target)
             insert_after(node, module=SharedQuant(source.source if isinstance(source, SharedQuant) else source))
-        elif k in ("float", "input") and _is_tensor(node):
+        elif k in ("float", "input", "boundary") and _is_tensor(node):
             insert_after(node, only_quantized_users=True)  # FP32 -> INT8 boundary
