@@ -74,6 +74,10 @@ def test_logger_config_errors_are_one_line_before_anything_runs(cfg_factory, tmp
         Runner(cfg_factory("pipeline=[train]", "+logger.wandb={}"), tmp_path)
     with pytest.raises(PipelineError, match=r"logger\.mlflow\.log_bundle: got 'maybe'"):
         Runner(cfg_factory("pipeline=[train]", "logger=mlflow", "logger.mlflow.log_bundle=maybe"), tmp_path)
+    with pytest.raises(PipelineError, match=r"^config error: logger\.mlflow\.register_model=m registers the logged "
+                                            r"bundle's model; set log_bundle=true$"):
+        Runner(cfg_factory("pipeline=[train]", "logger=mlflow", "logger.mlflow.register_model=m",
+                           "logger.mlflow.log_bundle=false"), tmp_path)
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the package were not installed
     with pytest.raises(PipelineError, match=r"logger=mlflow needs the mlflow package, which is not installed; "
                                             r"pip install -e '\.\[mlflow\]'"):
@@ -89,7 +93,8 @@ def test_tracked_run_reads_back_and_reused_and_failed_runs_are_complete(cfg_fact
     outputs = tmp_path / "outputs"
     _store(empty_store, outputs)
     run1 = tmp_path / "run1"
-    run_pipeline(cfg_factory(*CHEAP, "train.epochs=2", "logger=[mlflow,tensorboard]"), run1)
+    run_pipeline(cfg_factory(*CHEAP, "train.epochs=2", "logger=[mlflow,tensorboard]",
+                             "logger.mlflow.register_model=tiny-classifier"), run1)
     client = _client(outputs)
     [r1] = _runs(client)
     assert r1.info.status == "FINISHED" and r1.info.run_name == "run1"
@@ -108,6 +113,9 @@ def test_tracked_run_reads_back_and_reused_and_failed_runs_are_complete(cfg_fact
     files = {a.path for folder in ("", "report", "deploy") for a in client.list_artifacts(r1.info.run_id, folder)}
     assert {"config.yaml", "artifacts.json", "report/report.md", "report/report.json", "report/report.png",
             "deploy/model.onnx", "deploy/bundle.json"} <= files
+    [version] = client.search_model_versions("name='tiny-classifier'")  # the recommended model, registered
+    assert version.run_id == r1.info.run_id and version.tags == {"file": "model.onnx", "runtime": "onnxruntime"}
+    assert version.source.endswith("/deploy/model.onnx") and tags["registered_model"] == "tiny-classifier/1"
     rep = json.loads((run1 / "report.json").read_text())
     assert rep["tracking"][0] == {"backend": "mlflow", "uri": f"sqlite:///{outputs}/mlflow.db",
                                   "run_id": r1.info.run_id, "experiment_id": r1.info.experiment_id}

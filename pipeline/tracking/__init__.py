@@ -227,6 +227,7 @@ class Tracking:
                 t.log_file(run_dir / "artifacts.json")
             if (run_dir / "deploy").is_dir() and log_bundle(t):
                 t.log_file(run_dir / "deploy", "deploy")
+                t.register(run_dir / "deploy", "deploy")
 
         self._submit("log the report", go)
 

@@ -56,6 +56,10 @@ class Tracker(ABC):
         """A PNG plot; by default stored as a file."""
         self.log_file(path, "report")
 
+    def register(self, bundle: Path, folder: str) -> None:  # noqa: B027 (optional: a no-op where not overridden)
+        """Register the deploy bundle's recommended model (logged under ``folder``) where the backend has a
+        model registry and the settings name one; others do nothing."""
+
     @abstractmethod
     def finish(self, status: str, error: str | None = None) -> None:
         """Close the run: ``FINISHED``, ``FAILED`` (with the error line) or ``KILLED``."""

@@ -8,6 +8,7 @@ it at a server.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,12 @@ class Settings:
     experiment: str | None  # null: the experiment preset's name, else the model's name
     run_name: str | None  # null: the run folder's name
     log_bundle: bool  # also store the deploy bundle (the ONNX models) with the run
+    register_model: str | None = None  # the bundle's recommended model as a new version of this registered model
+
+    def check(self) -> list[str]:
+        if self.register_model and not self.log_bundle:
+            return [f"register_model={self.register_model} registers the logged bundle's model; set log_bundle=true"]
+        return []
 
 
 def local_uri(uri: str) -> str:
@@ -119,6 +126,27 @@ class MlflowTracker(Tracker):
             self.client.log_artifacts(self.run_id, str(path), folder)
         else:
             self.client.log_artifact(self.run_id, str(path), folder)
+
+    def register(self, bundle: Path, folder: str) -> None:
+        """The bundle's recommended ONNX model (logged under ``folder``) as a new version of
+        ``register_model`` in the model registry, tagged with the runtime it was measured on."""
+        name = self.settings.register_model
+        if not name:
+            return
+        from mlflow.exceptions import MlflowException
+
+        meta = json.loads((bundle / "bundle.json").read_text())
+        model = meta["recommended"]
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{folder}/{model}"
+        runtime = (meta["models"].get(model, {}).get("runtime") or {}).get("name", "onnxruntime")
+        version = self.client.create_model_version(name, source, run_id=self.run_id,
+                                                   tags={"file": model, "runtime": runtime})
+        self.client.set_tag(self.run_id, "registered_model", f"{name}/{version.version}")
 
     def finish(self, status: str, error: str | None = None) -> None:
         if error:
