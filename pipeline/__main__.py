@@ -21,8 +21,8 @@ log = logging.getLogger("pipeline")
 CONF_DIR = str(_CONF_DIR)
 # pip packages of Hydra's launcher plugins, for the "not installed" message
 LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_slurm": "hydra-submitit-launcher",
-                     "submitit_local": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
-                     "ray_aws": "hydra-ray-launcher", "rq": "hydra-rq-launcher"}
+                     "submitit_local": "hydra-submitit-launcher", "ray_aws": "hydra-ray-launcher",
+                     "rq": "hydra-rq-launcher"}
 
 
 SWEEP_SUMMARY = "pipeline.sweep.SweepSummary"
@@ -40,6 +40,10 @@ def check_launcher(argv: list[str]) -> str | None:
     available = {Path(n).stem for n in ConfigStore.instance().list("hydra/launcher")}
     available |= {p.stem for p in (Path(CONF_DIR) / "hydra" / "launcher").glob("*.yaml")}
     name = names[-1]
+    if name == "ray":  # the project's own launcher (conf/hydra/launcher/ray.yaml); Ray is an extra
+        from pipeline.ray_launcher import NEEDS_RAY, ray_installed
+
+        return None if ray_installed() else NEEDS_RAY
     if name in available:
         return None
     package = LAUNCHER_PACKAGES.get(name, f"the Hydra plugin that provides hydra/launcher={name}")

@@ -315,6 +315,8 @@ class SearchSweeper(Sweeper):
                 if stop:
                     break
             self._write(study, sweep_dir, settings, names, directions, list(arguments))
+        except SystemExit:  # a launcher's one-line error (hydra/launcher=ray): it closed the parent run
+            raise
         except BaseException as e:  # Ctrl-C or a crash mid-search: the sweep callback's end does not run
             tracking.sweep_end(self.config, None, error=e)
             raise

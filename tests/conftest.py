@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +53,40 @@ def tiny_weights(tmp_path: Path) -> str:
 def _quiet_logs():
     for name in ("onnx_ir", "onnxscript", "matplotlib", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _carrying(marker: bytes) -> list[int]:
+    """Pids of the processes whose environment holds ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # exited, or not ours
+            pass
+    return pids
+
+
+@pytest.fixture
+def ray_env():
+    """The environment of a command that starts a local Ray instance (hydra/launcher=ray): Ray's files under
+    a short folder of its own (its socket paths must stay under 108 characters), no RAY_ADDRESS to join
+    another cluster, no usage report. Afterwards no process of that instance (GCS, raylet, workers, which
+    all inherit RAY_TMPDIR) may be left."""
+    pytest.importorskip("ray")
+    root = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=root, RAY_USAGE_STATS_ENABLED="0")
+    yield env
+    marker = f"RAY_TMPDIR={root}\0".encode()
+    deadline = time.monotonic() + 20
+    while (left := _carrying(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:  # ours (they carry this test's folder): stop them, then fail
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"Ray processes left running: {left}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,19 @@ def test_launcher_plugin_that_is_not_installed_is_one_line():
     assert check_launcher(["-m", "hydra/launcher=basic"]) is None
     assert check_launcher(["-m", "hydra/launcher=submitit_local"]) is None  # the slurm extra, installed with dev
     assert check_launcher(["prune.ratio=0.3"]) is None
+
+
+def test_ray_launcher_without_ray_is_one_line_naming_the_extra(monkeypatch):
+    from pipeline.__main__ import check_launcher
+    from pipeline.ray_launcher import import_ray
+
+    assert check_launcher(["-m", "hydra/launcher=ray", "prune.ratio=0.3,0.5"]) is None  # the ray extra, in dev
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    expected = 'hydra/launcher=ray needs Ray: pip install -e ".[ray]"'
+    assert check_launcher(["-m", "hydra/launcher=ray", "prune.ratio=0.3,0.5"]) == expected
+    with pytest.raises(PipelineError) as e:
+        import_ray()
+    assert str(e.value) == expected
 
 
 @pytest.mark.parametrize("override,message", [

@@ -150,6 +150,41 @@ def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_through_the_ray_launcher_runs_each_job_in_a_worker_process_of_its_own(tmp_path, ray_env):
+    """Two jobs as Ray tasks on a local Ray instance the sweep starts (and stops), over a knob training does not
+    read: each job in a Ray worker process (not the sweep's), one trains under the artifact lock, the other
+    reuses it."""
+    cmd = [sys.executable, "-m", "pipeline", "-m", "experiment=tiny", "pipeline=[train]", "train.epochs=1",
+           "validate.batch_size=8,16", f"paths.outputs={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
+           "hydra/launcher=ray", "hydra.job_logging.formatters.simple.format='pid %(process)d: %(message)s'"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**ray_env, "PYTHONPATH": str(ROOT)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Ray is launching 2 jobs (1 CPU, 0 GPU each)" in stdout
+    logs = [p.read_text() for p in sorted((tmp_path / "sweep").glob("*/__main__.log"))]
+    pids = {line.split(":")[0] for log in logs for line in log.splitlines() if line.startswith("pid ")}
+    assert len(logs) == 2 and len(pids) == 2 and f"pid {proc.pid}" not in pids, (pids, proc.pid)
+    assert sum("train: running" in log for log in logs) == 1, logs
+    assert sum("train: reusing" in log for log in logs) == 1, logs
+    assert len(list((tmp_path / "artifacts/train").glob("*/manifest.json"))) == 1  # built once
+    keys = {json.loads(p.read_text())["train"]["key"] for p in (tmp_path / "sweep").glob("*/artifacts.json")}
+    assert len(keys) == 1
+
+
+def test_ray_launcher_without_a_cluster_to_join_is_one_line(tmp_path, ray_env):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "-m", "experiment=tiny", "pipeline=[train]",
+                          "validate.batch_size=8,16", f"paths.outputs={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
+                          "hydra/launcher=ray", "hydra.launcher.address=auto"], cwd=tmp_path,
+                         env={**ray_env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher.address=auto: Ray could not start or "
+                                                     "connect ("), out.stderr[-2000:]
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",

@@ -233,3 +233,32 @@ def test_four_trial_search_through_submitit_local_shares_one_study_and_the_basel
     assert res["budget"]["spent"] == 4 and res["recommended"] is not None
     assert len(list((tmp_path / "sweep/.submitit").glob("*/*_result.pkl"))) == 4
     assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, built once
+
+
+@pytest.mark.heavy
+def test_four_trial_search_through_the_ray_launcher_shares_one_study_and_the_baseline(tmp_path, ray_env):
+    # the same search as through Submitit, each trial a Ray task in a worker process of its own on a local Ray
+    # instance the search starts once (for both batches) and stops at its end
+    env = {**ray_env, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "-m", "experiment=tiny", f"paths.outputs={tmp_path}/o",
+                          f"hydra.sweep.dir={tmp_path}/sweep", "search=base", "hydra/launcher=ray",
+                          "hydra.sweep.subdir=${hydra.job.num}", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                          "pipeline=[train,prune,export,validate]", "validate.models=[baseline,prune]",
+                          "search.row=prune", "search.fidelity_stages=[prune]",
+                          "++hydra.sweeper.params={prune.ratio:'interval(0.2,0.6)'}", "search.min_speedup=null",
+                          "search.max_accuracy_drop=null", "search.probe=false", "search.budget_epochs=null",
+                          "hydra.job_logging.formatters.simple.format='pid %(process)d: %(message)s'"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("Ray: a local Ray instance") == 1 and out.stdout.count("Ray is launching 2 jobs") == 2
+    res = json.loads((tmp_path / "sweep/search.json").read_text())
+    assert len(res["trials"]) == 4 and res["storage"] == f"sqlite:///{tmp_path}/sweep/search.db"
+    pids = set()
+    for t in res["trials"]:  # each trial's job reported its epoch to the one study, from its own process
+        assert t["state"] == "COMPLETE" and list(t["intermediate"]) == ["1"] and t["epochs_trained"] == 1, t
+        assert (tmp_path / "sweep" / t["job"] / "report.json").is_file()
+        log = (tmp_path / "sweep" / t["job"] / "__main__.log").read_text()
+        pids |= {line.split(":")[0] for line in log.splitlines() if line.startswith("pid ")}
+    assert len(pids) == 4, pids  # a worker process per trial
+    assert res["budget"]["spent"] == 4 and res["recommended"] is not None
+    assert len(list((tmp_path / "o/artifacts/train").glob("*/manifest.json"))) == 1  # the baseline, built once

@@ -233,6 +233,11 @@ def render_doc() -> str:
         out += [f"### `search={cf.name}`", "", *_intro_md(cf.intro), *_table(cf, "")]
     for cf in _files("hydra/sweeper"):
         out += [f"### `hydra/sweeper={cf.name}`", "", *_intro_md(cf.intro), *_table(cf, "hydra.sweeper.")]
+    out += ["## Launchers: `hydra/launcher=`", "",
+            "Hydra's own launchers (`basic`, `joblib`, `submitit_slurm`, `submitit_local`) are configured as Hydra "
+            "documents them; the project's:", ""]
+    for cf in _files("hydra/launcher"):
+        out += [f"### `hydra/launcher={cf.name}`", "", *_intro_md(cf.intro), *_table(cf, "hydra.launcher.")]
     return "\n".join(out).rstrip() + "\n"
 
 
