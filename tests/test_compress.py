@@ -821,7 +821,8 @@ def test_layers_torch_pruning_cannot_prune_are_kept_with_a_note(caplog):
 @pytest.mark.parametrize("method", ["channel", "magnitude"])
 def test_prune_shrinks_and_reloads(cfg_factory, tmp_path, method):
     cfg = cfg_factory("stage=prune", f"prune.method={method}", "prune.ratio=0.5", "prune.steps=2",
-                      "prune.step_epochs=0", "model=resnet20", "model.width=0.5")
+                      "prune.step_epochs=0", "prune.epochs=0", "model=resnet20", "model.width=0.5",
+                      "data.train_subset=256")
     art = run_pipeline(cfg, tmp_path / "run")["prune"]
     m = art.metrics
     model, _ = art.model()  # rebuilt from the checkpoint with weights_only=True

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.runner import Runner, run_pipeline
+from tests.conftest import tiny_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"name", "stage", "precision", "accuracy", "params", "macs", "size_mb", "latency_ms_p50",
@@ -69,25 +70,27 @@ def test_tiny_pipeline_report_and_reuse(cfg_factory, tmp_path):
     assert gated["gates"]["failures"] and gated["best"] == "baseline"
 
 
-@pytest.mark.slow
-def test_fp16_export_is_a_report_row(cfg_factory, tmp_path):
+def _fp16_row(run: Path) -> None:
+    """The FP16 export of the baseline: a report row, float32 in and out, FP16 weights."""
     import onnx
 
-    run_pipeline(cfg_factory("pipeline=[train,export,validate]", "export.fp16=[train]"), tmp_path / "run")
-    rows = {r["name"]: r for r in json.loads((tmp_path / "run/report.json").read_text())["rows"]}
+    rows = {r["name"]: r for r in json.loads((run / "report.json").read_text())["rows"]}
     fp16, fp32 = rows["baseline-fp16"], rows["baseline"]
     assert fp16["precision"] == "fp16" and fp16["parity_top1_agreement"] >= 99
     assert abs(fp16["accuracy"] - fp32["accuracy"]) <= 1 and fp16["size_mb"] < 0.6 * fp32["size_mb"]
-    graph = onnx.load(tmp_path / "run" / fp16["onnx"]).graph
+    graph = onnx.load(run / fp16["onnx"]).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 in and out
     types = {t.data_type for t in graph.initializer}
     assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types  # weights in FP16
 
 
 @pytest.mark.slow
-def test_mixed_precision_qat_reloads_and_reports_its_int8_share(cfg_factory, tmp_path):
+def test_mixed_precision_qat_reloads_and_reports_its_int8_share_beside_an_fp16_row(cfg_factory, tmp_path):
     done = run_pipeline(cfg_factory("pipeline=[train,qat,export,validate]", "qat.source=train",
-                                    "qat.float_layers=[conv1,layer1,measure]"), tmp_path / "run")
+                                    "qat.float_layers=[conv1,layer1,measure]", "export.fp16=[train]",
+                                    "validate.serving_batch_sizes=[]", "validate.concurrency=[]",
+                                    "validate.deploy_optimized=false"), tmp_path / "run")
+    _fp16_row(tmp_path / "run")
     placed = done["qat"].metrics["placement"]  # measured on top of the named layers: timings of every candidate
     assert done["qat"].metrics["quant"]["float_layers"] == ["conv1", "layer1", *placed["float_layers"]]
     assert placed["candidates"][0]["float_blocks"] == 0 and all(c["ms"] > 0 for c in placed["candidates"])
@@ -223,7 +226,8 @@ def test_kd_seeds_compares_kd_with_no_kd_per_seed_from_one_shared_start(tmp_path
     """pipeline.tools.kd_seeds: 2 seeds x (KD, no KD), parallel jobs; upstream built once, seeds recorded."""
     out = tmp_path / "kd"
     args = [sys.executable, "-m", "pipeline.tools.kd_seeds", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
-            "--", "experiment=tiny", "distill.epochs=1", f"paths.outputs={tmp_path}/outputs"]
+            "--", "experiment=tiny", "train.epochs=0", tiny_weights(tmp_path), "prune.epochs=0", "distill.epochs=1",
+            "data.train_subset=256", f"paths.outputs={tmp_path}/outputs"]
     res = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "over 2 seeds" in res.stdout and "gain" in res.stdout

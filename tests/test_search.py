@@ -55,10 +55,13 @@ def _search(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["search=base"], "the search space is empty"),
     (["search=prune_qat"], r"search space: prune.drop_blocks=\[layer1.1\] is not valid here \(prune.drop_blocks: "
                            "no layer named 'layer1.1' in resnet8"),
-    (["search=prune_ratio", "+hydra.sweeper.params.prune_ratioo='choice(1,2)'"],
-     "hydra.sweeper.params: 'prune_ratioo' is not a config key"),
-    (["search=prune_ratio", "search.objectives=[accuracy,speed]"], "search.objectives: unknown 'speed'"),
-    (["search=prune_ratio", "prune.ratio=0.3,0.5"], "prune.ratio=0.3,0.5: searched keys go into hydra.sweeper.params"),
+    # the rest in the heavy run (each case is a CLI run of about 15 s on 2 cores)
+    pytest.param(["search=prune_ratio", "+hydra.sweeper.params.prune_ratioo='choice(1,2)'"],
+                 "hydra.sweeper.params: 'prune_ratioo' is not a config key", marks=pytest.mark.heavy),
+    pytest.param(["search=prune_ratio", "search.objectives=[accuracy,speed]"], "search.objectives: unknown 'speed'",
+                 marks=pytest.mark.heavy),
+    pytest.param(["search=prune_ratio", "prune.ratio=0.3,0.5"],
+                 "prune.ratio=0.3,0.5: searched keys go into hydra.sweeper.params", marks=pytest.mark.heavy),
 ])
 def test_bad_searches_are_one_line_errors_before_any_trial(tmp_path, args, match):
     out = _search(tmp_path, *args)
