@@ -64,7 +64,7 @@ def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
                              "qat.source=train", "qat.epochs=0", "qat.target=openvino", "export.fp16=[]",
                              "export.ort_static_reference=false", "validate.runtimes=[onnxruntime,openvino]",
                              "validate.serving_batch_sizes=[2]", "validate.concurrency=[]",
-                             "validate.deploy_optimized=false"), run)
+                             "validate.deploy_optimized=false", "logger=mlflow"), run)
     rep = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
     ov = inference.get("openvino")
@@ -77,6 +77,11 @@ def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
     assert exported["target"] == "openvino", exported
     assert exported["target_coverage"]["int8_kernels"] == exported["target_coverage"]["quantized_layers"] == 10
     assert rows["qat-int8@openvino"]["int8_kernels"] == "10/10"
+    # every row reaches the tracker, a row on another runtime under a name MLflow accepts
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(rep["tracking"]["uri"]).get_run(rep["tracking"]["run_id"]).data.metrics
+    assert {"validate/qat-int8/accuracy", "validate/qat-int8:openvino/accuracy"} <= set(logged)
     assert set(rep["serving"]["batch"]) == set(rows)
     rows = {n: r for n, r in rows.items() if not n.startswith("qat")}
     f32 = rows["baseline@openvino"]

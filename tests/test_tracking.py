@@ -62,11 +62,13 @@ def test_flatten_and_metric_names():
         {"prune.ratio": "0.5", "prune.exclude": '["fc"]', "seed": "0", "x": "null"}
     series, scalars = node_metrics("train", {"history": [{"epoch": 1, "loss": 2.0, "val_acc": float("nan")},
                                                          {"epoch": 2, "loss": 1.5, "val_acc": 40.0}],
-                                             "test_acc": 41.0, "parity": {"top1_agreement": 99.0}, "ok": True})
+                                             "test_acc": 41.0, "parity": {"top1_agreement": 99.0}, "ok": True,
+                                             "float_ops": {"GELU (no INT8 kernel in ONNX Runtime)": 2}})
     assert series == [(1, {"train/loss": 2.0}), (2, {"train/loss": 1.5, "train/val_acc": 40.0})]
-    assert scalars == {"train/test_acc": 41.0, "train/parity/top1_agreement": 99.0}
-    assert report_metrics({"rows": [{"name": "qat-int8", "accuracy": 50.0, "int8_coverage": None}]}) == \
-        {"validate/qat-int8/accuracy": 50.0}
+    assert scalars == {"train/test_acc": 41.0, "train/parity/top1_agreement": 99.0, "train/float_ops/GELU": 2.0}
+    assert report_metrics({"rows": [{"name": "qat-int8", "accuracy": 50.0, "int8_coverage": None},
+                                    {"name": "qat-int8@openvino", "accuracy": 51.0}]}) == \
+        {"validate/qat-int8/accuracy": 50.0, "validate/qat-int8:openvino/accuracy": 51.0}
 
 
 def test_logger_config_errors_are_one_line_before_anything_runs(cfg_factory, tmp_path, monkeypatch):

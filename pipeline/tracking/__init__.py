@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,14 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def metric_name(name: str) -> str:
+    """A name every tracker takes (MLflow: letters, digits, ``_-. :/``): a row on another runtime
+    (``qat-int8@openvino``) as ``qat-int8:openvino``, a key's explanation in parentheses dropped
+    (``float_ops/GELU (no INT8 kernel in ONNX Runtime)`` as ``float_ops/GELU``), anything else as ``_``."""
+    parts = [p.split(" (")[0].replace("@", ":") for p in name.split("/")]
+    return re.sub(r"[^\w\-. :/]", "_", "/".join(parts), flags=re.ASCII)
+
+
 def node_metrics(node: str, metrics: dict) -> tuple[list[tuple[int, dict[str, float]]], dict[str, float]]:
     """A stage's ``metrics.json`` as (per-epoch rows with their epoch, the other numbers), named ``<node>/...``:
     ``history`` rows become ``train/loss``, ``train/val_acc``, ... at step = epoch; numbers at the top level
@@ -101,21 +110,22 @@ def node_metrics(node: str, metrics: dict) -> tuple[list[tuple[int, dict[str, fl
     series = []
     for row in metrics.get("history") or []:
         if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-            values = {f"{node}/{k}": float(v) for k, v in row.items() if k != "epoch" and finite(v)}
+            values = {metric_name(f"{node}/{k}"): float(v) for k, v in row.items() if k != "epoch" and finite(v)}
             series.append((row["epoch"], values))
     scalars: dict[str, float] = {}
     for k, v in metrics.items():
         if finite(v):
-            scalars[f"{node}/{k}"] = float(v)
+            scalars[metric_name(f"{node}/{k}")] = float(v)
         elif isinstance(v, dict):
-            scalars.update({f"{node}/{k}/{kk}": float(vv) for kk, vv in v.items() if finite(vv)})
+            scalars.update({metric_name(f"{node}/{k}/{kk}"): float(vv) for kk, vv in v.items() if finite(vv)})
     return series, scalars
 
 
 def report_metrics(rep: dict) -> dict[str, float]:
-    """validate's rows as ``validate/<row>/<metric>`` (accuracy, speedup, latency, INT8 coverage, ...)."""
-    return {f"validate/{r['name']}/{k}": float(r[k]) for r in rep.get("rows", []) for k in REPORT_METRICS
-            if finite(r.get(k))}
+    """validate's rows as ``validate/<row>/<metric>`` (accuracy, speedup, latency, INT8 coverage, ...), named by
+    ``metric_name``."""
+    return {metric_name(f"validate/{r['name']}/{k}"): float(r[k]) for r in rep.get("rows", [])
+            for k in REPORT_METRICS if finite(r.get(k))}
 
 
 def experiment_name(cfg: DictConfig) -> str:
