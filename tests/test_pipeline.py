@@ -111,7 +111,7 @@ def _cli(*args, cwd: Path, check=True):
                           text=True, timeout=600, check=check)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the default run reproduces from a saved config in the model-card test (test_bad_inputs)
 def test_cli_run_and_reproduce_from_saved_config(tmp_path):
     # a shortened chain (test_tiny_pipeline_report_and_reuse runs all of it): its overrides must come back too
     out = _cli("experiment=tiny", "pipeline=[train,prune,export,validate]", "validate.deploy=false",
@@ -135,7 +135,7 @@ def test_cli_help_and_bad_input_are_short(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the default run shares the baseline across job processes in the Ray and Submitit sweeps
 def test_parallel_sweep_shares_the_baseline_and_writes_a_summary(tmp_path):
     """Two jobs in parallel (joblib launcher) need the same baseline: one builds it, the other waits."""
     out = _cli("-m", "experiment=tiny", "pipeline=[train,prune,export,validate]", "prune.ratio=0.3,0.5",

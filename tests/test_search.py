@@ -52,7 +52,7 @@ def _search(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,match", [
-    (["search=base"], "the search space is empty"),
+    pytest.param(["search=base"], "the search space is empty", marks=pytest.mark.heavy),  # and in test_bad_inputs
     (["search=prune_qat"], r"search space: prune.drop_blocks=\[layer1.1\] is not valid here \(prune.drop_blocks: "
                            "no layer named 'layer1.1' in resnet8"),
     # the rest in the heavy run (each case is a CLI run of about 15 s on 2 cores)
