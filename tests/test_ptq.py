@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline import ptq, quant
-from pipeline.ptq.adaround import round_layer
+from pipeline.ptq.adaround import adaround, round_layer
 from pipeline.ptq.bias_correction import correct_biases, mean_error
 from pipeline.ptq.equalize import equalize
 from pipeline.ptq.layers import activation, float_mode, layers, preact, weight_and_bias
@@ -127,6 +127,17 @@ def test_adaround_lowers_the_layer_reconstruction_error_and_writes_its_weights()
     with torch.no_grad():
         got = float((activation(m, preact(m, x)) - target).pow(2).mean())
     assert got == pytest.approx(res.mse_adaround, rel=1e-3)  # the quantized layer uses the rounded weights
+
+
+def test_adaround_stays_within_its_time_budget_and_leaves_the_rest_at_nearest_rounding():
+    gm = _prepared(_small_net(), bits=4)
+    images = [torch.randn(16, 3, 32, 32)]
+    ptq.set_ranges(gm, images, "minmax")
+    before = {n: weight_and_bias(m)[0].detach().clone() for n, m in layers(gm)}
+    assert adaround(gm, images, seconds=0.0, iters=50) == []  # budget spent before the first layer: nothing rounded
+    assert all(torch.equal(weight_and_bias(m)[0], before[n]) for n, m in layers(gm))
+    done = adaround(gm, images, seconds=60.0, iters=5)
+    assert [r.name for r in done] == [n for n, _ in layers(gm)]
 
 
 def test_percentile_and_mse_ranges_clip_outliers_that_minmax_keeps():

@@ -16,6 +16,7 @@ import torch.fx as fx
 from pipeline.ptq.adaround import adaround
 from pipeline.ptq.bias_correction import correct_biases
 from pipeline.ptq.equalize import equalize
+from pipeline.ptq.layers import layers
 from pipeline.ptq.ranges import Method, set_ranges
 
 STEPS = ("equalize", "bias_correction", "adaround")  # what ptq.steps may name
@@ -75,6 +76,7 @@ def run_ptq(gm: fx.GraphModule, images: Sequence[torch.Tensor], cfg: PtqSettings
             res = adaround(gm, few, cfg.adaround_seconds, cfg.adaround_iters, progress)
             improved = [r for r in res if r.mse_adaround < r.mse_nearest]
             info = {"layers": len(res), "improved": len(improved), "images": n,
+                    "layers_nearest": len(layers(gm)) - len(res),  # left when the time budget was spent
                     "mse_nearest": sum(r.mse_nearest for r in res), "mse_adaround": sum(r.mse_adaround for r in res),
                     "iters": sum(r.iters for r in res)}
         else:
@@ -83,6 +85,10 @@ def run_ptq(gm: fx.GraphModule, images: Sequence[torch.Tensor], cfg: PtqSettings
         if evaluate is not None and step != "equalize":  # equalized float weights carry no ranges yet
             entry["test_acc"] = evaluate(gm)
         report.steps.append(entry)
+        if log is not None and info.get("layers_nearest"):
+            log(f"adaround: the time budget (ptq.adaround_seconds={cfg.adaround_seconds:g}) was spent after "
+                f"{info['layers']} layers; the other {info['layers_nearest']} keep nearest rounding (raise "
+                "ptq.adaround_seconds to round them too)")
         if log is not None:
             log(f"{step}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in entry.items() if k != "step"))

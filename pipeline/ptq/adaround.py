@@ -115,8 +115,10 @@ def _layer_data(gm: fx.GraphModule, ref: fx.GraphModule, name: str, images: Sequ
 
 def adaround(gm: fx.GraphModule, images: Sequence[torch.Tensor], seconds: float, iters: int,
              progress: bool = False) -> list[LayerResult]:
-    """Adaptive rounding of every quantized layer of ``gm`` (in place) against a copy of ``gm`` as it is now, in
-    float, in ``seconds`` in all (shared evenly among the layers still to round), each at most ``iters`` steps."""
+    """Adaptive rounding of the quantized layers of ``gm`` (in place) against a copy of ``gm`` as it is now, in
+    float, in ``seconds`` in all (shared evenly among the layers still to round), each at most ``iters`` steps.
+    Reading a layer's inputs counts against the budget too: the layers left when it is spent keep nearest rounding
+    and are not in the result."""
     from tqdm import tqdm
 
     gm.eval()
@@ -125,6 +127,8 @@ def adaround(gm: fx.GraphModule, images: Sequence[torch.Tensor], seconds: float,
     deadline = time.perf_counter() + seconds
     out = []
     for k, (name, m) in enumerate(tqdm(todo, desc="ptq: adaround", disable=not progress, leave=False)):
+        if time.perf_counter() >= deadline:
+            break
         x, target = _layer_data(gm, ref, name, images)
         budget = max(0.0, deadline - time.perf_counter()) / (len(todo) - k)
         res = round_layer(m, x, target, iters, budget, seed=k)

@@ -1,7 +1,8 @@
 """Empirical bias correction (Nagel et al. 2019; NNCF's fast bias correction): layer by layer in execution order,
 the per-channel mean of the quantized model's layer output (before its activation) on the calibration images is
 set to the float model's by adding the difference to the layer's bias (batch norm's shift where one is folded in).
-Each layer is measured with the layers before it corrected already."""
+Each layer is measured with the layers before it corrected already; the float model's means are read in
+one pass for all layers."""
 
 from __future__ import annotations
 
@@ -15,20 +16,49 @@ from pipeline.ptq.layers import capture_inputs, channel_mean, float_mode, layers
 
 
 @torch.no_grad()
-def mean_error(gm: fx.GraphModule, name: str, images: Sequence[torch.Tensor], ref: fx.GraphModule) -> torch.Tensor:
-    """Per-channel mean of (float - quantized) output of layer ``name`` (before its activation) over ``images``:
-    ``gm`` quantized against ``ref``, an unchanged copy of it, in float."""
-    m, m_ref = gm.get_submodule(name), ref.get_submodule(name)
-    total, n = None, 0
-    for xb in images:  # one batch at a time: memory of one layer output
+def float_means(ref: fx.GraphModule, images: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-channel mean output (before its activation) of each layer in ``names`` over ``images``, of ``ref`` in
+    float: one forward pass per batch for all of them (a layer called twice counts its first call)."""
+    sums: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    n = 0
+
+    def hook(name: str):
+        def pre(mod, args):
+            if name not in seen:
+                seen.add(name)
+                y = preact(mod, args[0], quantized=False)
+                sums[name] = sums[name] + channel_mean(y) * len(y) if name in sums else channel_mean(y) * len(y)
+        return pre
+
+    handles = [ref.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
         with float_mode(ref):
-            y_f = [preact(m_ref, x, quantized=False) for x in capture_inputs(ref, m_ref, [xb])]
-        y_q = [preact(m, x) for x in capture_inputs(gm, m, [xb])]
-        for a, b in zip(y_f, y_q, strict=True):
-            d = channel_mean(a - b) * len(a)
-            total = d if total is None else total + d
-            n += len(a)
-    return total / n
+            for xb in images:
+                seen.clear()
+                ref(xb)
+                n += len(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: v / n for name, v in sums.items()}
+
+
+@torch.no_grad()
+def mean_error(gm: fx.GraphModule, name: str, images: Sequence[torch.Tensor], ref: fx.GraphModule,
+               float_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel mean of (float - quantized) output of layer ``name`` (before its activation) over ``images``:
+    ``gm`` quantized against ``ref``, an unchanged copy of it, in float (or its ``float_means`` given)."""
+    if float_mean is None:
+        float_mean = float_means(ref, images, [name])[name]
+    m = gm.get_submodule(name)
+    total, n = None, 0
+    for x in capture_inputs(gm, m, images):  # one batch at a time: memory of one layer output
+        y = preact(m, x)
+        d = channel_mean(y) * len(y)
+        total = d if total is None else total + d
+        n += len(y)
+    return float_mean - total / n
 
 
 def correct_biases(gm: fx.GraphModule, images: Sequence[torch.Tensor], progress: bool = False) -> dict:
@@ -39,8 +69,10 @@ def correct_biases(gm: fx.GraphModule, images: Sequence[torch.Tensor], progress:
     gm.eval()
     ref = copy.deepcopy(gm)
     done, skipped, worst = 0, [], 0.0
-    for name, m in tqdm(layers(gm), desc="ptq: bias correction", disable=not progress, leave=False):
-        err = mean_error(gm, name, images, ref)
+    todo = layers(gm)
+    target = float_means(ref, images, [name for name, _ in todo])  # the float model's, once for every layer
+    for name, m in tqdm(todo, desc="ptq: bias correction", disable=not progress, leave=False):
+        err = mean_error(gm, name, images, ref, target[name])
         worst = max(worst, float(err.abs().max()))
         if set_folded_bias(m, err):
             done += 1
