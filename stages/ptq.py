@@ -3,7 +3,8 @@
 Reads: ``ptq.source`` (default ``train``). Writes ``model.pt`` in the qat stage's form (the quantized state dict
 + the float architecture, pruned shapes and quantization spec that rebuild it; ``export`` makes it an INT8 QDQ ONNX
 model, report row ``ptq-int8``) and ``metrics.json``: accuracy of the FP32 input, after min/max calibration alone,
-and after each step, with the seconds each took. ``qat.init=ptq`` starts QAT from this model.
+and after each step, with the seconds each took (``ptq.evaluate=final``: the quantized model's alone).
+``qat.init=ptq`` starts QAT from this model.
 
 Steps (``pipeline.ptq``), in this order: cross-layer equalization and high-bias absorption (``equalize``),
 activation ranges (``ptq.range``: minmax | percentile | mse; always), adaptive rounding (``adaround``, within
@@ -57,6 +58,7 @@ class Config:
     adaround_seconds: float = setting(ge=0)  # time budget of adaptive rounding, all layers together
     adaround_iters: int = setting(ge=1)  # optimisation steps per layer at most
     adaround_images: int = setting(ge=1)  # of the calibration images (held in memory per layer)
+    evaluate: Literal["steps", "final"] = key_neutral("steps")  # test accuracy after each step, or at the end only
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:
@@ -161,33 +163,43 @@ def run(ctx: StageContext) -> QatResult:
     def acc(m: torch.nn.Module) -> float:
         return evaluate(m, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
 
-    fp32_acc = acc(model)
+    steps = cfg.evaluate == "steps"
+    fp32_acc = acc(model) if steps else None
     images = _calibration_images(ctx)
     n_images = sum(len(x) for x in images)
-    plain = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
-    ptq.set_ranges(plain, images, "minmax")
-    calib_acc = acc(plain)
-    del plain
-    log.info("ptq: FP32 input %.2f%%, min/max calibration alone on %d images %.2f%%", fp32_acc, n_images, calib_acc)
+    calib_acc = None
+    if steps:
+        plain = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
+        ptq.set_ranges(plain, images, "minmax")
+        calib_acc = acc(plain)
+        del plain
+        log.info("ptq: FP32 input %.2f%%, min/max calibration alone on %d images %.2f%%", fp32_acc, n_images,
+                 calib_acc)
     gm = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
     settings = ptq.PtqSettings(steps=cfg.steps, range=cfg.range, percentile=cfg.percentile,
                                bias_absorption=cfg.bias_absorption, adaround_seconds=cfg.adaround_seconds,
                                adaround_iters=cfg.adaround_iters, adaround_images=cfg.adaround_images)
-    report = ptq.run_ptq(gm, images, settings, evaluate=acc, progress=ctx.rt.progress,
+    report = ptq.run_ptq(gm, images, settings, evaluate=acc if steps else None, progress=ctx.rt.progress,
                          log=lambda line: log.info("ptq: %s", line))
     qspec = dataclasses.replace(qspec, relu6_as_relu=tuple(report.relu6_as_relu))
-    test_acc = report.steps[-1]["test_acc"]
+    quantize_seconds = time.perf_counter() - start
+    test_acc = report.steps[-1]["test_acc"] if steps else acc(gm)
     gm = gm.cpu()
     save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
                     extra={"quant": dataclasses.asdict(qspec)})
     seconds = time.perf_counter() - start
-    log.info("ptq: test accuracy %.2f%% (FP32 input %.2f%%, min/max calibration %.2f%%), %.1f s", test_acc, fp32_acc,
-             calib_acc, seconds)
+    if steps:
+        log.info("ptq: test accuracy %.2f%% (FP32 input %.2f%%, min/max calibration %.2f%%), %.1f s", test_acc,
+                 fp32_acc, calib_acc, seconds)
+    else:
+        log.info("ptq: test accuracy %.2f%%, %.1f s (%.1f s before the test-set evaluation)", test_acc, seconds,
+                 quantize_seconds)
     bits_reason = placement.weight_bits(qat)[1]
     return QatResult(test_acc=test_acc, params=count_params(model), macs=count_macs(model, ctx.data_cfg.image_size),
                      source=src.node, weight_bits=qspec.weight_bits, weight_bits_reason=bits_reason,
                      extra={"test_acc_fp32_input": fp32_acc, "test_acc_calibration": calib_acc,
                             "calibration_images": n_images, "steps": report.steps, "seconds": round(seconds, 1),
+                            "seconds_quantize": round(quantize_seconds, 1),
                             "quant": dataclasses.asdict(qspec), "quantized_layers": len(quant.quantized_layers(gm)),
                             "float_ops": quant.float_ops(gm)})
 

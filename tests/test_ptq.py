@@ -209,9 +209,14 @@ def test_ptq_calibrates_on_an_unlabeled_folder_and_refuses_a_bad_one(cfg_factory
     folder = tmp_path / "calib"
     files = sorted(_image_folder(folder, 5))
     fast = ["pipeline=[train,ptq]", "train.epochs=0", tiny_weights(tmp_path), "ptq.steps=[]", "ptq.range=minmax"]
-    run_pipeline(cfg_factory(*fast, f"ptq.calib_folder={folder}", "ptq.calib_images=64"), tmp_path / "run")
+    run_pipeline(cfg_factory(*fast, f"ptq.calib_folder={folder}", "ptq.calib_images=64", "ptq.evaluate=final"),
+                 tmp_path / "run")
     (done,) = (tmp_path / "outputs" / "artifacts" / "ptq").glob("*/metrics.json")
-    assert json.loads(done.read_text())["calibration_images"] == 5  # every image of the folder, fewer than 64
+    m = json.loads(done.read_text())
+    assert m["calibration_images"] == 5  # every image of the folder, fewer than 64
+    # ptq.evaluate=final: the quantized model's accuracy alone, none per step
+    assert m["test_acc"] > 0 and m["test_acc_calibration"] is None and m["test_acc_fp32_input"] is None
+    assert [s["step"] for s in m["steps"]] == ["ranges"] and "test_acc" not in m["steps"][0]
 
     def runner(*o: str) -> Runner:
         return Runner(cfg_factory(*fast, *o), tmp_path / "k")
