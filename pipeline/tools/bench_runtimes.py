@@ -44,12 +44,20 @@ def _images(size: int, n: int, split: str = "train") -> tuple[np.ndarray, np.nda
 
 
 def sessions_for(name: str, path: Path, precision: str, threads: int) -> dict[str, inference.Session]:
-    """``<name> ort``, ``<name> ov-f32`` and, for FP32 models on CPUs with native bf16, ``<name> ov-bf16``."""
+    """``<name> ort``, ``<name> ov-f32`` and, on CPUs with native bf16, ``<name> ov-bf16`` (an INT8 model's float
+    layers in bf16)."""
     ort, ov = inference.get(), inference.get("openvino")
     out = {f"{name} ort": ort.session(path, threads), f"{name} ov-f32": ov.session(path, threads)}
-    if precision == "fp32" and "bf16" in ov.float_precisions():
+    if "bf16" in ov.float_precisions():
         out[f"{name} ov-bf16"] = ov.session(path, threads, options=ov.precision_options("bf16"))
     return out
+
+
+def _label(session: str, precision: str) -> str:
+    """The precision column: ``bf16`` for an FP32 model in bf16, ``int8+bf16`` for an INT8 model's bf16 session."""
+    if not session.endswith("bf16"):
+        return precision
+    return "bf16" if precision == "fp32" else f"{precision}+bf16"
 
 
 def timed(sessions: dict[str, inference.Session], x: np.ndarray, rounds: int, seconds: float,
@@ -70,7 +78,7 @@ def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
         if row.get("runtime", "onnxruntime") != "onnxruntime":
             continue
         for k, s in sessions_for(row["name"], run / row["onnx"], row["precision"], threads).items():
-            sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else row["precision"]
+            sessions[k], precision[k] = s, _label(k, row["precision"])
     return sessions, precision
 
 
@@ -111,7 +119,7 @@ def _torchvision(names: list[str], size: int, int8: bool, threads: int, folder: 
             files.append((f"{name}-int8-qat-{target}", q, "int8"))
         for label, path, prec in files:
             for k, s in sessions_for(label, path, prec, threads).items():
-                sessions[k], precision[k] = s, "bf16" if k.endswith("bf16") else prec
+                sessions[k], precision[k] = s, _label(k, prec)
     return sessions, precision
 
 
