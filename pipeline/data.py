@@ -413,7 +413,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux: MemAvailable), or None where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -451,7 +451,7 @@ def check_size(cfg: DataConfig, cache_dir: Path | None) -> None:
         else:
             n = 60_000
         side, where = cfg.image_size, "memory"
-        room = _available_memory()
+        room = available_memory()
         short = f"this machine has {_gb(room or 0)} of memory available"
     need = n * 3 * side * side
     what = f"data: {n} images decoded at {side}x{side} need {_gb(need)} of {where}"

@@ -257,7 +257,7 @@ def test_the_cache_size_is_checked_before_decoding(tmp_path, monkeypatch):
 
 def test_embedded_data_upscaled_beyond_memory_is_one_line(cfg_factory, tmp_path, monkeypatch):
     """Checked with the config, before the stage checks build (and trace) the model at that size."""
-    monkeypatch.setattr(data_mod, "_available_memory", lambda: 10**9)
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 10**9)
     with pytest.raises(PipelineError) as e:
         Runner(cfg_factory("data.image_size=4096", "data.max_cache_gb=null"), tmp_path)
     assert str(e.value) == ("config error: data: 8000 images decoded at 4096x4096 need 402.7 GB of memory, but this "

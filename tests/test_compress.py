@@ -852,6 +852,35 @@ def test_deploy_form_computes_exactly_what_qat_trained(name, float_layers):
         torch.testing.assert_close(dep(x), gm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_inference_reuses_quantized_weights_until_what_they_come_from_changes():
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet8", "num_classes": 10, "width": 0.5}).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()))
+    quant.calibrate(gm, [(torch.randn(4, 3, 32, 32), None)])
+    gm.eval()
+    m = next(m for m in gm.modules() if isinstance(m, quant.QConvBn) and m.bn is not None and m.in_quant is not None)
+
+    def fresh():
+        w, b = m.folded()
+        return quant.fake_quant_weight(w, m.bits), quant.quantize_bias(b, w, m.bits, m.in_quant)[0]
+
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    changes = [lambda: m.conv.weight.mul_(1.5), lambda: m.bn.bias.add_(0.3), lambda: m.bn.running_var.mul_(2),
+               lambda: m.in_quant.scale.mul_(2), lambda: [p.grad.fill_(1.0) for p in m.parameters()] and opt.step()]
+    with torch.no_grad():
+        first = m.quantized()
+        assert m.quantized()[0] is first[0]  # nothing changed: reused
+    for change in changes:
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            change()
+            got, want = m.quantized(), fresh()
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert m.quantized()[0].requires_grad  # autograd on: computed each call, differentiable
+
+
 @pytest.mark.parametrize("dtype,lo,hi,scale,zp", [
     ("uint8", -1.0, 3.0, 4.0 / 255, 64),   # asymmetric: [min, max] onto 0..255, zero exactly representable
     ("uint8", 0.5, 2.0, 2.0 / 255, 0),     # a range without 0 is widened to include it

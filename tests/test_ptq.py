@@ -13,7 +13,17 @@ from pipeline import ptq, quant
 from pipeline.ptq.adaround import adaround, round_layer
 from pipeline.ptq.bias_correction import correct_biases, mean_error
 from pipeline.ptq.equalize import equalize
-from pipeline.ptq.layers import activation, float_mode, layers, preact, weight_and_bias
+from pipeline.ptq.layers import (
+    activation,
+    affordable,
+    capture_inputs,
+    float_mode,
+    layers,
+    preact,
+    set_folded_bias,
+    walk,
+    weight_and_bias,
+)
 from pipeline.quant.spec import _weight_qparams
 from pipeline.runner import run_pipeline
 from tests.conftest import tiny_weights
@@ -97,9 +107,36 @@ def test_equalization_keeps_mobilenet_v2_and_runs_its_relu6_as_relu():
         assert (rebuilt(x) - out).abs().max().item() < 1e-5
 
 
+def test_walk_gives_each_layer_the_inputs_of_a_forward_pass_with_the_changes_before_it():
+    import torchvision
+
+    torch.manual_seed(0)
+    gm = _prepared(_randomise_bn(torchvision.models.resnet18(num_classes=10)))  # residuals: values live long
+    images = [torch.randn(4, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    ptq.set_ranges(gm, images, "minmax")
+    ref = copy.deepcopy(gm)
+    visited = []
+
+    def visit(name, m, xs, rxs):
+        got = list(capture_inputs(gm, m, images))  # a forward pass of gm as changed so far
+        assert all(torch.equal(a, b) for a, b in zip(xs, got, strict=True)), name
+        got_ref = list(capture_inputs(ref, ref.get_submodule(name), images))  # ref, in float during the walk
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rxs, got_ref, strict=True)), name
+        set_folded_bias(m, torch.full((len(weight_and_bias(m)[0]),), 0.1))  # a change the layers after it see
+        visited.append(name)
+
+    walk(gm, images, visit, ref=ref)
+    assert visited == [name for name, _ in layers(gm)]
+    stopped = []
+    walk(gm, images, lambda name, *_: stopped.append(name) or len(stopped) == 3)  # True ends the walk
+    assert len(stopped) == 3
+    assert affordable(gm, images, share=1e-12) == images[:1]  # at least one batch
+    assert affordable(gm, images, share=0.5) == images
+
+
 def test_bias_correction_zeroes_the_mean_error_on_its_calibration_images():
     gm = _prepared(_small_net(), bits=4)  # 4-bit weights: a clear bias to correct
-    images = [torch.randn(16, 3, 32, 32)]
+    images = [torch.randn(16, 3, 32, 32), torch.randn(8, 3, 32, 32)]
     ptq.set_ranges(gm, images, "minmax")
     ref = copy.deepcopy(gm)  # the float model the quantized one is matched to
     before = [mean_error(gm, name, images, ref).abs().max().item() for name, _ in layers(gm)]
@@ -136,7 +173,7 @@ def test_adaround_stays_within_its_time_budget_and_leaves_the_rest_at_nearest_ro
     before = {n: weight_and_bias(m)[0].detach().clone() for n, m in layers(gm)}
     assert adaround(gm, images, seconds=0.0, iters=50) == []  # budget spent before the first layer: nothing rounded
     assert all(torch.equal(weight_and_bias(m)[0], before[n]) for n, m in layers(gm))
-    done = adaround(gm, images, seconds=60.0, iters=5)
+    done = adaround(gm, images, seconds=600.0, iters=5)
     assert [r.name for r in done] == [n for n, _ in layers(gm)]
 
 

@@ -1,10 +1,11 @@
 """Adaptive rounding of weights (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization"),
-layer by layer in execution order: each weight rounds down or up (not to the nearest), chosen by minimising the
-layer's output error against the float model on the calibration images. The layer reads the quantized model's
-input (the layers before it rounded already) and is compared with the float model's output of the same images;
-a rectified sigmoid per weight is annealed to 0 or 1. The result is written back as the layer's weight, on the
-same per-channel grid (each channel's largest weight keeps its code, so the scale stays). A layer whose adaptive
-rounding is not better than nearest rounding on the calibration images keeps nearest rounding."""
+layer by layer in execution order (one pass through the model, ``layers.walk``): each weight rounds down or up (not
+to the nearest), chosen by minimising the layer's output error against the float model on the calibration images.
+The layer reads the quantized model's input (the layers before it rounded already) and is compared with the float
+model's output of the same images; a rectified sigmoid per weight is annealed to 0 or 1. The result is written
+back as the layer's weight, on the same per-channel grid (each channel's largest weight keeps its code, so the
+scale stays). A layer whose adaptive rounding is not better than nearest rounding on the calibration images keeps
+nearest rounding."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import torch.fx as fx
 from pipeline.ptq.layers import (
     Layer,
     activation,
+    affordable,
     apply,
-    capture_inputs,
-    float_mode,
     layers,
     preact,
     set_folded_weight,
+    walk,
     weight_and_bias,
 )
 from pipeline.quant.spec import _weight_qparams
@@ -101,37 +102,37 @@ def round_layer(m: Layer, x: torch.Tensor, target: torch.Tensor, iters: int, sec
     return LayerResult("", it, err_nearest, min(err, err_nearest))
 
 
-def _layer_data(gm: fx.GraphModule, ref: fx.GraphModule, name: str, images: Sequence[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantized model's input to layer ``name`` and the float model's (``ref`` in float) output of it (after
-    its activation)."""
-    m, m_ref = gm.get_submodule(name), ref.get_submodule(name)
-    with float_mode(ref), torch.no_grad():
-        target = torch.cat([activation(m_ref, preact(m_ref, x, quantized=False))
-                            for x in capture_inputs(ref, m_ref, images)])
-    x = torch.cat(list(capture_inputs(gm, m, images)))
-    return x, target
-
-
 def adaround(gm: fx.GraphModule, images: Sequence[torch.Tensor], seconds: float, iters: int,
              progress: bool = False) -> list[LayerResult]:
     """Adaptive rounding of the quantized layers of ``gm`` (in place) against a copy of ``gm`` as it is now, in
     float, in ``seconds`` in all (shared evenly among the layers still to round), each at most ``iters`` steps.
-    Reading a layer's inputs counts against the budget too: the layers left when it is spent keep nearest rounding
-    and are not in the result."""
+    One pass through both models (``layers.walk``) gives each layer its inputs; that pass counts against the budget
+    too: the layers left when it is spent keep nearest rounding and are not in the result."""
     from tqdm import tqdm
 
+    deadline = time.perf_counter() + seconds
     gm.eval()
     ref = copy.deepcopy(gm)
     todo = layers(gm)
-    deadline = time.perf_counter() + seconds
-    out = []
-    for k, (name, m) in enumerate(tqdm(todo, desc="ptq: adaround", disable=not progress, leave=False)):
+    images = affordable(gm, images, copies=2)
+    out: list[LayerResult] = []
+    bar = tqdm(total=len(todo), desc="ptq: adaround", disable=not progress, leave=False)
+
+    def visit(name: str, m: Layer, xs: list[torch.Tensor], rxs: list[torch.Tensor] | None) -> bool:
         if time.perf_counter() >= deadline:
-            break
-        x, target = _layer_data(gm, ref, name, images)
-        budget = max(0.0, deadline - time.perf_counter()) / (len(todo) - k)
-        res = round_layer(m, x, target, iters, budget, seed=k)
+            return True
+        m_ref = ref.get_submodule(name)
+        with torch.no_grad():
+            target = torch.cat([activation(m_ref, preact(m_ref, x, quantized=False)) for x in rxs or []])
+        budget = max(0.0, deadline - time.perf_counter()) / (len(todo) - len(out))
+        res = round_layer(m, torch.cat(xs), target, iters, budget, seed=len(out))
         res.name = name
         out.append(res)
+        bar.update()
+        return False
+
+    try:
+        walk(gm, images, visit, ref=ref)
+    finally:
+        bar.close()
     return out

@@ -1,8 +1,8 @@
 """Empirical bias correction (Nagel et al. 2019; NNCF's fast bias correction): layer by layer in execution order,
 the per-channel mean of the quantized model's layer output (before its activation) on the calibration images is
 set to the float model's by adding the difference to the layer's bias (batch norm's shift where one is folded in).
-Each layer is measured with the layers before it corrected already; the float model's means are read in
-one pass for all layers."""
+Each layer is measured with the layers before it corrected already, all layers in one pass through the model
+(``layers.walk``); the float model's means are read in one pass too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from pipeline.ptq.layers import capture_inputs, channel_mean, float_mode, layers, preact, set_folded_bias
+from pipeline.ptq.layers import (
+    Layer,
+    affordable,
+    capture_inputs,
+    channel_mean,
+    float_mode,
+    layers,
+    preact,
+    set_folded_bias,
+    walk,
+)
 
 
 @torch.no_grad()
@@ -63,19 +73,33 @@ def mean_error(gm: fx.GraphModule, name: str, images: Sequence[torch.Tensor], re
 
 def correct_biases(gm: fx.GraphModule, images: Sequence[torch.Tensor], progress: bool = False) -> dict:
     """Correct every quantized layer's bias on ``images`` (in place) against a copy of ``gm`` as it is now, in float;
-    returns counts and the largest mean error before correction."""
+    returns counts, the images used (the leading batches whose activations fit in half the free memory) and the
+    largest mean error before correction."""
     from tqdm import tqdm
 
     gm.eval()
     ref = copy.deepcopy(gm)
-    done, skipped, worst = 0, [], 0.0
     todo = layers(gm)
+    images = affordable(gm, images)
     target = float_means(ref, images, [name for name, _ in todo])  # the float model's, once for every layer
-    for name, m in tqdm(todo, desc="ptq: bias correction", disable=not progress, leave=False):
-        err = mean_error(gm, name, images, ref, target[name])
+    done, skipped, worst = 0, [], 0.0
+    bar = tqdm(total=len(todo), desc="ptq: bias correction", disable=not progress, leave=False)
+
+    @torch.no_grad()
+    def visit(name: str, m: Layer, xs: list[torch.Tensor], _ref: object) -> None:
+        nonlocal done, worst
+        n = sum(len(x) for x in xs)
+        err = target[name] - sum(channel_mean(preact(m, x)) * len(x) for x in xs) / n
         worst = max(worst, float(err.abs().max()))
         if set_folded_bias(m, err):
             done += 1
         else:
             skipped.append(name)
-    return {"layers": done, "skipped_no_bias": skipped, "max_mean_error_before": worst}
+        bar.update()
+
+    try:
+        walk(gm, images, visit)
+    finally:
+        bar.close()
+    return {"layers": done, "skipped_no_bias": skipped, "images": sum(len(x) for x in images),
+            "max_mean_error_before": worst}

@@ -80,7 +80,42 @@ class _SamePadPool(nn.Module):
         return self.pool(F.pad(x, self.same_pad, value=self.value))
 
 
-class QConvBn(nn.Module):
+def _stamp(*tensors: torch.Tensor | None) -> tuple:
+    """What identifies the values of ``tensors`` now: storage, device and version (an in-place update bumps it)."""
+    return tuple((t.data_ptr(), t.device, t._version) if t is not None else None for t in tensors)
+
+
+class _QuantizedWeights:
+    """The fake-quantized weight and INT32-rounded bias of a layer, computed once per inference while nothing they
+    are computed from changes (per forward they cost as much as the conv itself on small inputs); in training, or
+    with autograd on, they are computed every call."""
+
+    bits: int
+    in_quant: object
+
+    def _sources(self) -> tuple[torch.Tensor | None, ...]:
+        raise NotImplementedError
+
+    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias this layer computes with when quantized."""
+        if torch.is_grad_enabled() or self.training:
+            w, b = self._float_weights()
+            return fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0]
+        q = self.in_quant
+        key = (self.bits, getattr(self, "shift", 0.0), q is not None and q.enabled,
+               *_stamp(*self._sources(), q.scale if q is not None else None))
+        cached = self.__dict__.get("_quantized")
+        if cached is None or cached[0] != key:
+            w, b = self._float_weights()
+            cached = (key, (fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, q)[0]))
+            self.__dict__["_quantized"] = cached
+        return cached[1]
+
+
+class QConvBn(_QuantizedWeights, nn.Module):
     """Conv2d or Conv1d (+ BatchNorm folded into the fake-quantized weight) (+ ReLU/ReLU6)."""
 
     def __init__(self, conv: nn.Conv2d | nn.Conv1d, bn: nn.BatchNorm2d | None, act: nn.Module | None, spec: QuantSpec,
@@ -104,6 +139,14 @@ class QConvBn(nn.Module):
         bias = (b if b is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
         return w * sf.reshape(-1, 1, 1, 1), bias * sf + bn.bias + self.shift
 
+    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.folded()
+
+    def _sources(self) -> tuple[torch.Tensor | None, ...]:
+        bn = self.bn
+        return (self.conv.weight, self.conv.bias) + ((bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                                                     if bn is not None else ())
+
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
         if isinstance(c, SamePadConv2d):
@@ -125,28 +168,30 @@ class QConvBn(nn.Module):
             if self.conv.bias is not None:
                 y = y + self.conv.bias.reshape(1, -1, 1, 1)
             y = bn(y) + self.shift
+        elif not self.quantize_weight:
+            y = self._conv(x, *self.folded())
         else:
-            w, b = self.folded()
-            if not self.quantize_weight:
-                y = self._conv(x, w, b)
-            else:
-                y = self._conv(x, fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0])
+            y = self._conv(x, *self.quantized())
         return self.act(y) if self.act is not None else y
 
 
-class QLinear(nn.Module):
+class QLinear(_QuantizedWeights, nn.Module):
     def __init__(self, linear: nn.Linear, spec: QuantSpec):
         super().__init__()
         self.linear, self.bits = linear, spec.weight_bits
         self.quantize_weight = True  # False: float weights (post-training quantization's float reference)
         object.__setattr__(self, "in_quant", None)
 
+    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.linear.weight, self.linear.bias
+
+    def _sources(self) -> tuple[torch.Tensor | None, ...]:
+        return self.linear.weight, self.linear.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.linear.weight
         if not self.quantize_weight:
-            return F.linear(x, w, self.linear.bias)
-        return F.linear(x, fake_quant_weight(w, self.bits), quantize_bias(self.linear.bias, w, self.bits,
-                                                                          self.in_quant)[0])
+            return F.linear(x, self.linear.weight, self.linear.bias)
+        return F.linear(x, *self.quantized())
 
 
 class DeployConv(nn.Module):
