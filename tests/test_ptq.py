@@ -11,12 +11,13 @@ from torch import nn
 
 from pipeline import ptq, quant
 from pipeline.ptq.adaround import adaround, round_layer
-from pipeline.ptq.bias_correction import correct_biases, mean_error
+from pipeline.ptq.bias_correction import correct_biases, float_means, mean_error
 from pipeline.ptq.equalize import equalize
 from pipeline.ptq.layers import (
     activation,
     affordable,
     capture_inputs,
+    channel_mean,
     float_mode,
     layers,
     preact,
@@ -139,6 +140,11 @@ def test_bias_correction_zeroes_the_mean_error_on_its_calibration_images():
     images = [torch.randn(16, 3, 32, 32), torch.randn(8, 3, 32, 32)]
     ptq.set_ranges(gm, images, "minmax")
     ref = copy.deepcopy(gm)  # the float model the quantized one is matched to
+    means = float_means(ref, images, [name for name, _ in layers(ref)])
+    with float_mode(ref), torch.no_grad():  # the same means from each layer's captured inputs
+        for name, m in layers(ref):
+            direct = sum(channel_mean(preact(m, x, quantized=False)) * len(x) for x in capture_inputs(ref, m, images))
+            torch.testing.assert_close(means[name], direct / 24, rtol=1e-4, atol=1e-5)
     before = [mean_error(gm, name, images, ref).abs().max().item() for name, _ in layers(gm)]
     correct_biases(gm, images)
     after = [mean_error(gm, name, images, ref).abs().max().item() for name, _ in layers(gm)]

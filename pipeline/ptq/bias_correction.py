@@ -28,20 +28,22 @@ from pipeline.ptq.layers import (
 @torch.no_grad()
 def float_means(ref: fx.GraphModule, images: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per-channel mean output (before its activation) of each layer in ``names`` over ``images``, of ``ref`` in
-    float: one forward pass per batch for all of them (a layer called twice counts its first call)."""
+    float: one forward pass per batch for all of them, read where the layer computes it (a layer called twice
+    counts its first call)."""
     sums: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     n = 0
 
-    def hook(name: str):
-        def pre(mod, args):
+    def tap(name: str):
+        def read(y: torch.Tensor) -> None:
             if name not in seen:
                 seen.add(name)
-                y = preact(mod, args[0], quantized=False)
                 sums[name] = sums[name] + channel_mean(y) * len(y) if name in sums else channel_mean(y) * len(y)
-        return pre
+        return read
 
-    handles = [ref.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    mods = [ref.get_submodule(name) for name in names]
+    for name, m in zip(names, mods, strict=True):
+        object.__setattr__(m, "tap", tap(name))
     try:
         with float_mode(ref):
             for xb in images:
@@ -49,8 +51,8 @@ def float_means(ref: fx.GraphModule, images: Sequence[torch.Tensor], names: Sequ
                 ref(xb)
                 n += len(xb)
     finally:
-        for h in handles:
-            h.remove()
+        for m in mods:
+            object.__setattr__(m, "tap", None)
     return {name: v / n for name, v in sums.items()}
 
 

@@ -127,6 +127,7 @@ class QConvBn(_QuantizedWeights, nn.Module):
         self.bn_frozen = False
         self.quantize_weight = True  # False: float weights (post-training quantization's float reference)
         object.__setattr__(self, "in_quant", None)  # the ActQuant feeding it (not a submodule)
+        object.__setattr__(self, "tap", None)  # called with the output before the activation (PTQ's statistics)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.conv.weight, self.conv.bias
@@ -172,6 +173,8 @@ class QConvBn(_QuantizedWeights, nn.Module):
             y = self._conv(x, *self.folded())
         else:
             y = self._conv(x, *self.quantized())
+        if self.tap is not None:
+            self.tap(y)
         return self.act(y) if self.act is not None else y
 
 
@@ -181,6 +184,7 @@ class QLinear(_QuantizedWeights, nn.Module):
         self.linear, self.bits = linear, spec.weight_bits
         self.quantize_weight = True  # False: float weights (post-training quantization's float reference)
         object.__setattr__(self, "in_quant", None)
+        object.__setattr__(self, "tap", None)  # called with the output (PTQ's statistics)
 
     def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
@@ -189,9 +193,11 @@ class QLinear(_QuantizedWeights, nn.Module):
         return self.linear.weight, self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.quantize_weight:
-            return F.linear(x, self.linear.weight, self.linear.bias)
-        return F.linear(x, *self.quantized())
+        w, b = self.quantized() if self.quantize_weight else (self.linear.weight, self.linear.bias)
+        y = F.linear(x, w, b)
+        if self.tap is not None:
+            self.tap(y)
+        return y
 
 
 class DeployConv(nn.Module):
