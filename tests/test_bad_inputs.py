@@ -269,8 +269,9 @@ def test_embedded_data_upscaled_beyond_memory_is_one_line(cfg_factory, tmp_path,
 
 
 _DECODE_SLOWLY = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a parent may ignore SIGINT)
 from pipeline import imagestore
 read = imagestore.read_rgb
 def slow(*a, **k):
