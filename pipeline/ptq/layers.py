@@ -98,6 +98,16 @@ def _value(gm: nn.Module, n: fx.Node, env: dict[fx.Node, object], x: torch.Tenso
     raise ValueError(f"cannot evaluate node {n.name} ({n.op})")
 
 
+def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[list[fx.Node]]]:
+    """The graph's nodes in order (its output aside) and, for each, the values no later node reads."""
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    dead: list[list[fx.Node]] = [[] for _ in nodes]
+    for a, i in last.items():
+        dead[i].append(a)
+    return nodes, dead
+
+
 def walk(gm: fx.GraphModule, images: Sequence[torch.Tensor], visit: Visit, ref: fx.GraphModule | None = None
          ) -> None:
     """One pass through ``gm`` over all ``images`` at once, node by node: before each quantized layer first runs,
@@ -106,8 +116,7 @@ def walk(gm: fx.GraphModule, images: Sequence[torch.Tensor], visit: Visit, ref: 
     thus sees the inputs the layers before it give after their visits, for the cost of one forward pass (not one
     per layer); the memory is the values alive at a point of the graph, for all images. ``visit`` runs with autograd
     on (adaptive rounding optimises in it); returning True ends the walk."""
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    nodes, dead = _plan(gm)
     envs: list[dict] = [{} for _ in images]
     renvs: list[dict] | None = [{} for _ in images] if ref is not None else None
     seen: set[int] = set()
@@ -127,16 +136,14 @@ def walk(gm: fx.GraphModule, images: Sequence[torch.Tensor], visit: Visit, ref: 
                 if renvs is not None:
                     for env, x in zip(renvs, images, strict=True):
                         env[n] = _value(ref, n, env, x)
-            for a in n.all_input_nodes:  # free what no later node reads
-                if last[a] == i:
-                    for env in envs + (renvs or []):
-                        del env[a]
+            for env in envs + (renvs or []):  # free what no later node reads
+                for a in dead[i]:
+                    del env[a]
 
 
 def _live_bytes(gm: fx.GraphModule, x: torch.Tensor) -> int:
     """The most bytes of values alive at once when ``walk`` runs ``gm`` on the one batch ``x``."""
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    nodes, dead = _plan(gm)
     env: dict = {}
     peak = 0
     with torch.no_grad():
@@ -145,9 +152,8 @@ def _live_bytes(gm: fx.GraphModule, x: torch.Tensor) -> int:
             live = sum(v.numel() * v.element_size() for k, v in env.items()
                        if isinstance(v, torch.Tensor) and k.op != "get_attr")
             peak = max(peak, live)
-            for a in n.all_input_nodes:
-                if last[a] == i:
-                    del env[a]
+            for a in dead[i]:
+                del env[a]
     return peak
 
 
@@ -176,9 +182,7 @@ def affordable(gm: fx.GraphModule, images: Sequence[torch.Tensor], copies: int =
 
 def weight_and_bias(m: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's float weight and bias, batch norm folded in."""
-    if isinstance(m, QConvBn):
-        return m.folded()
-    return m.linear.weight, m.linear.bias
+    return m.float_weights()
 
 
 def apply(m: Layer, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -96,21 +96,24 @@ class _QuantizedWeights:
     def _sources(self) -> tuple[torch.Tensor | None, ...]:
         raise NotImplementedError
 
-    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's float weight and bias (batch norm folded in)."""
         raise NotImplementedError
+
+    def _quantize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.float_weights()
+        return fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0]
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias this layer computes with when quantized."""
         if torch.is_grad_enabled() or self.training:
-            w, b = self._float_weights()
-            return fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, self.in_quant)[0]
+            return self._quantize()
         q = self.in_quant
         key = (self.bits, getattr(self, "shift", 0.0), q is not None and q.enabled,
                *_stamp(*self._sources(), q.scale if q is not None else None))
         cached = self.__dict__.get("_quantized")
         if cached is None or cached[0] != key:
-            w, b = self._float_weights()
-            cached = (key, (fake_quant_weight(w, self.bits), quantize_bias(b, w, self.bits, q)[0]))
+            cached = (key, self._quantize())
             self.__dict__["_quantized"] = cached
         return cached[1]
 
@@ -140,7 +143,7 @@ class QConvBn(_QuantizedWeights, nn.Module):
         bias = (b if b is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean
         return w * sf.reshape(-1, 1, 1, 1), bias * sf + bn.bias + self.shift
 
-    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.folded()
 
     def _sources(self) -> tuple[torch.Tensor | None, ...]:
@@ -186,7 +189,7 @@ class QLinear(_QuantizedWeights, nn.Module):
         object.__setattr__(self, "in_quant", None)
         object.__setattr__(self, "tap", None)  # called with the output (PTQ's statistics)
 
-    def _float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
 
     def _sources(self) -> tuple[torch.Tensor | None, ...]:
