@@ -8,7 +8,9 @@ and after each step, with the seconds each took (``ptq.evaluate=final``: the qua
 
 Steps (``pipeline.ptq``), in this order: cross-layer equalization and high-bias absorption (``equalize``),
 activation ranges (``ptq.range``: minmax | percentile | mse; always), adaptive rounding (``adaround``, within
-``ptq.adaround_seconds``), empirical bias correction (``bias_correction``). The quantization format (activation
+``ptq.adaround_seconds``), empirical bias correction (``bias_correction``); then, with ``ptq.fallback_layers``,
+the layers whose quantization costs most (label-free: agreement with the FP32 model's predictions) kept in FP32
+and the steps run again on the model rebuilt with them. The quantization format (activation
 type, weight bits, FP32 layers) is the qat stage's (``qat.act_dtype``, ``qat.weight_bits``, ``qat.float_layers``),
 so both make the same kind of INT8 model. Labels are never read: the calibration images are the first
 ``ptq.calib_images`` of a seeded shuffle of the training split, or, with ``ptq.calib_folder``, up to that many
@@ -59,6 +61,8 @@ class Config:
     adaround_iters: int = setting(ge=1)  # optimisation steps per layer at most
     adaround_images: int = setting(ge=1)  # of the calibration images (held in memory per layer)
     evaluate: Literal["steps", "final"] = key_neutral("steps")  # test accuracy after each step, or at the end only
+    fallback_layers: int = setting(ge=0)  # layers kept FP32 by label-free sensitivity at most; 0: none
+    fallback_agreement: float = setting(gt=0, le=100, msg="{value} must be a percentage {range}")  # top-1 agreement
 
 
 def inputs(view: GraphView, node: str) -> dict[str, str]:
@@ -150,6 +154,42 @@ def _calibration_images(ctx: StageContext) -> list[torch.Tensor]:
     return out
 
 
+def _fallback(ctx: StageContext, model: torch.nn.Module, qspec: quant.QuantSpec, gm, images: list[torch.Tensor],
+              settings: ptq.PtqSettings, report: ptq.PtqReport, acc) -> tuple:
+    """``ptq.fallback_layers``: the most sensitive layers (``ptq.fallback.choose``) kept FP32, and the steps run
+    again on the model rebuilt with them; its entry in the steps' metrics says what it chose and measured."""
+    cfg: Config = ctx.settings
+    t = time.perf_counter()
+    fb = ptq.fallback.choose(gm, images, cfg.fallback_layers, cfg.fallback_agreement, ctx.rt.progress)
+    entry: dict = {"step": "fallback", "layers": fb.layers, "agreement_before": round(fb.agreement_before, 2),
+                   "agreement_target": cfg.fallback_agreement, "kl_before": round(fb.kl_before, 5),
+                   "ranking": [[n, round(d, 5)] for n, d in fb.ranking[:20]]}
+    if not fb.layers:
+        why = "already agrees" if fb.agreement_before >= cfg.fallback_agreement else "no layer lowers the error"
+        log.info("ptq: fallback: none (top-1 agreement with FP32 on the calibration images %.2f%%, target %.2f%%: "
+                 "%s)", fb.agreement_before, cfg.fallback_agreement, why)
+        entry["seconds"] = round(time.perf_counter() - t, 2)
+        report.steps.append(entry)
+        return gm, qspec, report
+    qspec = qspec.keeping_fp32(fb.layers)
+    gm = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
+    again = ptq.run_ptq(gm, images, settings, progress=ctx.rt.progress)
+    entry["agreement_after"] = round(ptq.fallback.agreement(gm, images), 2)
+    entry["seconds"] = round(time.perf_counter() - t, 2)
+    entry["steps_again"] = again.steps
+    if acc is not None:
+        entry["test_acc"] = acc(gm)
+    if entry["agreement_after"] < cfg.fallback_agreement:
+        log.warning("ptq: fallback: with %d of at most %d layers in FP32 the top-1 agreement is %.2f%%, below "
+                    "ptq.fallback_agreement=%g; raise ptq.fallback_layers to keep more", len(fb.layers),
+                    cfg.fallback_layers, entry["agreement_after"], cfg.fallback_agreement)
+    log.info("ptq: fallback: " + ", ".join(f"{k} {v}" for k, v in entry.items()
+                                           if k not in ("step", "ranking", "steps_again")))
+    report.steps.append(entry)
+    report.relu6_as_relu = again.relu6_as_relu
+    return gm, qspec, report
+
+
 def run(ctx: StageContext) -> QatResult:
     cfg: Config = ctx.settings
     start = time.perf_counter()
@@ -181,9 +221,11 @@ def run(ctx: StageContext) -> QatResult:
                                adaround_iters=cfg.adaround_iters, adaround_images=cfg.adaround_images)
     report = ptq.run_ptq(gm, images, settings, evaluate=acc if steps else None, progress=ctx.rt.progress,
                          log=lambda line: log.info("ptq: %s", line))
+    if cfg.fallback_layers:
+        gm, qspec, report = _fallback(ctx, model, qspec, gm, images, settings, report, acc if steps else None)
     qspec = dataclasses.replace(qspec, relu6_as_relu=tuple(report.relu6_as_relu))
     quantize_seconds = time.perf_counter() - start
-    test_acc = report.steps[-1]["test_acc"] if steps else acc(gm)
+    test_acc = next(s["test_acc"] for s in reversed(report.steps) if "test_acc" in s) if steps else acc(gm)
     gm = gm.cpu()
     save_checkpoint(ctx.out_dir / "model.pt", gm.state_dict(), ckpt["model_cfg"], shapes=ckpt[CKPT_SHAPES],
                     extra={"quant": dataclasses.asdict(qspec)})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from pipeline.ptq import fallback as fallback  # ptq.fallback.choose, .agreement
 from pipeline.ptq.adaround import adaround
 from pipeline.ptq.bias_correction import correct_biases
 from pipeline.ptq.equalize import equalize

@@ -1,0 +1,110 @@
+"""Mixed-precision fallback without labels: the quantized layers whose quantization changes the model's output most
+on the calibration images, to keep in FP32.
+
+Each quantized layer in turn runs with float weights and a float input (where the input's quantizer feeds that
+layer alone), and the drop in the KL divergence between the float model's and the quantized model's predictions
+ranks it. The best-ranked layers are then switched to float one after another until the quantized model's top-1
+agrees with the float model's on the chosen share of the images, or the layer budget is spent. Switching in place
+is the probe; the caller rebuilds the model with the chosen layers in FP32 (``QuantSpec.keeping_fp32``) and runs
+its steps again, so what it reports is measured on the model it exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.ptq.layers import Layer, float_mode, layers
+from pipeline.quant import ActQuant
+
+
+@dataclass
+class Fallback:
+    layers: list[str] = field(default_factory=list)  # chosen for FP32, most sensitive first
+    agreement_before: float = 0.0  # % of the images on which the quantized model's top-1 is the float model's
+    agreement_probe: float = 0.0  # the same with the chosen layers switched to float in place
+    kl_before: float = 0.0  # mean KL(float || quantized) of the predictions
+    ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, KL drop when float), best first
+
+
+@torch.no_grad()
+def _logits(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([gm(x).float() for x in images])
+
+
+def _compare(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(ref || out), top-1 agreement in %)."""
+    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+    return float(kl), 100.0 * float((ref.argmax(1) == out.argmax(1)).float().mean())
+
+
+def agreement(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> float:
+    """% of ``images`` on which quantized ``gm`` predicts the class its float mode predicts."""
+    gm.eval()
+    with float_mode(gm):
+        ref = _logits(gm, images)
+    return _compare(ref, _logits(gm, images))[1]
+
+
+def _own_input(gm: fx.GraphModule) -> dict[str, ActQuant]:
+    """For each quantized layer, the quantizer of its input where that quantizer feeds this layer alone."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(src := n.args[0], fx.Node):
+            continue
+        if src.op == "call_module" and isinstance(q := gm.get_submodule(src.target), ActQuant) and \
+                len(src.users) == 1 and q.observe:
+            out[str(n.target)] = q
+    return out
+
+
+@contextlib.contextmanager
+def _as_float(layer: Layer, quantizer: ActQuant | None) -> Iterator[None]:
+    was = quantizer.enabled if quantizer is not None else None
+    layer.quantize_weight = False
+    if quantizer is not None:
+        quantizer.enabled = False
+    try:
+        yield
+    finally:
+        layer.quantize_weight = True
+        if quantizer is not None:
+            quantizer.enabled = was
+
+
+def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], max_layers: int, target: float,
+           progress: bool = False) -> Fallback:
+    """Rank the quantized layers of the calibrated ``gm`` by how much their quantization costs on ``images`` and
+    pick at most ``max_layers`` of them for FP32, stopping once the top-1 agreement with the float model reaches
+    ``target`` %. ``gm`` is left as it was."""
+    gm.eval()
+    with float_mode(gm):
+        ref = _logits(gm, images)
+    kl0, agree0 = _compare(ref, _logits(gm, images))
+    res = Fallback(agreement_before=agree0, agreement_probe=agree0, kl_before=kl0)
+    if agree0 >= target or max_layers <= 0:
+        return res
+    own = _own_input(gm)
+    drops = []
+    for name, layer in tqdm(layers(gm), desc="ptq fallback: layer sensitivity", unit="layer", disable=not progress,
+                            leave=False):
+        with _as_float(layer, own.get(name)):
+            drops.append((name, kl0 - _compare(ref, _logits(gm, images))[0]))
+    res.ranking = sorted(drops, key=lambda d: -d[1])
+    by_name = dict(layers(gm))
+    with contextlib.ExitStack() as stack:
+        for name, drop in res.ranking[:max_layers]:
+            if drop <= 0:
+                break
+            stack.enter_context(_as_float(by_name[name], own.get(name)))
+            res.layers.append(name)
+            res.agreement_probe = _compare(ref, _logits(gm, images))[1]
+            if res.agreement_probe >= target:
+                break
+    return res
