@@ -8,8 +8,8 @@ and after each step, with the seconds each took (``ptq.evaluate=final``: the qua
 
 Steps (``pipeline.ptq``), in this order: cross-layer equalization and high-bias absorption (``equalize``),
 activation ranges (``ptq.range``: minmax | percentile | mse; always), adaptive rounding (``adaround``, within
-``ptq.adaround_seconds``), empirical bias correction (``bias_correction``); then, with ``ptq.fallback_layers``,
-the layers whose quantization costs most (label-free: agreement with the FP32 model's predictions) kept in FP32
+``ptq.adaround_seconds``), empirical bias correction (``bias_correction``); then, with ``ptq.fallback_blocks``,
+the blocks whose quantization costs most (label-free: agreement with the FP32 model's predictions) kept in FP32
 and the steps run again on the model rebuilt with them. The quantization format (activation
 type, weight bits, FP32 layers) is the qat stage's (``qat.act_dtype``, ``qat.weight_bits``, ``qat.float_layers``),
 so both make the same kind of INT8 model. Labels are never read: the calibration images are the first
@@ -37,7 +37,7 @@ from pipeline.artifacts import CKPT_SHAPES, save_checkpoint
 from pipeline.config import key_neutral, setting
 from pipeline.data import IMAGE_SUFFIXES, batches, files_fingerprint, image_files, read_images
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, count_macs, count_params
+from pipeline.models import build_model, count_macs, count_params, inside
 from pipeline.results import QatResult
 from pipeline.stage import GraphView, Stage, StageContext
 from pipeline.training import evaluate
@@ -61,7 +61,7 @@ class Config:
     adaround_iters: int = setting(ge=1)  # optimisation steps per layer at most
     adaround_images: int = setting(ge=1)  # of the calibration images (held in memory per layer)
     evaluate: Literal["steps", "final"] = key_neutral("steps")  # test accuracy after each step, or at the end only
-    fallback_layers: int = setting(ge=0)  # layers kept FP32 by label-free sensitivity at most; 0: none
+    fallback_blocks: int = setting(ge=0)  # blocks kept FP32 by label-free sensitivity at most; 0: none
     fallback_agreement: float = setting(gt=0, le=100, msg="{value} must be a percentage {range}")  # top-1 agreement
 
 
@@ -156,22 +156,24 @@ def _calibration_images(ctx: StageContext) -> list[torch.Tensor]:
 
 def _fallback(ctx: StageContext, model: torch.nn.Module, qspec: quant.QuantSpec, gm, images: list[torch.Tensor],
               settings: ptq.PtqSettings, report: ptq.PtqReport, acc) -> tuple:
-    """``ptq.fallback_layers``: the most sensitive layers (``ptq.fallback.choose``) kept FP32, and the steps run
-    again on the model rebuilt with them; its entry in the steps' metrics says what it chose and measured."""
+    """``ptq.fallback_blocks``: the most sensitive blocks (``ptq.fallback.choose`` over ``placement.leading_blocks``)
+    kept FP32, and the steps run again on the model rebuilt with them; its entry in the steps' metrics says what it
+    chose and measured."""
     cfg: Config = ctx.settings
     t = time.perf_counter()
-    fb = ptq.fallback.choose(gm, images, cfg.fallback_layers, cfg.fallback_agreement, ctx.rt.progress)
-    entry: dict = {"step": "fallback", "layers": fb.layers, "agreement_before": round(fb.agreement_before, 2),
+    blocks = [b for b in placement.leading_blocks(gm, model) if not inside(b, qspec.float_layers)]
+    fb = ptq.fallback.choose(gm, images, blocks, cfg.fallback_blocks, cfg.fallback_agreement, ctx.rt.progress)
+    entry: dict = {"step": "fallback", "blocks": fb.blocks, "agreement_before": round(fb.agreement_before, 2),
                    "agreement_target": cfg.fallback_agreement, "kl_before": round(fb.kl_before, 5),
                    "ranking": [[n, round(d, 5)] for n, d in fb.ranking[:20]]}
-    if not fb.layers:
-        why = "already agrees" if fb.agreement_before >= cfg.fallback_agreement else "no layer lowers the error"
+    if not fb.blocks:
+        why = "already agrees" if fb.agreement_before >= cfg.fallback_agreement else "no block lowers the error"
         log.info("ptq: fallback: none (top-1 agreement with FP32 on the calibration images %.2f%%, target %.2f%%: "
                  "%s)", fb.agreement_before, cfg.fallback_agreement, why)
         entry["seconds"] = round(time.perf_counter() - t, 2)
         report.steps.append(entry)
         return gm, qspec, report
-    qspec = qspec.keeping_fp32(fb.layers)
+    qspec = qspec.keeping_fp32(fb.blocks)
     gm = quant.prepare_qat(copy.deepcopy(model), qspec, ctx.data_cfg.image_size).to(ctx.rt.device)
     again = ptq.run_ptq(gm, images, settings, progress=ctx.rt.progress)
     entry["agreement_after"] = round(ptq.fallback.agreement(gm, images), 2)
@@ -180,9 +182,9 @@ def _fallback(ctx: StageContext, model: torch.nn.Module, qspec: quant.QuantSpec,
     if acc is not None:
         entry["test_acc"] = acc(gm)
     if entry["agreement_after"] < cfg.fallback_agreement:
-        log.warning("ptq: fallback: with %d of at most %d layers in FP32 the top-1 agreement is %.2f%%, below "
-                    "ptq.fallback_agreement=%g; raise ptq.fallback_layers to keep more", len(fb.layers),
-                    cfg.fallback_layers, entry["agreement_after"], cfg.fallback_agreement)
+        log.warning("ptq: fallback: with %d of at most %d blocks in FP32 the top-1 agreement is %.2f%%, below "
+                    "ptq.fallback_agreement=%g; raise ptq.fallback_blocks to keep more", len(fb.blocks),
+                    cfg.fallback_blocks, entry["agreement_after"], cfg.fallback_agreement)
     log.info("ptq: fallback: " + ", ".join(f"{k} {v}" for k, v in entry.items()
                                            if k not in ("step", "ranking", "steps_again")))
     report.steps.append(entry)
@@ -221,7 +223,7 @@ def run(ctx: StageContext) -> QatResult:
                                adaround_iters=cfg.adaround_iters, adaround_images=cfg.adaround_images)
     report = ptq.run_ptq(gm, images, settings, evaluate=acc if steps else None, progress=ctx.rt.progress,
                          log=lambda line: log.info("ptq: %s", line))
-    if cfg.fallback_layers:
+    if cfg.fallback_blocks:
         gm, qspec, report = _fallback(ctx, model, qspec, gm, images, settings, report, acc if steps else None)
     qspec = dataclasses.replace(qspec, relu6_as_relu=tuple(report.relu6_as_relu))
     quantize_seconds = time.perf_counter() - start

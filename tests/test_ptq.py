@@ -289,7 +289,7 @@ def test_ptq_calibrates_on_an_unlabeled_folder_and_refuses_a_bad_one(cfg_factory
         assert "\n" not in str(e.value)
 
 
-def test_fallback_keeps_the_layer_whose_quantization_costs_most_in_fp32_and_leaves_the_model_as_it_was():
+def test_fallback_keeps_the_block_whose_quantization_costs_most_in_fp32_and_leaves_the_model_as_it_was():
     torch.manual_seed(0)  # a net whose predictions differ between images (pooled ones predict one class)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
@@ -302,39 +302,42 @@ def test_fallback_keeps_the_layer_whose_quantization_costs_most_in_fp32_and_leav
     with torch.no_grad():
         out = gm(images[0])
 
-    fb = ptq.fallback.choose(gm, images, max_layers=3, target=100.0)
-    assert fb.ranking[0][0] == name and fb.layers[0] == name
-    assert fb.agreement_probe > fb.agreement_before and len(fb.layers) <= 3
+    blocks = [n for n, _ in layers(gm)]  # a Sequential's blocks: its layers
+    fb = ptq.fallback.choose(gm, images, blocks, max_blocks=3, target=100.0)
+    assert fb.ranking[0][0] == name and fb.blocks[0] == name
+    assert fb.agreement_probe > fb.agreement_before and len(fb.blocks) <= 3
     assert [(m.quantize_weight, m.in_quant.enabled if m.in_quant is not None else None)
             for _, m in layers(gm)] == before
     with torch.no_grad():
         assert torch.equal(gm(images[0]), out)
     assert ptq.fallback.agreement(gm, images) == pytest.approx(fb.agreement_before)
 
-    assert ptq.fallback.choose(gm, images, max_layers=0, target=100.0).layers == []
-    assert ptq.fallback.choose(gm, images, max_layers=3, target=fb.agreement_before).layers == []  # target met
+    assert ptq.fallback.choose(gm, images, blocks, max_blocks=0, target=100.0).blocks == []
+    assert ptq.fallback.choose(gm, images, blocks, max_blocks=3, target=fb.agreement_before).blocks == []  # met
 
     # the rebuilt model keeps it FP32: one quantized layer fewer
-    kept = quant.prepare_qat(copy.deepcopy(model), _spec().keeping_fp32(fb.layers[:1]), 8)
+    kept = quant.prepare_qat(copy.deepcopy(model), _spec().keeping_fp32(fb.blocks[:1]), 8)
     assert [n for n, _ in layers(kept)] == [n for n, _ in layers(gm) if n != name]
 
 
-def test_ptq_fallback_run_keeps_the_chosen_layers_fp32_in_its_checkpoint(cfg_factory, tmp_path):
+def test_ptq_fallback_run_keeps_the_chosen_blocks_fp32_in_its_checkpoint_and_exports(cfg_factory, tmp_path):
     from pipeline.artifacts import load_checkpoint
+    from pipeline.models import inside
 
     # a trained model (a random one predicts one class everywhere) and ranges that clip hard: a disagreement
     small = [o for o in SMALL if not o.startswith(("train.epochs", "ptq.range"))]
-    run_pipeline(cfg_factory("pipeline=[train,ptq]", "train.epochs=1", *small, "ptq.steps=[]", "ptq.range=percentile",
-                             "ptq.percentile=60", "ptq.evaluate=final", "ptq.fallback_layers=2",
-                             "ptq.fallback_agreement=100"), tmp_path / "run")
+    run_pipeline(cfg_factory("pipeline=[train,ptq,export]", "export.ort_static_reference=false", "train.epochs=1",
+                             *small, "ptq.steps=[]", "ptq.range=percentile", "ptq.percentile=60",
+                             "ptq.evaluate=final", "ptq.fallback_blocks=2", "ptq.fallback_agreement=100"),
+                 tmp_path / "run")  # the export's PyTorch/ONNX Runtime agreement gate passes
     (folder,) = (tmp_path / "outputs" / "artifacts" / "ptq").glob("*/")
     m = json.loads((folder / "metrics.json").read_text())
     fb = m["steps"][-1]
-    assert fb["step"] == "fallback" and fb["agreement_before"] < 100 and 1 <= len(fb["layers"]) <= 2
-    assert fb["agreement_after"] >= fb["agreement_before"] and fb["ranking"][0][0] == fb["layers"][0]
+    assert fb["step"] == "fallback" and fb["agreement_before"] < 100 and 1 <= len(fb["blocks"]) <= 2
+    assert fb["agreement_after"] >= fb["agreement_before"] and fb["ranking"][0][0] == fb["blocks"][0]
     assert [s["step"] for s in fb["steps_again"]] == ["ranges"]
     ckpt = load_checkpoint(folder / "model.pt")
-    assert set(fb["layers"]) <= set(ckpt["extra"]["quant"]["float_layers"])
+    assert set(fb["blocks"]) <= set(ckpt["extra"]["quant"]["float_layers"])
     gm = quant.load_quantized(ckpt, "ptq", None)
-    assert not set(fb["layers"]) & set(quant.quantized_layers(gm))
+    assert fb["blocks"] and not [n for n in quant.quantized_layers(gm) if inside(n, fb["blocks"])]
     assert m["quantized_layers"] == len(quant.quantized_layers(gm))

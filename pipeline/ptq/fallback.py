@@ -1,12 +1,14 @@
-"""Mixed-precision fallback without labels: the quantized layers whose quantization changes the model's output most
-on the calibration images, to keep in FP32.
+"""Mixed-precision fallback without labels: the blocks whose quantization changes the model's output most on the
+calibration images, to keep in FP32.
 
-Each quantized layer in turn runs with float weights and a float input (where the input's quantizer feeds that
-layer alone), and the drop in the KL divergence between the float model's and the quantized model's predictions
-ranks it. The best-ranked layers are then switched to float one after another until the quantized model's top-1
-agrees with the float model's on the chosen share of the images, or the layer budget is spent. Switching in place
-is the probe; the caller rebuilds the model with the chosen layers in FP32 (``QuantSpec.keeping_fp32``) and runs
-its steps again, so what it reports is measured on the model it exports.
+A candidate is a block of quantized layers (a module-path prefix such as ``features.3``: ONNX Runtime quantizes a
+lone float conv between two quantized ones per tensor itself, so single layers are no deployable choice). Each
+block in turn runs with float weights and float inputs (where an input's quantizer feeds that layer alone), and
+the drop in the KL divergence between the float model's and the quantized model's predictions ranks it. The
+best-ranked blocks are then switched to float one after another until the quantized model's top-1 agrees with
+the float model's on the chosen share of the images, or the budget is spent. Switching in place is the probe;
+the caller rebuilds the model with the chosen blocks in FP32 (``QuantSpec.keeping_fp32``) and runs its steps
+again, so what it reports is measured on the model it exports.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from pipeline.quant import ActQuant
 
 @dataclass
 class Fallback:
-    layers: list[str] = field(default_factory=list)  # chosen for FP32, most sensitive first
+    blocks: list[str] = field(default_factory=list)  # chosen for FP32, most sensitive first
     agreement_before: float = 0.0  # % of the images on which the quantized model's top-1 is the float model's
     agreement_probe: float = 0.0  # the same with the chosen layers switched to float in place
     kl_before: float = 0.0  # mean KL(float || quantized) of the predictions
-    ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, KL drop when float), best first
+    ranking: list[tuple[str, float]] = field(default_factory=list)  # (block, KL drop when float), best first
 
 
 @torch.no_grad()
@@ -65,45 +67,47 @@ def _own_input(gm: fx.GraphModule) -> dict[str, ActQuant]:
 
 
 @contextlib.contextmanager
-def _as_float(layer: Layer, quantizer: ActQuant | None) -> Iterator[None]:
-    was = quantizer.enabled if quantizer is not None else None
-    layer.quantize_weight = False
-    if quantizer is not None:
-        quantizer.enabled = False
+def _as_float(members: Sequence[tuple[Layer, ActQuant | None]]) -> Iterator[None]:
+    was = [(q, q.enabled) for _, q in members if q is not None]
+    for layer, q in members:
+        layer.quantize_weight = False
+        if q is not None:
+            q.enabled = False
     try:
         yield
     finally:
-        layer.quantize_weight = True
-        if quantizer is not None:
-            quantizer.enabled = was
+        for layer, _ in members:
+            layer.quantize_weight = True
+        for q, e in was:
+            q.enabled = e
 
 
-def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], max_layers: int, target: float,
-           progress: bool = False) -> Fallback:
-    """Rank the quantized layers of the calibrated ``gm`` by how much their quantization costs on ``images`` and
-    pick at most ``max_layers`` of them for FP32, stopping once the top-1 agreement with the float model reaches
-    ``target`` %. ``gm`` is left as it was."""
+def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], blocks: Sequence[str], max_blocks: int,
+           target: float, progress: bool = False) -> Fallback:
+    """Rank ``blocks`` (module-path prefixes of the quantized layers of the calibrated ``gm``) by how much their
+    quantization costs on ``images`` and pick at most ``max_blocks`` of them for FP32, stopping once the top-1
+    agreement with the float model reaches ``target`` %. ``gm`` is left as it was."""
     gm.eval()
     with float_mode(gm):
         ref = _logits(gm, images)
     kl0, agree0 = _compare(ref, _logits(gm, images))
     res = Fallback(agreement_before=agree0, agreement_probe=agree0, kl_before=kl0)
-    if agree0 >= target or max_layers <= 0:
+    if agree0 >= target or max_blocks <= 0:
         return res
     own = _own_input(gm)
+    members = {b: [(m, own.get(n)) for n, m in layers(gm) if n == b or n.startswith(b + ".")] for b in blocks}
     drops = []
-    for name, layer in tqdm(layers(gm), desc="ptq fallback: layer sensitivity", unit="layer", disable=not progress,
-                            leave=False):
-        with _as_float(layer, own.get(name)):
-            drops.append((name, kl0 - _compare(ref, _logits(gm, images))[0]))
+    for block in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block", disable=not progress,
+                      leave=False):
+        with _as_float(members[block]):
+            drops.append((block, kl0 - _compare(ref, _logits(gm, images))[0]))
     res.ranking = sorted(drops, key=lambda d: -d[1])
-    by_name = dict(layers(gm))
     with contextlib.ExitStack() as stack:
-        for name, drop in res.ranking[:max_layers]:
+        for block, drop in res.ranking[:max_blocks]:
             if drop <= 0:
                 break
-            stack.enter_context(_as_float(by_name[name], own.get(name)))
-            res.layers.append(name)
+            stack.enter_context(_as_float(members[block]))
+            res.blocks.append(block)
             res.agreement_probe = _compare(ref, _logits(gm, images))[1]
             if res.agreement_probe >= target:
                 break
