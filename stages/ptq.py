@@ -165,7 +165,8 @@ def _fallback(ctx: StageContext, model: torch.nn.Module, qspec: quant.QuantSpec,
     fb = ptq.fallback.choose(gm, images, blocks, cfg.fallback_blocks, cfg.fallback_agreement, ctx.rt.progress)
     entry: dict = {"step": "fallback", "blocks": fb.blocks, "agreement_before": round(fb.agreement_before, 2),
                    "agreement_target": cfg.fallback_agreement, "kl_before": round(fb.kl_before, 5),
-                   "ranking": [[n, round(d, 5)] for n, d in fb.ranking[:20]]}
+                   "ranking": [[n, round(d, 5)] for n, d in fb.ranking[:20]],
+                   "path": [[n, round(a, 2)] for n, a in fb.path]}
     if not fb.blocks:
         why = "already agrees" if fb.agreement_before >= cfg.fallback_agreement else "no block lowers the error"
         log.info("ptq: fallback: none (top-1 agreement with FP32 on the calibration images %.2f%%, target %.2f%%: "
@@ -186,7 +187,9 @@ def _fallback(ctx: StageContext, model: torch.nn.Module, qspec: quant.QuantSpec,
                     "ptq.fallback_agreement=%g; raise ptq.fallback_blocks to keep more", len(fb.blocks),
                     cfg.fallback_blocks, entry["agreement_after"], cfg.fallback_agreement)
     log.info("ptq: fallback: " + ", ".join(f"{k} {v}" for k, v in entry.items()
-                                           if k not in ("step", "ranking", "steps_again")))
+                                           if k not in ("step", "ranking", "path", "steps_again")))
+    log.info("ptq: fallback: agreement after each block in the probe: %s",
+             ", ".join(f"{n} {a:.2f}%" for n, a in fb.path))
     report.steps.append(entry)
     report.relu6_as_relu = again.relu6_as_relu
     return gm, qspec, report

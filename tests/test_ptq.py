@@ -306,6 +306,7 @@ def test_fallback_keeps_the_block_whose_quantization_costs_most_in_fp32_and_leav
     fb = ptq.fallback.choose(gm, images, blocks, max_blocks=3, target=100.0)
     assert fb.ranking[0][0] == name and fb.blocks[0] == name
     assert fb.agreement_probe > fb.agreement_before and len(fb.blocks) <= 3
+    assert [b for b, _ in fb.path] == fb.blocks and fb.path[-1][1] == fb.agreement_probe
     assert [(m.quantize_weight, m.in_quant.enabled if m.in_quant is not None else None)
             for _, m in layers(gm)] == before
     with torch.no_grad():

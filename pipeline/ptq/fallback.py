@@ -33,6 +33,7 @@ class Fallback:
     agreement_probe: float = 0.0  # the same with the chosen layers switched to float in place
     kl_before: float = 0.0  # mean KL(float || quantized) of the predictions
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (block, KL drop when float), best first
+    path: list[tuple[str, float]] = field(default_factory=list)  # (block switched, agreement % after it), in order
 
 
 @torch.no_grad()
@@ -109,6 +110,7 @@ def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], blocks: Sequence[
             stack.enter_context(_as_float(members[block]))
             res.blocks.append(block)
             res.agreement_probe = _compare(ref, _logits(gm, images))[1]
+            res.path.append((block, res.agreement_probe))
             if res.agreement_probe >= target:
                 break
     return res
