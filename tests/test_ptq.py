@@ -303,6 +303,7 @@ def test_fallback_keeps_the_block_whose_quantization_costs_most_in_fp32_and_leav
         out = gm(images[0])
 
     blocks = [n for n, _ in layers(gm)]  # a Sequential's blocks: its layers
+    assert ptq.fallback._members(gm, name) == ([victim], [victim.in_quant])  # the grid only it reads
     fb = ptq.fallback.choose(gm, images, blocks, max_blocks=3, target=100.0)
     assert fb.ranking[0][0] == name and fb.blocks[0] == name
     assert fb.agreement_probe > fb.agreement_before and len(fb.blocks) <= 3

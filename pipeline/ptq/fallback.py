@@ -3,7 +3,7 @@ calibration images, to keep in FP32.
 
 A candidate is a block of quantized layers (a module-path prefix such as ``features.3``: ONNX Runtime quantizes a
 lone float conv between two quantized ones per tensor itself, so single layers are no deployable choice). Each
-block in turn runs with float weights and float inputs (where an input's quantizer feeds that layer alone), and
+block in turn runs as it would in FP32 (float weights, and no quantizer on a tensor only the block reads), and
 the drop in the KL divergence between the float model's and the quantized model's predictions ranks it. The
 best-ranked blocks are then switched to float one after another until the quantized model's top-1 agrees with
 the float model's on the chosen share of the images, or the budget is spent. Switching in place is the probe;
@@ -55,30 +55,42 @@ def agreement(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> float:
     return _compare(ref, _logits(gm, images))[1]
 
 
-def _own_input(gm: fx.GraphModule) -> dict[str, ActQuant]:
-    """For each quantized layer, the quantizer of its input where that quantizer feeds this layer alone."""
-    out = {}
+def _path(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The module path of the code that runs ``node`` ('' where unknown)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = list(node.meta.get("nn_module_stack") or {})
+    return stack[-1].split("@")[0] if stack else ""
+
+
+def _members(gm: fx.GraphModule, block: str) -> tuple[list[Layer], list[ActQuant]]:
+    """The quantized layers of ``block`` and the activation quantizers whose every user lies inside it: what the
+    model rebuilt with the block in FP32 no longer has (its inputs' and internal tensors' grids; the grid of an
+    output that a quantized op outside reads stays)."""
+    def inside(path: str) -> bool:
+        return path == block or path.startswith(block + ".")
+
+    quantizers = []
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not n.args or not isinstance(src := n.args[0], fx.Node):
-            continue
-        if src.op == "call_module" and isinstance(q := gm.get_submodule(src.target), ActQuant) and \
-                len(src.users) == 1 and q.observe:
-            out[str(n.target)] = q
-    return out
+        if n.op == "call_module" and isinstance(q := gm.get_submodule(n.target), ActQuant) and q.observe and \
+                n.users and all(inside(_path(gm, u)) for u in n.users):
+            quantizers.append(q)
+    return [m for name, m in layers(gm) if inside(name)], quantizers
 
 
 @contextlib.contextmanager
-def _as_float(members: Sequence[tuple[Layer, ActQuant | None]]) -> Iterator[None]:
-    was = [(q, q.enabled) for _, q in members if q is not None]
-    for layer, q in members:
-        layer.quantize_weight = False
-        if q is not None:
-            q.enabled = False
+def _as_float(members: tuple[list[Layer], list[ActQuant]]) -> Iterator[None]:
+    block_layers, quantizers = members
+    was = [(q, q.enabled) for q in quantizers]
+    for m in block_layers:
+        m.quantize_weight = False
+    for q in quantizers:
+        q.enabled = False
     try:
         yield
     finally:
-        for layer, _ in members:
-            layer.quantize_weight = True
+        for m in block_layers:
+            m.quantize_weight = True
         for q, e in was:
             q.enabled = e
 
@@ -95,8 +107,7 @@ def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], blocks: Sequence[
     res = Fallback(agreement_before=agree0, agreement_probe=agree0, kl_before=kl0)
     if agree0 >= target or max_blocks <= 0:
         return res
-    own = _own_input(gm)
-    members = {b: [(m, own.get(n)) for n, m in layers(gm) if n == b or n.startswith(b + ".")] for b in blocks}
+    members = {b: _members(gm, b) for b in blocks}
     drops = []
     for block in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block", disable=not progress,
                       leave=False):
