@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.models import inside
 from pipeline.ptq.layers import Layer, float_mode, layers
 from pipeline.quant import ActQuant
 
@@ -30,7 +31,7 @@ from pipeline.quant import ActQuant
 class Fallback:
     blocks: list[str] = field(default_factory=list)  # chosen for FP32, most sensitive first
     agreement_before: float = 0.0  # % of the images on which the quantized model's top-1 is the float model's
-    agreement_probe: float = 0.0  # the same with the chosen layers switched to float in place
+    agreement_probe: float = 0.0  # the same with the chosen blocks switched to float in place
     kl_before: float = 0.0  # mean KL(float || quantized) of the predictions
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (block, KL drop when float), best first
     path: list[tuple[str, float]] = field(default_factory=list)  # (block switched, agreement % after it), in order
@@ -55,7 +56,7 @@ def agreement(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> float:
     return _compare(ref, _logits(gm, images))[1]
 
 
-def _path(gm: fx.GraphModule, node: fx.Node) -> str:
+def _path(node: fx.Node) -> str:
     """The module path of the code that runs ``node`` ('' where unknown)."""
     if node.op == "call_module":
         return str(node.target)
@@ -67,15 +68,12 @@ def _members(gm: fx.GraphModule, block: str) -> tuple[list[Layer], list[ActQuant
     """The quantized layers of ``block`` and the activation quantizers whose every user lies inside it: what the
     model rebuilt with the block in FP32 no longer has (its inputs' and internal tensors' grids; the grid of an
     output that a quantized op outside reads stays)."""
-    def inside(path: str) -> bool:
-        return path == block or path.startswith(block + ".")
-
     quantizers = []
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(q := gm.get_submodule(n.target), ActQuant) and q.observe and \
-                n.users and all(inside(_path(gm, u)) for u in n.users):
+                n.users and all(inside(_path(u), (block,)) for u in n.users):
             quantizers.append(q)
-    return [m for name, m in layers(gm) if inside(name)], quantizers
+    return [m for name, m in layers(gm) if inside(name, (block,))], quantizers
 
 
 @contextlib.contextmanager
