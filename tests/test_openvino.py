@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -137,6 +138,52 @@ def _reads(gm, node) -> object:
     return a
 
 
+class _Gated(torch.nn.Module):
+    """conv -> ReLU -> a squeeze-excitation block with a Hardsigmoid gate (MobileNetV3's) -> global pool."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import SqueezeExcitation
+
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.se = SqueezeExcitation(8, 4, scale_activation=torch.nn.Hardsigmoid)
+
+    def forward(self, x):
+        return self.se(torch.relu(self.conv(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_hardsigmoid_gate_keeps_its_division_by_6_on_every_target(target):
+    """Folded into its conv, the gate's /6 lives in the scale of the quantizer after it; OpenVINO leaves that
+    output unquantized, so there the Hardsigmoid stays its own op. With float weights and every observer's
+    quantizer off, the prepared model computes the float one (the gate's fixed grid aside)."""
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), 16)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), _float_run(gm):
+        want, got = model(x), gm(x)
+    assert (got - want).abs().max() < 0.01 * want.abs().max(), (got / want).mean()
+
+
+@contextlib.contextmanager
+def _float_run(gm):
+    """``gm`` with float weights and its observers' quantizers off (a FixedQuant's grid stays)."""
+    layers = [m for m in gm.modules() if isinstance(m, (quant.QConvBn, quant.QLinear))]
+    acts = quant.act_quants(gm)
+    for m in layers:
+        m.quantize_weight = False
+    for a in acts:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.quantize_weight = True
+        for a in acts:
+            a.enabled = True
+
+
 def test_openvino_target_quantizes_where_convs_and_adds_read():
     """qat.target=openvino: activations (Hardswish), SE gates and their pools stay float and unrewritten, an
     ActQuant sits where each conv and residual add reads, and OpenVINO runs every quantized layer in INT8;
@@ -151,7 +198,7 @@ def test_openvino_target_quantizes_where_convs_and_adds_read():
     qhs = [m for m in ort_gm.modules() if isinstance(m, quant.QHardSwish)]
     assert qhs and not any(isinstance(m, quant.QHardSwish) for m in ov_gm.modules())
     floats = quant.float_ops(ov_gm)
-    assert {k.split(" (")[0] for k in floats} == {"Hardswish", "AdaptiveAvgPool2d", "mul"}, floats
+    assert {k.split(" (")[0] for k in floats} == {"Hardswish", "Hardsigmoid", "AdaptiveAvgPool2d", "mul"}, floats
     assert all("float in OpenVINO" in k for k in floats) and not quant.float_ops(ort_gm)
     assert len(quant.act_quants(ov_gm)) < len(quant.act_quants(ort_gm)) * 0.75
     quantized = (quant.ActQuant, quant.SharedQuant)

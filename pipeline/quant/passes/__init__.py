@@ -34,7 +34,7 @@ from pipeline.quant.spec import QuantSpec
 from pipeline.quant.target import OpTable, op_table
 from pipeline.quant.tracer import _shapes, _trace
 
-REWRITE = 7  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models)
+REWRITE = 8  # version of what prepare_qat quantizes where (in the qat stage's key: a change rebuilds QAT models)
 
 
 @dataclass
@@ -132,7 +132,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("scalar_operands", lambda c: _scalar_operands(c.gm, c.is_float), stale_shapes=True),
     Pass("shapes_if_stale", _record_shapes_if_stale),
     # layers into the QAT modules
-    Pass("fuse_convs", lambda c: _fuse_convs(c.gm, c.spec, c.is_float)),
+    Pass("fuse_convs", lambda c: _fuse_convs(c.gm, c.spec, c.is_float, c.table.layer_output == "quant_after")),
     Pass("lone_batchnorms", lambda c: _lone_batchnorms(c.gm, c.spec, c.is_float)),
     Pass("hard_activations", lambda c: _hard_activations(c.gm, c.spec, c.is_float), int8_rewrite=True),
     # the quantizers, and what follows from where they are

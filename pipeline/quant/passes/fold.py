@@ -87,9 +87,14 @@ def _linear_batchnorms(gm: fx.GraphModule, is_float: Callable[[fx.Node], bool]) 
     return changed
 
 
-def _fuse_convs(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node], bool]) -> None:
+def _fuse_convs(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node], bool],
+                gate_in_scale: bool = True) -> None:
     """conv (+ BN) (+ ReLU / ReLU6 / a Hardsigmoid gate) -> ``QConvBn``; Conv1d -> ``QConvBn`` (no BN folding);
-    linear -> ``QLinear``. A conv in ``float_layers`` keeps its BN and activation FP32 with it."""
+    linear -> ``QLinear``. A conv in ``float_layers`` keeps its BN and activation FP32 with it.
+
+    A Hardsigmoid gate folds in only with ``gate_in_scale``: its /6 lives in the scale of the quantizer after the
+    conv, so a target that leaves the conv's output unquantized (OpenVINO, where the gate's Mul runs float) keeps
+    the Hardsigmoid as its own op."""
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -109,7 +114,7 @@ def _fuse_convs(gm: fx.GraphModule, spec: QuantSpec, is_float: Callable[[fx.Node
                 if isinstance(act, nn.ReLU6) and str(node.target) in spec.relu6_as_relu:
                     act = nn.ReLU()
                 last = nxt
-            elif _is_hard(nxt, gm) == "Hardsigmoid" and not is_float(node):
+            elif gate_in_scale and _is_hard(nxt, gm) == "Hardsigmoid" and not is_float(node):
                 act, shift, last = nn.ReLU6(), 3.0, nxt  # ReLU6(y + 3) / 6: the 3 in the bias, /6 in the scale
                 node.meta["fixed_quant"] = (6.0, 1.0 / 6.0)
             if is_float(node):  # its BN and activation stay FP32 with it
