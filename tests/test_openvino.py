@@ -244,3 +244,25 @@ def test_missing_openvino_is_one_line_naming_the_extra(cfg_factory, tmp_path, mo
     with pytest.raises(PipelineError, match=r'^config error: validate.runtimes: .*pip install -e "\.\[openvino\]"$'):
         run_pipeline(cfg_factory("validate.runtimes=[onnxruntime,openvino]"), tmp_path / "run")
     assert not (tmp_path / "outputs").exists()  # nothing trained
+
+
+def test_layer_profile_shows_where_each_openvino_session_spends_its_time(tmp_path):
+    """bench_runtimes --profile: OpenVINO's performance counters by layer type for each OpenVINO session (the ONNX
+    Runtime one is skipped); a session compiled without the counters says how to turn them on."""
+    from pipeline.tools.bench_runtimes import layer_profile
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    onnxio.export_onnx(model, x, path, 18)
+    ov = inference.get("openvino")
+    group = {"m ort": inference.get().session(path, 1), "m ov-f32": ov.session(path, 1)}
+    table = layer_profile(group, x.numpy(), rounds=2, threads=1)
+    lines = table.splitlines()
+    assert lines[0] == "| layer type | m ov-f32 |", table
+    conv = next(line for line in lines if line.startswith("| Convolution |"))
+    assert float(conv.split("|")[2].split()[0]) > 0, table
+    assert lines[-1].startswith("| **sum** |")
+    with pytest.raises(PipelineError, match="PERF_COUNT"):
+        group["m ov-f32"].layer_times(x.numpy(), runs=1)

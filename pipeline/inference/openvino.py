@@ -62,8 +62,10 @@ class OpenVinoSession(Session):
     runtime = "openvino"
     supports_async = True
 
-    def __init__(self, compiled, metadata: dict[str, str], precision: str):
+    def __init__(self, compiled, metadata: dict[str, str], precision: str, path: Path | None = None,
+                 options: dict[str, str] | None = None):
         self.compiled = compiled
+        self.path, self.options = path, dict(options or {})  # what it was compiled from, with the caller's options
         inp, out = compiled.inputs[0], compiled.outputs[0]
         self.input_dtype = "uint8" if inp.get_element_type().get_type_name() == "u8" else "float32"
         self.input_shape, self.output_shape = _dims(inp.get_partial_shape()), _dims(out.get_partial_shape())
@@ -93,6 +95,22 @@ class OpenVinoSession(Session):
         def call() -> None:
             infer()
         return call
+
+    def layer_times(self, x: np.ndarray, runs: int = 20) -> dict[tuple[str, str], float]:
+        """Milliseconds per call that each (layer type, kernel) of the compiled model spends on ``x``, from
+        OpenVINO's performance counters: a session compiled with ``options={"PERF_COUNT": "YES"}``."""
+        req = self._request()
+        total: dict[tuple[str, str], float] = {}
+        for _ in range(runs):
+            req.infer({0: x}, share_inputs=True)
+            for p in req.profiling_info:
+                if p.status == p.Status.EXECUTED:
+                    key = (p.node_type, p.exec_type)
+                    total[key] = total.get(key, 0.0) + p.real_time.total_seconds() * 1e3
+        if not total:
+            raise PipelineError("OpenVINO reported no layer times: compile the session with "
+                                'options={"PERF_COUNT": "YES"}')
+        return {k: v / runs for k, v in total.items()}
 
     def run_async(self, x: np.ndarray, callback: Callable[[str | None], None]) -> None:
         with self._queue_lock:
@@ -153,7 +171,7 @@ class OpenVinoRuntime(InferenceRuntime):
             Path(optimized_path).write_bytes(compiled.export_model())
         precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).removeprefix("<Type: '").rstrip("'>")
         return OpenVinoSession(compiled, _onnx_metadata(Path(path)), {"float32": "f32", "bfloat16": "bf16"}.get(
-            precision, precision))
+            precision, precision), Path(path), options)
 
     def kernel_coverage(self, path: Path, threads: int = 1) -> dict:
         """Convs/matmuls of the compiled model's runtime graph that run in INT8 (``runtimePrecision`` i8/u8), with

@@ -3,6 +3,7 @@
     python -m pipeline.tools.bench_runtimes --run outputs/runs/<run>              # a run's exported models
     python -m pipeline.tools.bench_runtimes --models mobilenet_v3_small,efficientnet_b0 --size 224 --batch 8
     python -m pipeline.tools.bench_runtimes --models efficientnet_b0 --qat onnxruntime,openvino   # qat.target
+    python -m pipeline.tools.bench_runtimes --run outputs/runs/<run> --profile   # OpenVINO's time per layer type
 
 ``--run``: every model row of the run's ``report.json`` (its ONNX files), each on ONNX Runtime and on OpenVINO in
 f32, and FP32 models also in bf16 where the CPU runs it natively; ratios against the run's FP32 baseline in ONNX
@@ -11,6 +12,9 @@ ONNX exported here, and with ``--int8`` ONNX Runtime's static QDQ quantization o
 images) on both runtimes; with ``--qat`` the pipeline's own INT8 model (``prepare_qat`` calibrated on embedded
 images, no training) placed for each named ``qat.target``. Timing is interleaved: every session is warmed up
 before each timed block (about ``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
+``--profile`` then shows where each OpenVINO session's time goes: milliseconds per call by layer type, with the
+kernel that ran most of it, from OpenVINO's performance counters (sessions compiled again with them on,
+interleaved rounds, medians): why an INT8 model is or is not faster than the same model in bf16.
 """
 
 from __future__ import annotations
@@ -69,6 +73,34 @@ def timed(sessions: dict[str, inference.Session], x: np.ndarray, rounds: int, se
         for k, sess in sessions.items():
             t[k].append(float(np.median(inference.time_runs(sess, x, max(5, runs // 4), runs))))
     return {k: statistics.median(v) for k, v in t.items()}
+
+
+def layer_profile(group: dict[str, inference.Session], x: np.ndarray, rounds: int, threads: int) -> str:
+    """``--profile``: a Markdown table of the OpenVINO sessions' milliseconds per call by layer type (the kernel
+    that ran most of it in brackets), medians of interleaved rounds of 20 calls after a warm-up."""
+    ov = inference.get("openvino")
+    prof = {k: ov.session(s.path, threads, options={**s.options, "PERF_COUNT": "YES"})
+            for k, s in group.items() if s.runtime == "openvino"}
+    samples: dict[str, list[dict]] = {k: [] for k in prof}
+    for _ in range(rounds):
+        for k, sess in prof.items():
+            for _ in range(5):
+                sess.run(x)
+            samples[k].append(sess.layer_times(x))
+    ms: dict[str, dict[str, float]] = {}
+    kernel: dict[str, dict[str, str]] = {}
+    for k, runs in samples.items():
+        types = {t for run in runs for t, _ in run}
+        ms[k] = {t: statistics.median(sum(v for (tt, _), v in run.items() if tt == t) for run in runs) for t in types}
+        kernel[k] = {t: max(((e, v) for (tt, e), v in runs[-1].items() if tt == t), key=lambda ev: ev[1])[0]
+                     for t in types}
+    order = sorted({t for m in ms.values() for t in m}, key=lambda t: -max(m.get(t, 0.0) for m in ms.values()))
+    lines = ["| layer type | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+    for t in order:
+        cells = [f"{ms[k][t]:.2f} ({kernel[k][t]})" if t in ms[k] else "–" for k in ms]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("| **sum** | " + " | ".join(f"**{sum(m.values()):.2f}**" for m in ms.values()) + " |")
+    return "\n".join(lines)
 
 
 def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
@@ -136,6 +168,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.5)
+    ap.add_argument("--profile", action="store_true", help="also OpenVINO's milliseconds per call by layer type")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     cpu = cpu_info()
@@ -147,7 +180,8 @@ def main() -> None:
         if args.run:
             sessions, precision = _from_run(args.run, args.threads)
             ref = "baseline ort"
-            test_x, test_y = _images(32, 10**6, "test")
+            size = sessions[ref].input_shape[-1]
+            test_x, test_y = _images(size if isinstance(size, int) else args.size, 10**6, "test")
         else:
             sessions, precision = _torchvision(args.models.split(","), args.size, args.int8, args.threads, Path(tmp),
                                                [t for t in args.qat.split(",") if t])
@@ -169,6 +203,9 @@ def main() -> None:
                 for k, t in med.items():
                     top1 = f"{acc[k]:.2f}" if k in acc else "–"
                     print(f"| {k} | {precision[k]} | {top1} | {b / t:.0f} | {med[base] / t:.2f}x |", flush=True)
+                if args.profile:
+                    print(f"\nOpenVINO, ms per call at batch {b} by layer type (kernel):\n"
+                          f"{layer_profile(group, x, args.rounds, args.threads)}\n", flush=True)
 
 
 if __name__ == "__main__":
