@@ -159,7 +159,7 @@ def test_hardsigmoid_gate_keeps_its_division_by_6_on_every_target(target):
     quantizer off, the prepared model computes the float one (the gate's fixed grid aside)."""
     torch.manual_seed(0)
     model = _Gated().eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), 16)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), 16).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad(), _float_run(gm):
         want, got = model(x), gm(x)
