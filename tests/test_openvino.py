@@ -266,3 +266,10 @@ def test_layer_profile_shows_where_each_openvino_session_spends_its_time(tmp_pat
     assert lines[-1].startswith("| **sum** |")
     with pytest.raises(PipelineError, match="PERF_COUNT"):
         group["m ov-f32"].layer_times(x.numpy(), runs=1)
+
+
+def test_bench_runtimes_on_a_folder_without_report_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.tools.bench_runtimes", "--run", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: {tmp_path} has no report.json"), out.stderr

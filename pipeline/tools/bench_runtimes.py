@@ -104,6 +104,9 @@ def layer_profile(group: dict[str, inference.Session], x: np.ndarray, rounds: in
 
 
 def _from_run(run: Path, threads: int) -> tuple[dict, dict]:
+    if not (run / "report.json").is_file():
+        raise SystemExit(f"error: {run} has no report.json: pass the folder of a run whose validate stage finished "
+                         "(outputs/runs/<run>)")
     rep = json.loads((run / "report.json").read_text())
     sessions, precision = {}, {}
     for row in rep["rows"]:
