@@ -126,6 +126,7 @@ class ExportResult(Result):
     int8_coverage: dict | None = _field()  # ONNX Runtime's kernel coverage (INT8 rows)
     target: str | None = _field()  # INT8 placed for another runtime (qat.target): its name
     target_coverage: dict | None = _field()  # and that runtime's kernel coverage, which the gate checks
+    target_parity: Parity | None = _field()  # and that runtime's parity with PyTorch, which the gate checks too
     float_ops: dict | None = _field()  # INT8 from QAT: what stayed float, and why, with counts
     preprocessing_parity: Parity | None = _field()  # export.embed_preprocessing: uint8-input model vs float
 

@@ -109,6 +109,13 @@ def gate(cfg: Config, node: str, result: ExportResult) -> list[str]:
         failures.append(f"{node}: the model with embedded preprocessing agrees with the float-input model on only "
                         f"{pre.top1_agreement:.2f}% of top-1 predictions (export.min_top1_agreement="
                         f"{cfg.min_top1_agreement})")
+    tpar = result.target_parity
+    if tpar and tpar.top1_agreement < cfg.min_top1_agreement:
+        failures.append(
+            f"{node}: {result.target} (qat.target) agrees with PyTorch on only {tpar.top1_agreement:.2f}% of top-1 "
+            f"predictions (export.min_top1_agreement={cfg.min_top1_agreement}): its INT8 kernels round differently "
+            "from the QDQ graph and this model amplifies the difference; quantize for onnxruntime, or keep the "
+            "sensitive blocks FP32 (qat.float_layers)")
     agreement = result.parity.top1_agreement
     if agreement < cfg.min_top1_agreement:
         note = requantized_note(cov) if cov else None
@@ -247,11 +254,15 @@ def _export(ctx: StageContext) -> tuple[ExportResult, np.ndarray]:
                  cov["int8_kernels"] + cov["float_kernels"], cov["int8_ops"], cov["quantized_layers"], att)
         target = getattr(src, "target", None) or inference.DEFAULT
         if target != inference.DEFAULT:  # placed for another runtime: checked on that one
-            tcov = inference.get(target).kernel_coverage(path)
+            trt = inference.get(target)
+            tcov = trt.kernel_coverage(path)
             tcov.update(quantized_layers=cov["quantized_layers"], activation_matmuls=cov["activation_matmuls"])
             result.target, result.target_coverage = target, tcov
-            log.info("%s: placed for %s (qat.target), which runs %d of %d convs/matmuls as INT8 kernels %s", ctx.node,
-                     target, tcov["int8_kernels"], tcov["int8_kernels"] + tcov["float_kernels"], tcov["int8_ops"])
+            result.target_parity = _parity(ref, inference.predict(trt.session(path), x.numpy()), n)
+            log.info("%s: placed for %s (qat.target), which runs %d of %d convs/matmuls as INT8 kernels %s; parity "
+                     "max|diff| %.2e, top-1 agreement %.2f%%", ctx.node, target, tcov["int8_kernels"],
+                     tcov["int8_kernels"] + tcov["float_kernels"], tcov["int8_ops"],
+                     result.target_parity.max_abs_diff, result.target_parity.top1_agreement)
         elif note := requantized_note(cov):
             log.warning("%s: %s", ctx.node, note)
     return result, got

@@ -218,3 +218,9 @@ def test_export_gates_judge_the_stored_metrics():
                  "int8_coverage": {"int8_kernels": 8, "activation_matmuls": 4, "quantized_layers": 10,
                                    "float_ops": {"Gemm": 6}}}
     assert "only 4 of the 10 quantized" in gate(cfg, "export/qat", attention)[0]
+    # placed for OpenVINO: its kernels and its parity are judged on OpenVINO too
+    placed = {**good, "target": "openvino", "target_coverage": good["int8_coverage"],
+              "target_parity": {"top1_agreement": 83.2}}
+    failures = gate(cfg, "export/ptq", placed)
+    assert len(failures) == 1 and failures[0].startswith("export/ptq: openvino (qat.target) agrees with PyTorch on "
+                                                         "only 83.20%"), failures

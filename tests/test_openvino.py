@@ -77,6 +77,7 @@ def test_openvino_rows_bundle_and_predict(cfg_factory, tmp_path):
     exported = json.loads((run / rows["qat-int8"]["onnx"]).with_name("metrics.json").read_text())
     assert exported["target"] == "openvino", exported
     assert exported["target_coverage"]["int8_kernels"] == exported["target_coverage"]["quantized_layers"] == 10
+    assert exported["target_parity"]["images"] == exported["parity"]["images"] > 0, exported
     assert rows["qat-int8@openvino"]["int8_kernels"] == "10/10"
     # every row reaches the tracker, a row on another runtime under a name MLflow accepts
     from mlflow.tracking import MlflowClient
