@@ -274,3 +274,15 @@ def test_bench_runtimes_on_a_folder_without_report_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
     assert out.stderr.startswith(f"error: {tmp_path} has no report.json"), out.stderr
+
+
+def test_layer_times_by_type_take_the_median_over_rounds_and_the_busiest_kernel():
+    """A layer type that runs in some rounds only (a reorder) counts 0 in the others."""
+    from pipeline.tools.bench_runtimes import _by_layer_type
+
+    rounds = [{("Convolution", "amx_I8"): 3.0, ("Convolution", "dw_I8"): 1.0},
+              {("Convolution", "amx_I8"): 5.0, ("Convolution", "dw_I8"): 1.0, ("Reorder", "jit_uni"): 0.3},
+              {("Convolution", "amx_I8"): 4.0, ("Convolution", "dw_I8"): 2.0}]
+    ms, kernel = _by_layer_type({"m ov-f32": rounds})
+    assert ms["m ov-f32"] == {"Convolution": 6.0, "Reorder": 0.0}  # rounds of 4, 6 and 6 ms
+    assert kernel["m ov-f32"] == {"Convolution": "amx_I8", "Reorder": "jit_uni"}

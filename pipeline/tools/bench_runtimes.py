@@ -75,6 +75,22 @@ def timed(sessions: dict[str, inference.Session], x: np.ndarray, rounds: int, se
     return {k: statistics.median(v) for k, v in t.items()}
 
 
+def _by_layer_type(samples: dict[str, list[dict[tuple[str, str], float]]]) -> tuple[dict, dict]:
+    """Per session: the median over rounds of each layer type's milliseconds (0 in a round it did not run in),
+    and the kernel that ran most of that type's time over all rounds."""
+    ms: dict[str, dict[str, float]] = {}
+    kernel: dict[str, dict[str, str]] = {}
+    for k, runs in samples.items():
+        types = {t for run in runs for t, _ in run}
+        ms[k] = {t: statistics.median(sum(v for (tt, _), v in run.items() if tt == t) for run in runs) for t in types}
+        total: dict[tuple[str, str], float] = {}
+        for run in runs:
+            for key, v in run.items():
+                total[key] = total.get(key, 0.0) + v
+        kernel[k] = {t: max((v, e) for (tt, e), v in total.items() if tt == t)[1] for t in types}
+    return ms, kernel
+
+
 def layer_profile(group: dict[str, inference.Session], x: np.ndarray, rounds: int, threads: int) -> str:
     """``--profile``: a Markdown table of the OpenVINO sessions' milliseconds per call by layer type (the kernel
     that ran most of it in brackets), medians of interleaved rounds of 20 calls after a warm-up."""
@@ -87,13 +103,7 @@ def layer_profile(group: dict[str, inference.Session], x: np.ndarray, rounds: in
             for _ in range(5):
                 sess.run(x)
             samples[k].append(sess.layer_times(x))
-    ms: dict[str, dict[str, float]] = {}
-    kernel: dict[str, dict[str, str]] = {}
-    for k, runs in samples.items():
-        types = {t for run in runs for t, _ in run}
-        ms[k] = {t: statistics.median(sum(v for (tt, _), v in run.items() if tt == t) for run in runs) for t in types}
-        kernel[k] = {t: max(((e, v) for (tt, e), v in runs[-1].items() if tt == t), key=lambda ev: ev[1])[0]
-                     for t in types}
+    ms, kernel = _by_layer_type(samples)
     order = sorted({t for m in ms.values() for t in m}, key=lambda t: -max(m.get(t, 0.0) for m in ms.values()))
     lines = ["| layer type | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
     for t in order:
