@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -158,31 +157,15 @@ def test_hardsigmoid_gate_keeps_its_division_by_6_on_every_target(target):
     """Folded into its conv, the gate's /6 lives in the scale of the quantizer after it; OpenVINO leaves that
     output unquantized, so there the Hardsigmoid stays its own op. With float weights and every observer's
     quantizer off, the prepared model computes the float one (the gate's fixed grid aside)."""
+    from pipeline.ptq.layers import float_mode
+
     torch.manual_seed(0)
     model = _Gated().eval()
     gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), 16).eval()
     x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad(), _float_run(gm):
+    with torch.no_grad(), float_mode(gm):
         want, got = model(x), gm(x)
     assert (got - want).abs().max() < 0.01 * want.abs().max(), (got / want).mean()
-
-
-@contextlib.contextmanager
-def _float_run(gm):
-    """``gm`` with float weights and its observers' quantizers off (a FixedQuant's grid stays)."""
-    layers = [m for m in gm.modules() if isinstance(m, (quant.QConvBn, quant.QLinear))]
-    acts = quant.act_quants(gm)
-    for m in layers:
-        m.quantize_weight = False
-    for a in acts:
-        a.enabled = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.quantize_weight = True
-        for a in acts:
-            a.enabled = True
 
 
 def test_openvino_target_quantizes_where_convs_and_adds_read():
