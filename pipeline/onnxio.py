@@ -20,6 +20,37 @@ from pipeline.artifacts import atomic_write_bytes
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
+_TORCHLIB: dict = {}  # opset -> the exporter's registry of torchlib functions, built once per process
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once():
+    """Within the block, the exporter's ``ONNXRegistry.from_torchlib`` (about 1 s: it walks every torchlib
+    function on each ``torch.onnx.export`` call) returns a copy of a registry built once per process. The copy
+    is the exporter's to extend with the custom translations. Private API: where it is missing, nothing changes."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        registry_cls = _registration.ONNXRegistry
+        build = registry_cls.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _TORCHLIB:
+            _TORCHLIB[key] = build.__func__(cls, *args, **kwargs)
+        base, fresh = _TORCHLIB[key], cls()
+        fresh.__dict__.update(base.__dict__)
+        fresh.functions = {k: list(v) for k, v in base.functions.items()}
+        return fresh
+
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = build
+
 
 def _mean_to_global_pool(x, dim, keepdim: bool = False, dtype=None):
     """aten.mean over H, W of a 4-D map -> GlobalAveragePool, which ORT can run as QLinearGlobalAveragePool;
@@ -42,7 +73,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
 
     table = {torch.ops.aten.mean.dim: _mean_to_global_pool, **(extra_translations or {})}
     model = model.eval().cpu()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _torchlib_registry_built_once():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

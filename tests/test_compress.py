@@ -1229,3 +1229,25 @@ def test_only_spatial_means_export_as_global_average_pool(tmp_path):
     assert "ReduceMean" in ops and "GlobalAveragePool" in ops
     got = inference.predict(inference.get().session(tmp_path / "m.onnx"), x.numpy())
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_exports_share_one_torchlib_registry_and_write_the_same_bytes(tmp_path, monkeypatch):
+    """The exporter's torchlib registry is built once per process; each export gets its own copy to extend
+    with its translations, so an export with the QDQ translations leaves nothing behind for the next one."""
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    onnxio.export_onnx(model, x, tmp_path / "a.onnx", 18, quant.onnx_translations())
+    onnxio.export_onnx(model, x, tmp_path / "b.onnx", 18)
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original  # restored after each export
+    assert onnxio._TORCHLIB and not any(m.is_custom for reg in onnxio._TORCHLIB.values()
+                                        for metas in reg.functions.values() for m in metas)
+    monkeypatch.setattr(onnxio, "_torchlib_registry_built_once", contextlib.nullcontext)
+    onnxio.export_onnx(model, x, tmp_path / "c.onnx", 18)
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
