@@ -322,6 +322,31 @@ def test_fallback_keeps_the_block_whose_quantization_costs_most_in_fp32_and_leav
     assert [n for n, _ in layers(kept)] == [n for n, _ in layers(gm) if n != name]
 
 
+def test_fallback_chooses_each_next_block_beside_the_ones_already_float():
+    """Greedy: the second block is the one that lowers the error most with the first already float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU())],
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    gm = quant.prepare_qat(copy.deepcopy(model), _spec(), 8).eval()
+    images = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ptq.set_ranges(gm, images, "minmax")
+    named = layers(gm)
+    named[1][1].in_quant.set_range(0.0, 2000.0)  # ruined: sees almost zeros
+    named[3][1].in_quant.set_range(0.0, 10.0)  # damaged, which hardly shows while the one before is ruined
+    blocks = [n for n, _ in named]
+    fb = ptq.fallback.choose(gm, images, blocks, max_blocks=2, target=100.0)
+    assert fb.blocks == [blocks[1], blocks[3]]
+    assert fb.ranking[1][0] != blocks[3]  # alone it ranks lower: a ranking taken once would have missed it
+    with torch.no_grad(), float_mode(gm):
+        ref = torch.cat([gm(x) for x in images])
+    kls = {}
+    with torch.no_grad(), ptq.fallback._as_float(ptq.fallback._members(gm, blocks[1])):  # brute force
+        for b in blocks[:1] + blocks[2:]:
+            with ptq.fallback._as_float(ptq.fallback._members(gm, b)):
+                kls[b] = ptq.fallback._compare(ref, torch.cat([gm(x) for x in images]))[0]
+    assert min(kls, key=kls.get) == fb.blocks[1]
+
+
 def test_ptq_fallback_run_keeps_the_chosen_blocks_fp32_in_its_checkpoint_and_exports(cfg_factory, tmp_path):
     from pipeline.artifacts import load_checkpoint
     from pipeline.models import inside

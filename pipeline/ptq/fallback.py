@@ -4,9 +4,12 @@ calibration images, to keep in FP32.
 A candidate is a block of quantized layers (a module-path prefix such as ``features.3``: ONNX Runtime quantizes a
 lone float conv between two quantized ones per tensor itself, so single layers are no deployable choice). Each
 block in turn runs as it would in FP32 (float weights, and no quantizer on a tensor only the block reads), and
-the drop in the KL divergence between the float model's and the quantized model's predictions ranks it. The
-best-ranked blocks are then switched to float one after another until the quantized model's top-1 agrees with
-the float model's on the chosen share of the images, or the budget is spent. Switching in place is the probe;
+the drop in the KL divergence between the float model's and the quantized model's predictions ranks it. Blocks
+interact (where one block's rounding ruins the output, the others' hardly matter until it is float), so the
+choice is greedy: the best-ranked block switches to float, then every remaining block is tried again beside the
+chosen ones and the one that lowers the KL divergence most is added, until the quantized model's top-1 agrees
+with the float model's on the chosen share of the images, no block lowers it, or the budget is spent (about
+``max_blocks`` times as many forward passes as blocks). Switching in place is the probe;
 the caller rebuilds the model with the chosen blocks in FP32 (``QuantSpec.keeping_fp32``) and runs its steps
 again, so what it reports is measured on the model it exports.
 """
@@ -33,7 +36,7 @@ class Fallback:
     agreement_before: float = 0.0  # % of the images on which the quantized model's top-1 is the float model's
     agreement_probe: float = 0.0  # the same with the chosen blocks switched to float in place
     kl_before: float = 0.0  # mean KL(float || quantized) of the predictions
-    ranking: list[tuple[str, float]] = field(default_factory=list)  # (block, KL drop when float), best first
+    ranking: list[tuple[str, float]] = field(default_factory=list)  # (block, KL drop when float alone), best first
     path: list[tuple[str, float]] = field(default_factory=list)  # (block switched, agreement % after it), in order
 
 
@@ -106,20 +109,27 @@ def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], blocks: Sequence[
     if agree0 >= target or max_blocks <= 0:
         return res
     members = {b: _members(gm, b) for b in blocks}
-    drops = []
-    for block in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block", disable=not progress,
-                      leave=False):
+
+    def kl_with(block: str) -> float:
         with _as_float(members[block]):
-            drops.append((block, kl0 - _compare(ref, _logits(gm, images))[0]))
-    res.ranking = sorted(drops, key=lambda d: -d[1])
+            return _compare(ref, _logits(gm, images))[0]
+
+    scores = [(b, kl_with(b)) for b in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block",
+                                              disable=not progress, leave=False)]
+    res.ranking = sorted(((b, kl0 - kl) for b, kl in scores), key=lambda d: -d[1])
+    kl_now = kl0
     with contextlib.ExitStack() as stack:
-        for block, drop in res.ranking[:max_blocks]:
-            if drop <= 0:
+        while scores:
+            block, kl = min(scores, key=lambda s: s[1])
+            if kl >= kl_now:  # no block left lowers the error
                 break
             stack.enter_context(_as_float(members[block]))
             res.blocks.append(block)
-            res.agreement_probe = _compare(ref, _logits(gm, images))[1]
+            kl_now, res.agreement_probe = _compare(ref, _logits(gm, images))
             res.path.append((block, res.agreement_probe))
-            if res.agreement_probe >= target:
+            if res.agreement_probe >= target or len(res.blocks) >= max_blocks:
                 break
+            left = [b for b, _ in scores if b != block]
+            scores = [(b, kl_with(b)) for b in tqdm(left, desc=f"ptq fallback: block {len(res.blocks) + 1}",
+                                                    unit="block", disable=not progress, leave=False)]
     return res
