@@ -272,3 +272,32 @@ def test_layer_times_by_type_take_the_median_over_rounds_and_the_busiest_kernel(
     ms, kernel = _by_layer_type({"m ov-f32": rounds})
     assert ms["m ov-f32"] == {"Convolution": 6.0, "Reorder": 0.0}  # rounds of 4, 6 and 6 ms
     assert kernel["m ov-f32"] == {"Convolution": "amx_I8", "Reorder": "jit_uni"}
+
+
+def test_bench_runtimes_scores_a_run_on_the_data_it_was_made_with(tmp_path):
+    """--run: top-1 on the test split of the run's own data (its saved config), not on the embedded images."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from pipeline.tools import bench_runtimes, data_config
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("test", 3)):
+        for c in ("cat", "dog"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    data = {**dataclasses.asdict(data_config()), "source": "imagefolder",
+            "root": str(tmp_path / "data"), "image_size": 8, "num_classes": 2, "retired_key": 1}
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"data": data, "paths": {"outputs": str(tmp_path / "o"), "cache": "${.outputs}/cache"}},
+                   run / ".hydra/config.yaml")
+    x, y = bench_runtimes._images(8, 10**6, "test", run)
+    assert x.shape == (6, 3, 8, 8) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert (tmp_path / "o/cache").is_dir()  # decoded into the run's cache
+    assert bench_runtimes._run_data(tmp_path) is None  # no saved config: the embedded images
+    assert len(bench_runtimes._images(8, 10**6, "test", tmp_path)[1]) == 1500

@@ -7,9 +7,10 @@
 
 ``--run``: every model row of the run's ``report.json`` (its ONNX files), each on ONNX Runtime and on OpenVINO in
 f32, and FP32 models also in bf16 where the CPU runs it natively; ratios against the run's FP32 baseline in ONNX
-Runtime, top-1 on the run's test split. ``--models``: torchvision models with untrained weights (speed only), FP32
-ONNX exported here, and with ``--int8`` ONNX Runtime's static QDQ quantization of it (calibrated on embedded
-images) on both runtimes; with ``--qat`` the pipeline's own INT8 model (``prepare_qat`` calibrated on embedded
+Runtime, top-1 on the test split of the data the run was made with (its saved config). ``--models``:
+torchvision models with untrained weights (speed only), FP32 ONNX exported here, and with ``--int8`` ONNX
+Runtime's static QDQ quantization of it (calibrated on embedded images) on both runtimes; with ``--qat`` the
+pipeline's own INT8 model (``prepare_qat`` calibrated on embedded
 images, no training) placed for each named ``qat.target``. Timing is interleaved: every session is warmed up
 before each timed block (about ``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
 ``--profile`` then shows where each OpenVINO session's time goes: milliseconds per call by layer type, with the
@@ -20,6 +21,7 @@ interleaved rounds, medians): why an INT8 model is or is not faster than the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -33,18 +35,39 @@ from pipeline.env import cpu_info
 from pipeline.tools import data_config
 
 
-def _images(size: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def _images(size: int, n: int, split: str = "train", run: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images of the embedded data's ``split`` (or of the data ``run`` was made with), normalised, at ``size``
+    px."""
     import torch
 
     from pipeline.data import load_splits
 
-    dc = data_config("data.val_fraction=0.0")
-    s = load_splits(dc, 0)
+    dc, cache = data_config("data.val_fraction=0.0"), None
+    if run is not None and (made := _run_data(run)) is not None:
+        dc, cache = made
+    s = load_splits(dc, 0, cache)
     raw, y = (s.train_x, s.train_y) if split == "train" else (s.test_x, s.test_y)
     x = torch.from_numpy(onnxio.normalise(raw[:n], dc.mean, dc.std))
     if size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
     return x.numpy(), y[:n].numpy()
+
+
+def _run_data(run: Path):
+    """(data settings, decoded-image cache) of the run's saved config (``.hydra/config.yaml``), or None where the run
+    has none (a run from the Python API)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.data import DataConfig
+
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return None
+    cfg = OmegaConf.load(saved)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    known = {f.name for f in dataclasses.fields(DataConfig)}  # a key an older release wrote is left out
+    return (DataConfig(**{**{k: v for k, v in data.items() if k in known}, "val_fraction": 0.0}),
+            Path(str(OmegaConf.select(cfg, "paths.cache"))))
 
 
 def sessions_for(name: str, path: Path, precision: str, threads: int) -> dict[str, inference.Session]:
@@ -194,7 +217,10 @@ def main() -> None:
             sessions, precision = _from_run(args.run, args.threads)
             ref = "baseline ort"
             size = sessions[ref].input_shape[-1]
-            test_x, test_y = _images(size if isinstance(size, int) else args.size, 10**6, "test")
+            test_x, test_y = _images(size if isinstance(size, int) else args.size, 10**6, "test", args.run)
+            made = _run_data(args.run)
+            print(f"top-1 on {len(test_y)} test images of "
+                  f"{made[0].root or made[0].source if made else 'the embedded data (the run has no saved config)'}")
         else:
             sessions, precision = _torchvision(args.models.split(","), args.size, args.int8, args.threads, Path(tmp),
                                                [t for t in args.qat.split(",") if t])
