@@ -45,6 +45,8 @@ class Config:
     rounds: int = setting(ge=1, msg="must be {range}")  # interleaved rounds over all models; medians are reported
     max_accuracy_drop: float | None = not_in_key()  # gate: points of top-1 below the baseline
     min_speedup: float | None = not_in_key()  # gate: throughput / baseline throughput
+    # the recommended row (and the bundle's model) loses at most this many points; not a gate; None: any
+    recommend_max_drop: float | None = not_in_key(ge=0, msg="{value} must be {range} points (null: any)")
     # gate: INT8 layers of a row on another runtime / INT8 layers of the same model in ONNX Runtime
     min_int8_coverage: float = not_in_key(ge=0, le=1, msg="{value} must be a fraction {range}")
     models: list[str]  # restrict to these rows (empty = all)

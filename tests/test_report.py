@@ -25,6 +25,18 @@ def test_best_is_most_accurate_within_noise_of_the_fastest():
     assert build_report(_rows(), "baseline", {}, _gates())["best"] == "close"
 
 
+def test_a_faster_row_losing_more_than_recommend_max_drop_is_named_not_chosen():
+    cfg = SimpleNamespace(max_accuracy_drop=None, min_speedup=None, recommend_max_drop=0.2)
+    rep = build_report(_rows(), "baseline", {}, cfg)
+    assert rep["best"] == "slow" and not rep["gates"]["failures"] and rep["recommend_max_drop"] == 0.2
+    assert rep["best_reason"].endswith("; fast is faster (1.90x) but loses 2.00 points, more than "
+                                       "validate.recommend_max_drop=0.2")
+    rows = [r for r in _rows() if r["name"] != "slow"]  # nothing close enough: the baseline, and why
+    rep = build_report(rows, "baseline", {}, cfg)
+    assert rep["best"] == "baseline" and "no compressed model" in rep["best_reason"] and "fast is faster" in \
+        rep["best_reason"]
+
+
 def test_gates_fail_with_reasons_and_can_leave_the_baseline_best():
     rep = build_report(_rows(), "baseline", {}, _gates(drop=0.2, speed=1.5))
     assert rep["best"] == "baseline" and "no compressed model" in rep["best_reason"]
