@@ -184,22 +184,7 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.batch_size % rt.world_size:
-        raise PipelineError(
-            f"batch size {cfg.batch_size} is not divisible by the world size {rt.world_size}; "
-            f"use a multiple of {rt.world_size}"
-        )
-    train_it = batches(splits.train_x, splits.train_y, data_cfg, cfg.batch_size // rt.world_size,
-                       shuffle=True, augment=data_cfg.augment, drop_last=True, device=rt.device,
-                       channels_last=rt.channels_last, seed=rt.seed, rank=rt.rank,
-                       world_size=rt.world_size)
-    if len(train_it) == 0:
-        raise PipelineError(
-            f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
-            f"lower {section}.batch_size"
-        )
-    if cfg.select == "best" and cfg.epochs > 0 and len(splits.val_y) == 0:
-        log.info("%s: no validation split (data.val_fraction=0), so the last epoch's weights are kept", desc)
+    train_it = _train_batches(splits, data_cfg, cfg, rt, section, desc)
     extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
     params = [p for p in model.parameters() if p.requires_grad] + extra_params
     opt = _optimizer(params, cfg)
@@ -253,6 +238,28 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             model.load_state_dict(best_state)
     return FitResult(history, best_acc, cfg.epochs - start_epoch,
                      seen * rt.world_size / busy if busy else float("nan"), resumed_at)
+
+
+def _train_batches(splits: Splits, data_cfg: DataConfig, cfg: FitConfig, rt: Runtime, section: str, desc: str):
+    """This rank's batches of the training split; a one-line error where the world size does not divide the batch
+    or the split holds less than one batch."""
+    if cfg.batch_size % rt.world_size:
+        raise PipelineError(
+            f"batch size {cfg.batch_size} is not divisible by the world size {rt.world_size}; "
+            f"use a multiple of {rt.world_size}"
+        )
+    train_it = batches(splits.train_x, splits.train_y, data_cfg, cfg.batch_size // rt.world_size,
+                       shuffle=True, augment=data_cfg.augment, drop_last=True, device=rt.device,
+                       channels_last=rt.channels_last, seed=rt.seed, rank=rt.rank,
+                       world_size=rt.world_size)
+    if len(train_it) == 0:
+        raise PipelineError(
+            f"{len(splits.train_y)} training images are fewer than one batch of {cfg.batch_size}; "
+            f"lower {section}.batch_size"
+        )
+    if cfg.select == "best" and cfg.epochs > 0 and len(splits.val_y) == 0:
+        log.info("%s: no validation split (data.val_fraction=0), so the last epoch's weights are kept", desc)
+    return train_it
 
 
 def _resume(last_path: Path, rng_path: Path, model: nn.Module, extra: nn.Module | None, opt, sched, train_it,
