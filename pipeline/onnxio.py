@@ -20,7 +20,7 @@ from pipeline.artifacts import atomic_write_bytes
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
-_TORCHLIB: dict = {}  # opset -> the exporter's registry of torchlib functions, built once per process
+_TORCHLIB: dict = {}  # from_torchlib's arguments -> the exporter's registry of torchlib functions
 
 
 @contextlib.contextmanager

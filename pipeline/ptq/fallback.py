@@ -110,26 +110,26 @@ def choose(gm: fx.GraphModule, images: Sequence[torch.Tensor], blocks: Sequence[
         return res
     members = {b: _members(gm, b) for b in blocks}
 
-    def kl_with(block: str) -> float:
+    def with_float(block: str) -> tuple[float, float]:  # (KL, agreement) with ``block`` also float
         with _as_float(members[block]):
-            return _compare(ref, _logits(gm, images))[0]
+            return _compare(ref, _logits(gm, images))
 
-    scores = [(b, kl_with(b)) for b in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block",
-                                              disable=not progress, leave=False)]
-    res.ranking = sorted(((b, kl0 - kl) for b, kl in scores), key=lambda d: -d[1])
+    scores = [(b, *with_float(b)) for b in tqdm(blocks, desc="ptq fallback: block sensitivity", unit="block",
+                                                  disable=not progress, leave=False)]
+    res.ranking = sorted(((b, kl0 - kl) for b, kl, _ in scores), key=lambda d: -d[1])
     kl_now = kl0
     with contextlib.ExitStack() as stack:
         while scores:
-            block, kl = min(scores, key=lambda s: s[1])
+            block, kl, agree = min(scores, key=lambda s: s[1])
             if kl >= kl_now:  # no block left lowers the error
                 break
             stack.enter_context(_as_float(members[block]))
             res.blocks.append(block)
-            kl_now, res.agreement_probe = _compare(ref, _logits(gm, images))
-            res.path.append((block, res.agreement_probe))
-            if res.agreement_probe >= target or len(res.blocks) >= max_blocks:
+            kl_now, res.agreement_probe = kl, agree
+            res.path.append((block, agree))
+            if agree >= target or len(res.blocks) >= max_blocks:
                 break
-            left = [b for b, _ in scores if b != block]
-            scores = [(b, kl_with(b)) for b in tqdm(left, desc=f"ptq fallback: block {len(res.blocks) + 1}",
-                                                    unit="block", disable=not progress, leave=False)]
+            left = [b for b, *_ in scores if b != block]
+            scores = [(b, *with_float(b)) for b in tqdm(left, desc=f"ptq fallback: block {len(res.blocks) + 1}",
+                                                        unit="block", disable=not progress, leave=False)]
     return res
