@@ -147,9 +147,14 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
             kind[node] = "pass"  # shapes and tuples (x.shape, chunk) are not quantized
         if kind[node] == "float" and _is_tensor(node):
             float_ops.append((node.name, _op_name(gm, node), table.float_why))
-    # softmax takes float inputs (ORT's QLinearSoftmax is several times slower than its float Softmax), so an op
-    # whose users all take float inputs is not quantized after: attention scores (q @ k^T into the softmax or
-    # into a float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same
+    _no_quantizer_before_float(kind)
+    return kind, float_ops
+
+
+def _no_quantizer_before_float(kind: dict[fx.Node, _Kind]) -> None:
+    """An op whose users all take float inputs is not quantized after (``pass``). Softmax takes float inputs (ORT's
+    QLinearSoftmax is several times slower than its float Softmax): attention scores (q @ k^T into the softmax or
+    into a float position bias) come out float from MatMulIntegerToFloat, an INT8 kernel all the same."""
     takes_float = {n for n in kind if (kind[n] == "float" and _is_tensor(n)) or _calls(n, _SOFTMAX, "softmax")}
     for node in reversed(list(kind)):
         if kind[node] == "quant_after" and node.op != "call_module" and node.users and \
@@ -157,7 +162,6 @@ def _classify(gm: fx.GraphModule, untraceable: dict[str, str], is_float: Callabl
             kind[node] = "pass"
             if not _calls(node, _MATMUL, "matmul"):  # a matmul still takes INT8 inputs
                 takes_float.add(node)
-    return kind, float_ops
 
 
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_}
