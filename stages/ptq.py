@@ -121,11 +121,11 @@ def key_extra(view: GraphView, node: str) -> dict:
              "observer_ema": q.observer_ema, "rewrite": quant.REWRITE}
     if getattr(q, "target", inference.DEFAULT) != inference.DEFAULT:  # its default leaves existing keys as they were
         extra["target"] = q.target
-    if view.settings["ptq"].fallback_blocks:  # the fallback algorithm: greedy set search
+    cfg: Config = view.settings["ptq"]
+    if cfg.fallback_blocks:  # the fallback algorithm: greedy set search
         extra["fallback"] = "greedy"
     if placement.AUTO in q.float_layers:
         extra["float_layers_auto"] = [platform.machine().lower(), quant.int8_dot_product() is not None]
-    cfg: Config = view.settings["ptq"]
     if cfg.calib_folder is not None:
         folder = Path(cfg.calib_folder).expanduser()
         extra["calib_files"] = files_fingerprint(folder, _calib_files(cfg), view.data.fingerprint)

@@ -296,8 +296,8 @@ def test_bench_runtimes_scores_a_run_on_the_data_it_was_made_with(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save({"data": data, "paths": {"outputs": str(tmp_path / "o"), "cache": "${.outputs}/cache"}},
                    run / ".hydra/config.yaml")
-    x, y = bench_runtimes._images(8, 10**6, "test", run)
+    x, y = bench_runtimes._images(8, 10**6, "test", bench_runtimes._run_data(run))
     assert x.shape == (6, 3, 8, 8) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
     assert (tmp_path / "o/cache").is_dir()  # decoded into the run's cache
     assert bench_runtimes._run_data(tmp_path) is None  # no saved config: the embedded images
-    assert len(bench_runtimes._images(8, 10**6, "test", tmp_path)[1]) == 1500
+    assert len(bench_runtimes._images(8, 10**6, "test", bench_runtimes._run_data(tmp_path))[1]) == 1500

@@ -10,8 +10,8 @@ f32, and FP32 models also in bf16 where the CPU runs it natively; ratios against
 Runtime, top-1 on the test split of the data the run was made with (its saved config). ``--models``:
 torchvision models with untrained weights (speed only), FP32 ONNX exported here, and with ``--int8`` ONNX
 Runtime's static QDQ quantization of it (calibrated on embedded images) on both runtimes; with ``--qat`` the
-pipeline's own INT8 model (``prepare_qat`` calibrated on embedded
-images, no training) placed for each named ``qat.target``. Timing is interleaved: every session is warmed up
+pipeline's own INT8 model (``prepare_qat`` calibrated on embedded images, no training) placed for each named
+``qat.target``. Timing is interleaved: every session is warmed up
 before each timed block (about ``--seconds`` long), medians over ``--rounds`` rounds, ratios from the same run.
 ``--profile`` then shows where each OpenVINO session's time goes: milliseconds per call by layer type, with the
 kernel that ran most of it, from OpenVINO's performance counters (sessions compiled again with them on,
@@ -35,16 +35,14 @@ from pipeline.env import cpu_info
 from pipeline.tools import data_config
 
 
-def _images(size: int, n: int, split: str = "train", run: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images of the embedded data's ``split`` (or of the data ``run`` was made with), normalised, at ``size``
-    px."""
+def _images(size: int, n: int, split: str = "train", data: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images of ``split`` of the embedded data (or of ``data``: a run's ``_run_data``), normalised, at
+    ``size`` px."""
     import torch
 
     from pipeline.data import load_splits
 
-    dc, cache = data_config("data.val_fraction=0.0"), None
-    if run is not None and (made := _run_data(run)) is not None:
-        dc, cache = made
+    dc, cache = data or (data_config("data.val_fraction=0.0"), None)
     s = load_splits(dc, 0, cache)
     raw, y = (s.train_x, s.train_y) if split == "train" else (s.test_x, s.test_y)
     x = torch.from_numpy(onnxio.normalise(raw[:n], dc.mean, dc.std))
@@ -217,8 +215,8 @@ def main() -> None:
             sessions, precision = _from_run(args.run, args.threads)
             ref = "baseline ort"
             size = sessions[ref].input_shape[-1]
-            test_x, test_y = _images(size if isinstance(size, int) else args.size, 10**6, "test", args.run)
             made = _run_data(args.run)
+            test_x, test_y = _images(size if isinstance(size, int) else args.size, 10**6, "test", made)
             print(f"top-1 on {len(test_y)} test images of "
                   f"{made[0].root or made[0].source if made else 'the embedded data (the run has no saved config)'}")
         else:
