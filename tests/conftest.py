@@ -16,8 +16,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from pipeline import CONF_DIR
+from pipeline.quant import resolve_weight_bits
 
 CONF = str(CONF_DIR)
+# the weight bits ORT's INT8 kernels compute exactly on this CPU (7 without VNNI, where u8 x s8 pairs of 8-bit
+# weights saturate): tests that compare ORT with PyTorch quantize with these
+ORT_BITS = resolve_weight_bits("auto")[0]
 
 
 def make_cfg(tmp_path: Path, *overrides: str, tiny: bool = True) -> DictConfig:

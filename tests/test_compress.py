@@ -16,10 +16,11 @@ from pipeline.inference import ort_quantize
 from pipeline.models import apply_shapes, build_model, count_macs, module_shapes
 from pipeline.runner import Runner, run_pipeline
 from stages.export import requantized_note
+from tests.conftest import ORT_BITS
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
-SPEC = quant.QuantSpec("uint8", 8, 0.01, ())
-SPEC_FLOAT = quant.QuantSpec("uint8", 8, 0.01, ("conv1", "layer1"))
+SPEC = quant.QuantSpec("uint8", ORT_BITS, 0.01, ())
+SPEC_FLOAT = quant.QuantSpec("uint8", ORT_BITS, 0.01, ("conv1", "layer1"))
 
 
 @pytest.mark.parametrize("override,match", [
@@ -855,7 +856,7 @@ def test_deploy_form_computes_exactly_what_qat_trained(name, float_layers):
 def test_inference_reuses_quantized_weights_until_what_they_come_from_changes():
     torch.manual_seed(0)
     model = build_model({"name": "resnet8", "num_classes": 10, "width": 0.5}).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()))
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()))
     quant.calibrate(gm, [(torch.randn(4, 3, 32, 32), None)])
     gm.eval()
     m = next(m for m in gm.modules() if isinstance(m, quant.QConvBn) and m.bn is not None and m.in_quant is not None)
@@ -887,7 +888,7 @@ def test_inference_reuses_quantized_weights_until_what_they_come_from_changes():
     ("int8", -1.0, 3.0, 3.0 / 127, 0),     # symmetric: max |x| onto 127
 ])
 def test_activation_qparams(dtype, lo, hi, scale, zp):
-    aq = quant.ActQuant(quant.QuantSpec(dtype, 8, 0.01, ()))
+    aq = quant.ActQuant(quant.QuantSpec(dtype, ORT_BITS, 0.01, ()))
     aq.calibrating = True
     aq(torch.tensor([lo, hi, (lo + hi) / 2]))
     assert aq.scale.item() == pytest.approx(scale, rel=1e-6) and aq.zero_point.item() == zp
@@ -898,7 +899,7 @@ def test_activation_qparams(dtype, lo, hi, scale, zp):
 
 
 def test_observer_moves_by_ema_during_qat():
-    aq = quant.ActQuant(quant.QuantSpec("uint8", 8, 0.25, ()))
+    aq = quant.ActQuant(quant.QuantSpec("uint8", ORT_BITS, 0.25, ()))
     aq.calibrating = True
     aq(torch.tensor([0.0, 4.0]))
     aq.calibrating = False
@@ -1196,7 +1197,7 @@ def test_hardswish_rewrite_matches_ort_for_both_activation_types(tmp_path, act_d
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.Hardswish(),
                                 torch.nn.Conv2d(16, 16, 1), torch.nn.Hardsigmoid()).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec(act_dtype, 8, 0.01, ()))
+    gm = quant.prepare_qat(model, quant.QuantSpec(act_dtype, ORT_BITS, 0.01, ()))
     assert quant.float_ops(gm) == {}
     x = torch.randn(4, 3, 32, 32) * 2
     quant.calibrate(gm, [(x, None)])

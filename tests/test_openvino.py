@@ -22,7 +22,7 @@ from pipeline.predict import Predictor, main
 from pipeline.report import build_report, int8_markdown
 from pipeline.runner import run_pipeline
 from stages.validate import runtime_rows
-from tests.conftest import tiny_weights
+from tests.conftest import ORT_BITS, tiny_weights
 from tests.test_deploy import MEAN, STD, _test_jpegs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_hardsigmoid_gate_keeps_its_division_by_6_on_every_target(target):
 
     torch.manual_seed(0)
     model = _Gated().eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, (), target=target), 16).eval()
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, (), target=target), 16).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad(), float_mode(gm):
         want, got = model(x), gm(x)
@@ -176,7 +176,7 @@ def test_openvino_target_quantizes_where_convs_and_adds_read():
 
     torch.manual_seed(0)
     model = build_model({"name": "mobilenet_v3_small", "num_classes": 10, "image_size": 32, "small_input": True})
-    gms = {t: quant.prepare_qat(model.eval(), quant.QuantSpec("uint8", 8, 0.01, (), target=t), 32)
+    gms = {t: quant.prepare_qat(model.eval(), quant.QuantSpec("uint8", ORT_BITS, 0.01, (), target=t), 32)
            for t in ("onnxruntime", "openvino")}
     ov_gm, ort_gm = gms["openvino"], gms["onnxruntime"]
     qhs = [m for m in ort_gm.modules() if isinstance(m, quant.QHardSwish)]

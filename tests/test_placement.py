@@ -8,9 +8,10 @@ import torch
 
 from pipeline import env, inference, onnxio, placement, quant
 from pipeline.models import build_model
+from tests.conftest import ORT_BITS
 
 R8 = {"name": "resnet8", "num_classes": 10, "width": 0.5}
-SPEC = quant.QuantSpec("uint8", 8, 0.01, ())
+SPEC = quant.QuantSpec("uint8", ORT_BITS, 0.01, ())
 
 
 def test_leading_blocks_follow_execution_order():

@@ -14,6 +14,7 @@ import torch
 from pipeline import inference
 from pipeline.errors import PipelineError
 from pipeline.runner import Runner, run_pipeline
+from tests.conftest import ORT_BITS
 
 TINY = ("data.train_subset=320", "validate.serving_batch_sizes=[]", "validate.concurrency=[]",
         "validate.deploy_optimized=false")
@@ -96,7 +97,7 @@ def _runs_on_int8_kernels(model: torch.nn.Module, x: torch.Tensor, tmp_path) -> 
     """Calibrated on ``x`` and exported, every quantized layer of ``model`` runs on an INT8 kernel in ORT."""
     from pipeline import placement, quant
 
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), x.shape[-1])
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), x.shape[-1])
     placement.export_int8(gm, x, tmp_path / "q.onnx")
     assert inference.get().kernel_coverage(tmp_path / "q.onnx")["int8_kernels"] >= len(quant.quantized_layers(gm))
 
@@ -180,7 +181,7 @@ def test_timm_attention_is_unrolled_like_torchvision_attention():
     from pipeline.models import build_model
 
     deit = build_model({"name": "deit_tiny_patch16_224", "family": "timm", "num_classes": 10, "image_size": 32})
-    floats = quant.float_ops(quant.prepare_qat(deit.eval(), quant.QuantSpec("uint8", 8, 0.01, ()), 32))
+    floats = quant.float_ops(quant.prepare_qat(deit.eval(), quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32))
     # before: getitem x37 (q/k/v of every block) and maybe_add_mask x12 as well; the getitem left is the class token
     assert {k.split(" (")[0]: len(v) for k, v in floats.items()} == {
         "expand": 1, "layer_norm": 25, "GELU": 12, "getitem": 1}
@@ -331,7 +332,7 @@ def test_swin_window_attention_unrolled_computes_what_torchvision_does(hw, tmp_p
         def forward(self, img):
             return self.attn(self.embed(img).permute(0, 2, 3, 1)).mean(dim=(1, 2))
 
-    gm = quant.prepare_qat(Block().eval(), quant.QuantSpec("uint8", 8, 0.01, ()), hw[0])
+    gm = quant.prepare_qat(Block().eval(), quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), hw[0])
     assert {n.split(".")[-1] for n in quant.quantized_layers(gm)} == {"embed", "q", "k", "v", "proj"}
     assert "shifted_window_attention" not in str(quant.float_ops(gm))
     img = torch.randn(8, 3, *hw)
@@ -374,7 +375,7 @@ def test_batchnorm1d_around_linear_layers_folds_into_them(tmp_path):
     for bn in (model.mlp.bn, model.mlp2.bn, model.bn):  # statistics far from the identity
         torch.nn.init.uniform_(bn.running_mean, -1, 1), torch.nn.init.uniform_(bn.running_var, 0.2, 3)
         torch.nn.init.uniform_(bn.weight, 0.5, 2), torch.nn.init.uniform_(bn.bias, -1, 1)
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 16)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 16)
     assert not any(k.startswith("BatchNorm1d") for k in quant.float_ops(gm)), quant.float_ops(gm)
     assert quant.quantized_layers(gm) == ["conv", "mlp.linear", "mlp2.linear", "head"]
     assert isinstance(model.mlp.bn, torch.nn.BatchNorm1d) and model.mlp.linear.bias is None  # the float model
@@ -407,7 +408,7 @@ def test_preactivation_batchnorm_runs_as_a_depthwise_int8_conv(tmp_path):
     with torch.no_grad():
         model.norm.running_mean.uniform_(-0.5, 0.5), model.norm.running_var.uniform_(0.5, 2.0)
         model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-0.2, 0.2)
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 8)
     assert quant.float_ops(gm) == {} and "norm" in quant.quantized_layers(gm)
     cov = _calibrated_coverage(gm, model, torch.randn(16, 3, 8, 8), tmp_path, tol=0.05)
     assert cov["float_kernels"] == 0 and cov["int8_ops"]["QLinearConv"] == 3, cov
@@ -459,7 +460,7 @@ def test_branches_on_tensor_sizes_are_traced_for_the_input_size(tmp_path, caplog
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), Window(4),
                                 torch.nn.Conv2d(8, 8, 3)).eval()
     with caplog.at_level(logging.INFO, logger="pipeline.quant"):
-        gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 9)
+        gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 9)
     assert "qat: traced for 9x9 inputs (their code branches on tensor sizes): 2 (Window)" in caplog.text
     assert quant.quantized_layers(gm) == ["0", "2.conv", "3"]
     assert set(quant.float_ops(gm)) <= {"pad (no INT8 kernel in ONNX Runtime)"}, quant.float_ops(gm)  # .float(): none
@@ -468,8 +469,8 @@ def test_branches_on_tensor_sizes_are_traced_for_the_input_size(tmp_path, caplog
     with torch.no_grad():  # weights until its state dict is loaded must not change how it is traced
         for p in before_loading.parameters():
             p.fill_(float("nan"))
-    assert quant.quantized_layers(quant.prepare_qat(before_loading, quant.QuantSpec("uint8", 8, 0.01, ()), 9)) == \
-        ["0", "2.conv", "3"]
+    spec = quant.QuantSpec("uint8", ORT_BITS, 0.01, ())
+    assert quant.quantized_layers(quant.prepare_qat(before_loading, spec, 9)) == ["0", "2.conv", "3"]
 
 
 def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line(tmp_path):
@@ -489,12 +490,12 @@ def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(torch.nn.ReLU(), Gate()),
                                 torch.nn.Conv2d(8, 8, 3)).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 8)
     assert quant.float_ops(gm) == {"Gate (torch.fx cannot trace it)": ["_1_1"]}
     assert quant.quantized_layers(gm) == ["0", "2"]
     assert _calibrated_coverage(gm, model, torch.randn(8, 3, 8, 8), tmp_path, tol=0.1)["int8_kernels"] == 2
     per_batch = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), PerBatch()).eval()  # (no export: nor of the float model)
-    gm = quant.prepare_qat(per_batch, quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+    gm = quant.prepare_qat(per_batch, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 8)
     assert quant.float_ops(gm) == {"PerBatch (torch.fx cannot trace it)": ["_1"]}
 
     class Root(torch.nn.Module):
@@ -507,7 +508,7 @@ def test_a_module_fx_cannot_trace_stays_float_and_a_root_that_cannot_is_one_line
 
     with pytest.raises(PipelineError, match=r"^cannot trace the model for quantization \(TraceError: .*\); models "
                                             r"with data-dependent control flow need another qat.source"):
-        quant.prepare_qat(Root().eval(), quant.QuantSpec("uint8", 8, 0.01, ()), 8)
+        quant.prepare_qat(Root().eval(), quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 8)
 
 
 @pytest.mark.parametrize("name,match", [
@@ -544,7 +545,7 @@ def test_timm_models_fold_their_norm_act_layers(tmp_path):
 
     torch.manual_seed(0)
     model = build_model({"name": "efficientnet_b0", "family": "timm", "num_classes": 10, "image_size": 32}).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     assert quant.float_ops(gm) == {}, quant.float_ops(gm)  # no float batch_norm, SiLU as Sigmoid * x
     x = torch.randn(4, 3, 32, 32)
     quant.calibrate(gm, [(x, None)])
@@ -565,7 +566,7 @@ def test_a_library_function_that_writes_in_place_is_one_float_op(tmp_path):
     torch.manual_seed(0)
     cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=(16, 32), num_heads=(1, 2), stride_q=((1, 1), (2, 2)))
     model = MultiScaleVit(cfg, img_size=(32, 32), num_classes=10).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     floats = {k.split(" (")[0] for k in quant.float_ops(gm)}  # getitem: the head's x[:, 0:] of a LayerNorm output
     assert floats == {"cal_rel_pos_type", "layer_norm", "GELU", "getitem"}, floats
     assert "stages.0.blocks.0.attn.qkv" in quant.quantized_layers(gm)
@@ -586,7 +587,7 @@ def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_p
     torch.manual_seed(0)
     model = ConVit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1,
                    num_classes=10).eval()
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     floats = {k.split(" (")[0]: v for k, v in quant.float_ops(gm).items()}
     assert set(floats) == {"layer_norm", "GELU", "getitem", "sum", "truediv", "Linear", "sub", "mul", "expand"}
     constant = "(input-independent: a constant of the model)"
@@ -597,7 +598,7 @@ def test_convit_caches_are_traced_and_its_positional_attention_stays_float(tmp_p
     with torch.no_grad():
         for t in empty.parameters():
             t.fill_(float("nan"))
-    rebuilt = quant.prepare_qat(empty, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    rebuilt = quant.prepare_qat(empty, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     assert [str(n.target) for n in rebuilt.graph.nodes] == [str(n.target) for n in gm.graph.nodes]
     x = torch.randn(8, 3, 32, 32)
     cov = _calibrated_coverage(gm, model, x, tmp_path, tol=0.1)
@@ -642,7 +643,7 @@ def test_zoo_model_quantizes_to_int8_kernels_that_match_pytorch(name, tmp_path):
     model = build_model({"name": name.removeprefix("timm:"), "num_classes": 10, "image_size": 32,
                          "family": family, "small_input": family == "auto"}).eval()
     torch.nn.init.normal_(model.get_submodule(classifier_name(model)).weight, std=0.2)  # no all-zero heads
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     floats = {k.split(" (")[0] for k in quant.float_ops(gm)}
     assert floats <= FLOATS.get(name, FLOATS_ZOO.get(name)), floats
     x = torch.randn(32, 3, 32, 32)
@@ -696,13 +697,13 @@ def test_weight_standardised_convs_prune_reload_and_quantize(tmp_path):
     with torch.no_grad():  # the folded convs compute exactly what the standardising ones do
         torch.testing.assert_close(fresh.eval()(x), model(x))
         torch.testing.assert_close(quant.plain_layers(model, ())(x), model(x), rtol=0, atol=0)
-    assert quant.float_ops(quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)) == {}
+    assert quant.float_ops(quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)) == {}
     _runs_on_int8_kernels(model, x, tmp_path)
     # the 'SAME' variant (ViT hybrids): padded for the input size like timm's other 'SAME' convs
     same = torch.nn.Sequential(StdConv2dSame(3, 8, 3, stride=2, padding="same"), torch.nn.ReLU()).eval()
     with torch.no_grad():
         torch.testing.assert_close(quant.plain_layers(same, ())(x[:, :, :9, :9]), same(x[:, :, :9, :9]))
-    gm = quant.prepare_qat(same, quant.QuantSpec("uint8", 8, 0.01, ()), 9)
+    gm = quant.prepare_qat(same, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 9)
     assert isinstance(gm.get_submodule("0.conv"), quant.SamePadConv2d) and quant.float_ops(gm) == {}
 
 
@@ -723,6 +724,6 @@ def test_beit_attention_biases_fold_into_its_qkv_linear():
     assert folded.blocks[0].attn.q_bias is None and model.blocks[0].attn.q_bias is not None  # the caller's is kept
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))
-    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", 8, 0.01, ()), 32)
+    gm = quant.prepare_qat(model, quant.QuantSpec("uint8", ORT_BITS, 0.01, ()), 32)
     assert isinstance(gm.get_submodule("blocks.0.attn.qkv"), quant.QLinear)
     assert not any(op.startswith("linear") for op in quant.float_ops(gm))
