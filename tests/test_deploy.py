@@ -162,6 +162,18 @@ def test_serving_measurements_cover_every_setting(fp32_onnx):
                                                                         (2, "all")]
 
 
+def test_one_thread_sessions_measure_concurrency_without_run_async(fp32_onnx):
+    """ORT's run_async needs intra-op pool threads besides the caller's; with validate.threads=1 it raised
+    (INVALID_ARGUMENT) at the end of validate. Such a session measures the thread-pool mode only."""
+    from pipeline import serving
+
+    x = onnxio.normalise(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), MEAN, STD)
+    one, two = inference.get().session(fp32_onnx, 1), inference.get().session(fp32_onnx, 2)
+    assert not one.supports_async and two.supports_async
+    conc = serving.concurrency({"m": one}, x, [2], requests=4, warmup=1, rounds=1)
+    assert list(conc["m"]) == ["threads"] and conc["m"]["threads"][2]["throughput_ips"] > 0
+
+
 def test_no_bundle_when_deploy_is_off(cfg_factory, tmp_path):
     run = tmp_path / "run"
     run_pipeline(cfg_factory("pipeline=[train,export,validate]", "train.epochs=0", tiny_weights(tmp_path),
