@@ -21,7 +21,7 @@ TINY = ("data.train_subset=320", "validate.serving_batch_sizes=[]", "validate.co
 
 
 # the models the pipeline promises to carry through every stage (32 px; ViT / Swin with their patch layout shrunk
-# to fit): one in the default run, the rest with -m zoo (40 s to 9 min each, two at a time on two cores, (B))
+# to fit), with -m zoo (40 s to 9 min each, two at a time on two cores, (B)); the default run covers their parts
 CHAIN_ZOO = ["efficientnet_b0", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "regnet_x_400mf",
              "shufflenet_v2_x1_0", "densenet121", "convnext_tiny", "vit_b_16", "swin_t",
              "timm:mobilenetv3_small_100", "timm:efficientnet_b0", "timm:deit_tiny_patch16_224"]
@@ -38,7 +38,7 @@ CHAIN_EXTRA = {  # the standard stem (16x fewer MACs at 32 px: ResNet-50 695 s -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", *(pytest.param(n, marks=pytest.mark.zoo) for n in CHAIN_ZOO)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) for n in ("mobilenet_v3_small", *CHAIN_ZOO)])
 def test_model_runs_the_whole_chain(cfg_factory, tmp_path, name):
     model = ("model=timm", f"model.name={name[5:]}") if name.startswith("timm:") else (f"model.name={name}",)
     done = run_pipeline(cfg_factory(*model, *TINY, *CHAIN_EXTRA.get(name, ())), tmp_path / "run")
@@ -536,6 +536,7 @@ def test_every_family_builds_for_small_inputs(name):
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.zoo  # the default run folds timm's BatchNormAct2d in the timm:mobilenetv3_small_100 INT8 test
 def test_timm_models_fold_their_norm_act_layers(tmp_path):
     """timm's BatchNormAct2d is split into BN (folded into the conv) and its activation."""
     import torch
