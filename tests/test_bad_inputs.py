@@ -163,7 +163,7 @@ def test_a_sweep_with_a_failing_job_runs_the_others_writes_the_summary_and_exits
     assert "Failed jobs (1)" in (tmp_path / "sweep/summary.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the default run checks the message in test_tracking (a search stopped on a bad space)
 def test_the_empty_search_space_suggests_an_override_hydra_accepts(tmp_path):  # 16.
     base = ["-m", "experiment=tiny", f"paths.outputs={tmp_path}/o", f"hydra.sweep.dir={tmp_path}/sweep", "search=base"]
     line = _one_line_error(_cli(*base, cwd=tmp_path), "the search space is empty")

@@ -926,7 +926,7 @@ def test_auto_weight_bits_and_float_layers_follow_the_cpu(monkeypatch):
     assert quant.narrow_convs(model) == [] and quant.resolve_weight_bits("auto")[0] == 8
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # every default-run QAT resolves qat.weight_bits=auto; test_placement covers float_layers=auto
 def test_qat_with_auto_settings_runs_and_records_why(cfg_factory, tmp_path, monkeypatch):
 
     monkeypatch.setattr(env, "cpu_info", lambda: {"cpu": "x", "cores": 2, "flags": ["avx2", "fma"]})  # no VNNI

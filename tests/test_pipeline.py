@@ -187,7 +187,7 @@ def test_ray_launcher_without_a_cluster_to_join_is_one_line(tmp_path, ray_env):
     assert not (tmp_path / "artifacts").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the default run trains on two gloo ranks in test_sync_batchnorm_on_two_cpu_ranks_...
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",

@@ -122,7 +122,7 @@ def test_shufflenet_prunes_inside_its_branches_and_reloads():
     _rebuilt_from_shapes(cfg, model, torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("whole_heads", [False, pytest.param(True, marks=pytest.mark.zoo)])
+@pytest.mark.parametrize("whole_heads", [pytest.param(w, marks=pytest.mark.zoo) for w in (False, True)])
 def test_attention_heads_prune_reload_and_quantize(whole_heads, tmp_path):
     """timm ViT attention pruned through its qkv linear (narrower heads, or fewer): the module learns its
     new head count, the checkpoint's shapes rebuild it, and the pruned model still runs on INT8 kernels."""
