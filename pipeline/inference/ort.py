@@ -24,11 +24,10 @@ class OrtSession(Session):
     """An ``onnxruntime.InferenceSession`` (``.ort``) behind the runtime interface."""
 
     runtime = "onnxruntime"
-    supports_async = True
 
     def __init__(self, sess, async_ok: bool = True):
         self.ort = sess
-        self.supports_async = async_ok
+        self.supports_async = async_ok  # run_async needs intra-op pool threads (OnnxRuntime.session decides)
         inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
         self._in, self._out = inp.name, [out.name]
         self.input_dtype = "uint8" if inp.type == "tensor(uint8)" else "float32"
@@ -117,9 +116,9 @@ class OnnxRuntime(InferenceRuntime):
             so.optimized_model_filepath = str(optimized_path)
         available = ort.get_available_providers()
         providers = [p for p in (devices or [CPU]) if p in available] or [CPU]
+        # run_async hands requests to intra-op pool threads besides the caller's: one thread in all has none
+        async_ok = threads > 1 or (threads == 0 and (os.cpu_count() or 1) > 1)
         try:
-            # run_async hands requests to intra-op pool threads besides the caller's: one thread in all has none
-            async_ok = threads > 1 or (threads == 0 and (os.cpu_count() or 1) > 1)
             return OrtSession(ort.InferenceSession(str(path), so, providers=providers), async_ok)
         except Exception as e:
             raise PipelineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
