@@ -961,6 +961,30 @@ class _TinyViTBlock(torch.nn.Module):
         return self.head((t + a).mean(1))
 
 
+def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
+    """In-place ReLU/Hardswish export as their functional forms (the exporter's in-place route costs seconds per
+    model); the model computes the same at another batch size and keeps its in-place modules afterwards."""
+    import numpy as np
+    import onnxruntime as ort
+
+    traced = []
+
+    class Spy(torch.nn.ReLU):
+        def forward(self, x):
+            traced.append(self.inplace)
+            return super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Spy(inplace=True), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.Hardswish(inplace=True), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10))
+    onnxio.export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "f.onnx", 18)
+    assert traced and not any(traced)
+    assert [m.inplace for m in model if hasattr(m, "inplace")] == [True, True]
+    assert {"Relu", "HardSwish"} <= set(onnxio.op_counts(tmp_path / "f.onnx"))
+    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    got = ort.InferenceSession(tmp_path / "f.onnx").run(None, {"input": x})[0]
+    assert np.abs(got - model(torch.from_numpy(x)).detach().numpy()).max() < 1e-5
+
+
 def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
     """ORT's quantizer warns once per LayerNorm weight that it cannot quantize per channel (25 lines for a
     ViT) and quantizes it per tensor: those lines are dropped, the model is still quantized."""
