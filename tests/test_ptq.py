@@ -368,3 +368,80 @@ def test_ptq_fallback_run_keeps_the_chosen_blocks_fp32_in_its_checkpoint_and_exp
     gm = quant.load_quantized(ckpt, "ptq", None)
     assert fb["blocks"] and not [n for n in quant.quantized_layers(gm) if inside(n, fb["blocks"])]
     assert m["quantized_layers"] == len(quant.quantized_layers(gm))
+
+
+def _qat_init_seeds(tmp_path, monkeypatch, *args: str) -> tuple[list[list[str]], dict]:
+    """``pipeline.tools.qat_init_seeds`` in this process, each pipeline job replaced by building its ``Runner``
+    (the config checks of every stage, no training) and returning made-up metrics."""
+    import sys
+
+    from pipeline.runner import Runner
+    from pipeline.tools import qat_init_seeds
+    from tests.conftest import make_cfg
+
+    jobs: list[list[str]] = []
+
+    def fake_run(overrides: list[str], run_dir, stage: str) -> dict:
+        jobs.append(overrides)
+        Runner(make_cfg(tmp_path, *overrides, tiny=False), tmp_path / "run")
+        seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1]) if stage == "qat" else 0
+        from_ptq = "qat.init=ptq" in overrides
+        return {"test_acc": 50.0 + seed + (1.0 if from_ptq else 0.0), "ptq_test_acc": 49.0 + seed if from_ptq else None,
+                "model_pt": tiny_weights(tmp_path).split("=", 1)[1], "seconds": 1.0}
+
+    monkeypatch.setattr(qat_init_seeds, "_run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["qat_init_seeds", "--out", str(tmp_path / "o"), *args])
+    qat_init_seeds.main()
+    return jobs, json.loads((tmp_path / "o" / "qat_init_seeds.json").read_text())
+
+
+def test_qat_init_seeds_runs_both_starts_per_seed_from_one_trained_model(tmp_path, monkeypatch, capsys):
+    """pipeline.tools.qat_init_seeds: trains once, then per seed QAT from the PTQ model (its epochs) and from
+    calibration (its epochs), every job from the trained weights; each job's config passes the pipeline's checks."""
+    jobs, summary = _qat_init_seeds(tmp_path, monkeypatch, "--seeds", "0,1", "--ptq-epochs", "1",
+                                    "--calibration-epochs", "3", "--", "experiment=tiny")
+    assert "stage=train" in jobs[0] and not any(o.startswith("model.weights=") for o in jobs[0])
+    weights = tiny_weights(tmp_path)
+    for job in jobs[1:]:
+        assert weights in job and "train.epochs=0" in job and "qat.source=train" in job
+    arms = {(next(o for o in j if o.startswith("seed=")), next(o for o in j if o.startswith("qat.epochs="))): j
+            for j in jobs[1:]}
+    assert set(arms) == {("seed=0", "qat.epochs=1"), ("seed=1", "qat.epochs=1"), ("seed=0", "qat.epochs=3"),
+                         ("seed=1", "qat.epochs=3")}
+    assert {"qat.init=ptq", "pipeline=[train,ptq,qat]"} <= set(arms[("seed=0", "qat.epochs=1")])
+    assert "qat.init=calibration" in arms[("seed=1", "qat.epochs=3")]
+    assert [r["from_ptq"] - r["from_calibration"] for r in summary["rows"]] == [1.0, 1.0]
+    assert summary["difference_mean"] == 1.0 and summary["ptq_alone_mean"] == 49.5
+    assert "over 2 seeds" in capsys.readouterr().out
+
+
+def test_qat_init_seeds_takes_given_weights_and_refuses_one_seed(tmp_path, monkeypatch):
+    jobs, _ = _qat_init_seeds(tmp_path, monkeypatch, "--seeds", "0,1", "--", "experiment=tiny",
+                              tiny_weights(tmp_path))
+    assert len(jobs) == 4 and all("train.epochs=0" in j for j in jobs)  # no training job
+    with pytest.raises(SystemExit, match="at least two seeds"):
+        _qat_init_seeds(tmp_path, monkeypatch, "--seeds", "0", "--", "experiment=tiny")
+
+
+@pytest.mark.heavy  # the default run checks every job's config in-process (the tests above)
+def test_qat_init_seeds_end_to_end(tmp_path):
+    """The tool's real jobs on the tiny config: two seeds x (QAT from PTQ, from calibration), two at a time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "pipeline.tools.qat_init_seeds", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
+            "--", "experiment=tiny", tiny_weights(tmp_path), "data.train_subset=256", "ptq.adaround_seconds=2",
+            f"paths.outputs={tmp_path}/outputs"]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "qat_init_seeds.json").read_text())
+    assert [r["seed"] for r in summary["rows"]] == [0, 1] and "over 2 seeds" in res.stdout
+    arts = {(s, a): json.loads((out / f"seed{s}-{a}" / "artifacts.json").read_text())
+            for s in (0, 1) for a in ("ptq", "calibration")}
+    assert len({a["train"]["key"] for a in arts.values()}) == 2  # per seed (its split), from the same weights
+    metrics = {k: json.loads((Path(a["qat"]["path"]) / "metrics.json").read_text()) for k, a in arts.items()}
+    assert summary["rows"][1]["from_calibration"] == metrics[(1, "calibration")]["test_acc"]
+    # QAT from the PTQ model starts from that model's accuracy
+    assert metrics[(0, "ptq")]["test_acc_ptq"] == pytest.approx(summary["rows"][0]["ptq_alone"])
