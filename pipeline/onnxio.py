@@ -72,9 +72,14 @@ def _out_of_place(model: nn.Module):
     exporter turns an in-place op into its functional form through the op's decomposition, which with a symbolic
     batch dimension costs seconds (MobileNetV3-Small's Hardswish: about half its export time); the functional op
     is translated directly, into the same ONNX graph."""
-    flipped = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    for m in flipped:
-        m.inplace = False
+    flipped = []
+    for m in model.modules():
+        if getattr(m, "inplace", None) is True:
+            try:
+                m.inplace = False
+            except (AttributeError, TypeError):  # a read-only property: left as it is
+                continue
+            flipped.append(m)
     try:
         yield
     finally:
