@@ -10,46 +10,21 @@ test accuracies and the mean ± s.d. of both and of the gain; writes ``kd_seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from pipeline.tools._seeds import parser, run_job, seeds_and_out, stats
 
 
-def _run(overrides: list[str], run_dir: Path) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipeline", "stage=distill", "progress=false", f"hydra.run.dir={run_dir}",
-           *overrides]
-    with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc:
-        tail = (run_dir / "log.txt").read_text().strip().splitlines()[-1:]
-        raise SystemExit(f"kd_seeds: {' '.join(overrides)} failed (rc {rc}): {tail[0] if tail else ''}; "
-                         f"see {run_dir / 'log.txt'}")
-    art = json.loads((run_dir / "artifacts.json").read_text())["distill"]
-    return json.loads((Path(art["path"]) / "metrics.json").read_text())
-
-
-def _stats(xs: list[float]) -> str:
-    sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+def _run(overrides: list[str], run_dir) -> dict:
+    return run_job("kd_seeds", ["stage=distill", *overrides], run_dir)["distill"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
-    ap.add_argument("--jobs", type=int, default=1, help="distill processes at a time (GPU: several fit)")
-    ap.add_argument("--out", default=None, help="folder for the runs (default: outputs/kd_seeds/<time>)")
-    ap.add_argument("overrides", nargs="*", help="pipeline overrides after --, e.g. experiment=... data.root=...")
+    ap = parser(__doc__, "comma-separated student seeds", "distill processes at a time (GPU: several fit)")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if len(seeds) < 2:
-        raise SystemExit("kd_seeds: give at least two seeds (--seeds 0,1,2) for a standard deviation")
-    out = Path(args.out or f"outputs/kd_seeds/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    seeds, out = seeds_and_out(args, "kd_seeds")
     jobs = [(s, kd) for s in seeds for kd in (True, False)]  # a shared upstream is built once (artifact lock)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = {(s, kd): pool.submit(_run, [*args.overrides, f"distill.seed={s}",
@@ -63,8 +38,8 @@ def main() -> None:
         print(f"seed {r['seed']}: KD {r['kd']:.2f}%, no KD {r['no_kd']:.2f}%, gain {r['gain']:+.2f} points")
     kd, no_kd, gain = ([r[k] for r in rows] for k in ("kd", "no_kd", "gain"))
     teacher = results[(seeds[0], True)]["teacher_test_acc"]
-    print(f"over {len(seeds)} seeds (teacher {teacher:.2f}%): KD {_stats(kd)}%, no KD {_stats(no_kd)}%, "
-          f"gain {_stats(gain)} points")
+    print(f"over {len(seeds)} seeds (teacher {teacher:.2f}%): KD {stats(kd)}%, no KD {stats(no_kd)}%, "
+          f"gain {stats(gain)} points")
     summary = {"overrides": args.overrides, "teacher_test_acc": teacher, "rows": rows,
                "kd_mean": statistics.mean(kd), "no_kd_mean": statistics.mean(no_kd),
                "gain_mean": statistics.mean(gain), "gain_sd": statistics.stdev(gain)}

@@ -14,37 +14,22 @@ accuracies (PTQ alone too) and their mean ± s.d.; writes ``qat_init_seeds.json`
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.tools._seeds import parser, run_job, seeds_and_out, stats
+
 
 def _run(overrides: list[str], run_dir: Path, stage: str) -> dict:
-    """One pipeline process; the metrics of ``stage``'s artifact."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipeline", "progress=false", f"hydra.run.dir={run_dir}", *overrides]
+    """One pipeline job: the metrics of ``stage``'s artifact, its ``model.pt``, the ptq stage's test accuracy
+    (where it ran) and the job's seconds."""
     start = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc:
-        tail = (run_dir / "log.txt").read_text().strip().splitlines()[-1:]
-        raise SystemExit(f"qat_init_seeds: {' '.join(overrides)} failed (rc {rc}): {tail[0] if tail else ''}; "
-                         f"see {run_dir / 'log.txt'}")
-    arts = json.loads((run_dir / "artifacts.json").read_text())
-    metrics = {name: json.loads((Path(a["path"]) / "metrics.json").read_text()) for name, a in arts.items()
-               if (Path(a["path"]) / "metrics.json").is_file()}
-    return {**metrics[stage], "model_pt": str(Path(arts[stage]["path"]) / "model.pt"),
+    metrics = run_job("qat_init_seeds", overrides, run_dir)
+    return {**metrics[stage], "model_pt": str(Path(metrics[stage]["path"]) / "model.pt"),
             "ptq_test_acc": metrics.get("ptq", {}).get("test_acc"), "seconds": time.perf_counter() - start}
-
-
-def _stats(xs: list[float]) -> str:
-    sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
 
 
 def _weights(overrides: list[str], out: Path) -> list[str]:
@@ -58,21 +43,14 @@ def _weights(overrides: list[str], out: Path) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap = parser(__doc__, "comma-separated seeds", "pipeline processes at a time (GPU: several fit)")
     ap.add_argument("--ptq-epochs", type=int, default=1, help="QAT epochs from the PTQ model")
     ap.add_argument("--calibration-epochs", type=int, default=2, help="QAT epochs from min/max calibration")
     ap.add_argument("--source", default="train", help="the model stage both quantize (ptq.source, qat.source)")
-    ap.add_argument("--jobs", type=int, default=1, help="pipeline processes at a time (GPU: several fit)")
-    ap.add_argument("--out", default=None, help="folder for the runs (default: outputs/qat_init_seeds/<time>)")
-    ap.add_argument("overrides", nargs="*", help="pipeline overrides after --, e.g. experiment=... data.root=...")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if len(seeds) < 2:
-        raise SystemExit("qat_init_seeds: give at least two seeds (--seeds 0,1,2) for a standard deviation")
+    seeds, out = seeds_and_out(args, "qat_init_seeds")
     if min(args.ptq_epochs, args.calibration_epochs) < 1:
         raise SystemExit("qat_init_seeds: --ptq-epochs and --calibration-epochs must be at least 1")
-    out = Path(args.out or f"outputs/qat_init_seeds/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     common = [f"ptq.source={args.source}", f"qat.source={args.source}", *_weights(args.overrides, out)]
     arms = {"ptq": ["pipeline=[train,ptq,qat]", "qat.init=ptq", "qat.freeze_observer_epoch=0",
                     f"qat.epochs={args.ptq_epochs}"],
@@ -91,9 +69,9 @@ def main() -> None:
               f"from calibration ({e2} ep) {r['from_calibration']:.2f}%")
     cols = {k: [r[k] for r in rows] for k in ("ptq_alone", "from_ptq", "from_calibration")}
     gap = [a - b for a, b in zip(cols["from_ptq"], cols["from_calibration"], strict=True)]
-    print(f"over {len(seeds)} seeds: PTQ alone {_stats(cols['ptq_alone'])}%, QAT from PTQ ({e1} ep) "
-          f"{_stats(cols['from_ptq'])}%, from calibration ({e2} ep) {_stats(cols['from_calibration'])}%, "
-          f"difference {_stats(gap)} points")
+    print(f"over {len(seeds)} seeds: PTQ alone {stats(cols['ptq_alone'])}%, QAT from PTQ ({e1} ep) "
+          f"{stats(cols['from_ptq'])}%, from calibration ({e2} ep) {stats(cols['from_calibration'])}%, "
+          f"difference {stats(gap)} points")
     summary = {"overrides": args.overrides, "ptq_epochs": e1, "calibration_epochs": e2, "rows": rows,
                **{f"{k}_mean": statistics.mean(v) for k, v in cols.items()},
                "difference_mean": statistics.mean(gap), "difference_sd": statistics.stdev(gap)}
