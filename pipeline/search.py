@@ -145,6 +145,15 @@ def pareto(points: list[tuple[int, list[float]]], directions: list[str]) -> set[
             if not any(better_eq(w, v) and w != v for j, w in points if j != i)}
 
 
+def _constrain(trial, values: list[float]) -> None:
+    """A trial is feasible when every value is <= 0: kept for search.json and given to the sampler (set once per
+    trial, as Optuna's ``Trial.set_constraint`` requires)."""
+    trial.set_user_attr("constraints", values)
+    if hasattr(trial, "set_constraint"):  # Optuna >= 5
+        for i, v in enumerate(values):
+            trial.set_constraint(str(i), v)
+
+
 def recommend(trials: list[dict]) -> dict | None:
     """Among complete trials that meet the constraints: the most accurate, then the fastest."""
     ok = [t for t in trials if t["state"] == "COMPLETE" and t["feasible"]]
@@ -261,10 +270,12 @@ class SearchSweeper(Sweeper):
         def constraints(t) -> list[float]:
             return t.user_attrs.get("constraints", [1.0])
 
-        sampler = (optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=constraints)
+        # Optuna 5 samplers read the constraints each trial sets (_constrain); Optuna 4 asks constraints_func
+        given = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": constraints}
+        sampler = (optuna.samplers.NSGAIISampler(seed=self.seed, **given)
                    if self.sampler_name == "nsga2" else
-                   optuna.samplers.TPESampler(seed=self.seed, constraints_func=constraints,
-                                              n_startup_trials=min(10, max(2, self.n_trials // 3))))
+                   optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(2, self.n_trials // 3)),
+                                              **given))
         storage = open_storage(storage_url(settings.storage, sweep_dir))
         study = optuna.create_study(storage=storage, study_name=self.study_name, directions=directions,
                                     sampler=sampler, load_if_exists=True)
@@ -346,7 +357,7 @@ class SearchSweeper(Sweeper):
                 speed = self._probe(base + overrides, settings)
                 trial.set_user_attr("probe_speedup", speed)
                 if speed < settings.min_speedup * settings.probe_margin:
-                    trial.set_user_attr("constraints", [settings.min_speedup - speed])
+                    _constrain(trial, [settings.min_speedup - speed])
                     trial.set_user_attr("counted", True)
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     log.info("search: trial %d %s pruned before training: probe %.2fx < %.2fx", trial.number,
@@ -384,7 +395,7 @@ class SearchSweeper(Sweeper):
             stopped = done.user_attrs.get("stopped_at_epoch")
             if stopped is not None:
                 trial.set_user_attr("stopped_at_epoch", stopped)
-                trial.set_user_attr("constraints", [1.0])
+                _constrain(trial, [1.0])
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 fid.tell(ftrial, state=optuna.trial.TrialState.PRUNED)
                 log.info("search: trial %d %s stopped by the pruner after fine-tuning epoch %d", trial.number,
@@ -394,7 +405,7 @@ class SearchSweeper(Sweeper):
             if ret.status == JobStatus.COMPLETED:
                 row = self._row(Path(ret.hydra_cfg.hydra.runtime.output_dir), settings.row)
             if row is None:
-                trial.set_user_attr("constraints", [1.0])
+                _constrain(trial, [1.0])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 fid.tell(ftrial, state=optuna.trial.TrialState.FAIL)
                 log.warning("search: trial %d %s failed (no %s row in its report)", trial.number,
@@ -405,7 +416,7 @@ class SearchSweeper(Sweeper):
                 cons.append(-row["accuracy_delta_vs_baseline"] - settings.max_accuracy_drop)
             if settings.min_speedup is not None:
                 cons.append(settings.min_speedup - row["speedup_vs_baseline"])
-            trial.set_user_attr("constraints", cons or [0.0])
+            _constrain(trial, cons or [0.0])
             trial.set_user_attr("row", {k: row[k] for k in ("name", "accuracy", "accuracy_delta_vs_baseline",
                                                             "throughput_ips", "speedup_vs_baseline",
                                                             "latency_ms_p50")})

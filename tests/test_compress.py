@@ -961,11 +961,19 @@ class _TinyViTBlock(torch.nn.Module):
         return self.head((t + a).mean(1))
 
 
-def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
+def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path, caplog):
     """In-place ReLU/Hardswish export as their functional forms (the exporter's in-place route costs seconds per
-    model); the model computes the same at another batch size and keeps its in-place modules afterwards."""
+    model); the model computes the same at another batch size and keeps its in-place modules afterwards. The
+    exporter's graph passes log nothing below WARNING, even with the root logger at INFO (a search's probe)."""
+    import logging
+
     import numpy as np
     import onnxruntime as ort
+
+    passes = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
+    for lg in passes:  # as outside the pipeline's own runs (the tests' fixture quiets them)
+        lg.setLevel(logging.NOTSET)
+    caplog.set_level(logging.INFO)
 
     traced = []
 
@@ -979,10 +987,57 @@ def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
     onnxio.export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "f.onnx", 18)
     assert traced and not any(traced)
     assert [m.inplace for m in model if hasattr(m, "inplace")] == [True, True]
+    assert not [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("onnx_ir", "onnxscript")]
+    assert [lg.level for lg in passes] == [logging.NOTSET] * 2
     assert {"Relu", "HardSwish"} <= set(onnxio.op_counts(tmp_path / "f.onnx"))
     x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
     got = ort.InferenceSession(tmp_path / "f.onnx").run(None, {"input": x})[0]
     assert np.abs(got - model(torch.from_numpy(x)).detach().numpy()).max() < 1e-5
+
+
+def test_export_translates_the_captured_graph_when_it_needs_no_decomposition(tmp_path, monkeypatch):
+    """Eval batch norm, in-place adds and a global adaptive pool (ResNet-8) and a QAT deploy graph export without
+    the decomposition pass, into the graph that pass gives (same ops, same outputs); an in-place op on a view
+    keeps the pass, and the model still computes what PyTorch does."""
+    import contextlib
+
+    import numpy as np
+    import onnxruntime as ort
+
+    taken = []
+    check = onnxio._translatable_as_captured
+    monkeypatch.setattr(onnxio, "_translatable_as_captured", lambda *a: taken.append(check(*a)) or taken[-1])
+    torch.manual_seed(0)
+    model = build_model(R8).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+    gm = quant.prepare_qat(model, SPEC)
+    x = torch.randn(8, 3, 32, 32)
+    quant.calibrate(gm, [(x, None)])
+    cases = {"fp32": (model, {}), "int8": (quant.to_deploy(gm.eval()), quant.onnx_translations())}
+    for name, (m, table) in cases.items():
+        onnxio.export_onnx(m, x[:2], tmp_path / f"{name}.onnx", 18, table)
+        with monkeypatch.context() as mp:
+            mp.setattr(onnxio, "_decompose_only_when_needed", contextlib.nullcontext)
+            onnxio.export_onnx(m, x[:2], tmp_path / f"{name}_decomposed.onnx", 18, table)
+        fast, ref = (str(tmp_path / f"{name}{s}.onnx") for s in ("", "_decomposed"))
+        assert onnxio.op_counts(fast) == onnxio.op_counts(ref)
+        outs = [ort.InferenceSession(f).run(None, {"input": x.numpy()})[0] for f in (fast, ref)]
+        np.testing.assert_array_equal(*outs)
+    assert taken == [True, True]
+
+    class MutateView(torch.nn.Module):
+        def forward(self, x):
+            y = torch.relu(x)
+            y[:, :1].mul_(2.0)  # through a view: y changes, which a plain mul of the view would not do
+            return y + 1
+
+    onnxio.export_onnx(MutateView(), x[:2], tmp_path / "view.onnx", 18)
+    assert taken[-1] is False
+    got = ort.InferenceSession(tmp_path / "view.onnx").run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, MutateView()(x).numpy(), rtol=1e-6)
 
 
 def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
