@@ -67,9 +67,11 @@ def _translatable_as_captured(program, implemented: set) -> bool:
     for n in graph.nodes:
         if n.op != "call_function" or n.target in implemented or n.target is operator.getitem:
             continue
-        if n.target is torch.ops.aten.adaptive_avg_pool2d.default and list(n.args[1]) == [1, 1]:
+        if n.target is torch.ops.aten.adaptive_avg_pool2d.default and len(n.args) == 2 and not n.kwargs \
+                and list(n.args[1]) == [1, 1]:
             rewrites[n] = "pool"
-        elif n.target is torch.ops.aten.batch_norm.default and n.args[5] is False and None not in n.args[3:5]:
+        elif n.target is torch.ops.aten.batch_norm.default and len(n.args) == 9 and not n.kwargs \
+                and n.args[5] is False and None not in n.args[3:5] and "val" in n.meta:
             rewrites[n] = "batch_norm"
         elif (f := _functional_form(n)) is not None and f in implemented:
             rewrites[n] = f
@@ -117,9 +119,9 @@ def _functional_form(node):
 @contextlib.contextmanager
 def _decompose_only_when_needed():
     """Within the block, the exporter skips its decomposition pass when the captured graph needs none
-    (``_translatable_as_captured``: QAT deploy graphs, whose batch norm is folded into the convs). The pass traces
-    the whole model a second time, with functionalization and a symbolic batch dimension: about half the export
-    time (MobileNetV3-Small's QAT graph about 9 of 19 s); the ONNX graph is the same. Private API: where it is
+    (``_translatable_as_captured``: the CNNs of the zoo and their QAT deploy graphs). The pass traces the whole
+    model a second time, with functionalization and a symbolic batch dimension: about half the export time
+    (MobileNetV3-Small's QAT graph about 9 of 19 s); the ONNX graph is the same. Private API: where it is
     missing, nothing changes."""
     try:
         from torch.onnx._internal.exporter import _decomp, _fx_passes
