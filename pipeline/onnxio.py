@@ -194,14 +194,16 @@ def _quiet_exporter():
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
-                extra_translations: dict[Callable, Callable] | None = None) -> None:
-    """``torch.onnx.export`` (dynamo) with a dynamic batch dimension, then ``onnx.checker``."""
+                extra_translations: dict[Callable, Callable] | None = None, single_trace: bool = True) -> None:
+    """``torch.onnx.export`` (dynamo) with a dynamic batch dimension, then ``onnx.checker``. ``single_trace=False``
+    always runs the exporter's decomposition pass (see ``_decompose_only_when_needed``)."""
     import onnx
 
     table = {torch.ops.aten.mean.dim: _mean_to_global_pool, **(extra_translations or {})}
     model = model.eval().cpu()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _torchlib_registry_built_once(), \
-            _out_of_place(model), _quiet_exporter(), _decompose_only_when_needed():
+            _out_of_place(model), _quiet_exporter(), \
+            (_decompose_only_when_needed() if single_trace else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

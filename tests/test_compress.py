@@ -999,8 +999,6 @@ def test_export_translates_the_captured_graph_when_it_needs_no_decomposition(tmp
     """Eval batch norm, in-place adds and a global adaptive pool (ResNet-8) and a QAT deploy graph export without
     the decomposition pass, into the graph that pass gives (same ops, same outputs); an in-place op on a view
     keeps the pass, and the model still computes what PyTorch does."""
-    import contextlib
-
     import numpy as np
     import onnxruntime as ort
 
@@ -1019,9 +1017,7 @@ def test_export_translates_the_captured_graph_when_it_needs_no_decomposition(tmp
     cases = {"fp32": (model, {}), "int8": (quant.to_deploy(gm.eval()), quant.onnx_translations())}
     for name, (m, table) in cases.items():
         onnxio.export_onnx(m, x[:2], tmp_path / f"{name}.onnx", 18, table)
-        with monkeypatch.context() as mp:
-            mp.setattr(onnxio, "_decompose_only_when_needed", contextlib.nullcontext)
-            onnxio.export_onnx(m, x[:2], tmp_path / f"{name}_decomposed.onnx", 18, table)
+        onnxio.export_onnx(m, x[:2], tmp_path / f"{name}_decomposed.onnx", 18, table, single_trace=False)
         fast, ref = (str(tmp_path / f"{name}{s}.onnx") for s in ("", "_decomposed"))
         assert onnxio.op_counts(fast) == onnxio.op_counts(ref)
         outs = [ort.InferenceSession(f).run(None, {"input": x.numpy()})[0] for f in (fast, ref)]
@@ -1038,6 +1034,16 @@ def test_export_translates_the_captured_graph_when_it_needs_no_decomposition(tmp
     assert taken[-1] is False
     got = ort.InferenceSession(tmp_path / "view.onnx").run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, MutateView()(x).numpy(), rtol=1e-6)
+
+
+def test_bench_export_times_both_exports_and_checks_they_agree(monkeypatch, capsys):
+    from pipeline.tools import bench_export
+
+    monkeypatch.setattr("sys.argv", ["bench_export", "--models", "resnet8", "--rounds", "1"])
+    bench_export.main()
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["resnet8", "fp32"] and row[4].endswith("x") and row[5] == "yes", row
+    assert float(row[6]) == 0.0 and float(row[2]) > 0 and float(row[3]) > 0
 
 
 def test_ort_static_quantization_of_layer_norms_is_quiet(tmp_path, caplog):
