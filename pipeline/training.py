@@ -14,10 +14,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -127,6 +127,34 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data_cfg: DataC
     model.train(was_training)
     correct, count = rt.all_reduce(correct), rt.all_reduce(count)
     return 100.0 * correct.item() / max(1, count.item())
+
+
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]]) -> int:
+    """Re-estimate every batch norm's running statistics as the plain average over ``batches`` (NNCF's batch-norm
+    adaptation), the rest of the model in eval mode (no dropout or stochastic depth); returns the batch count.
+
+    For models whose running statistics lag their weights (a few training steps, channels pruned without
+    fine-tuning): their eval-mode activations then match what training mode computes, which calibration and QAT
+    rely on. Weights are untouched; with no batch the statistics stay as they were."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training, momenta = model.training, [m.momentum for m in bns]
+    model.eval()
+    n = 0
+    try:
+        for xb, _ in batches:
+            if n == 0:
+                for m in bns:
+                    m.reset_running_stats()
+                    m.momentum = None  # cumulative average
+                    m.train()
+            model(xb)
+            n += 1
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return n
 
 
 @dataclass

@@ -4,9 +4,10 @@ Reads: ``qat.source`` (default ``distill``; built first when it has no artifact)
 ``ptq`` stage's model as the start (instead of min/max calibration) and, with ``qat.distill_alpha > 0``, ``train``
 as teacher. Writes ``model.pt`` (the QAT state dict + the float
 architecture, pruned shapes and quantization spec that rebuild it) and ``metrics.json`` (accuracy of
-the FP32 input, after calibration only (PTQ) and after QAT).
+the FP32 input, with ``qat.bn_adapt_batches`` after its batch-norm statistics were re-estimated, after
+calibration only (PTQ) and after QAT).
 
-Steps: fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
+Steps: (re-estimate batch-norm statistics) -> fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
 observers on real training batches -> fake-quant fine-tuning -> freeze BN statistics and observers
 after the configured epochs. ``qat.float_layers`` keeps named layers in FP32 (mixed precision),
 e.g. narrow full-resolution layers where ORT's INT8 convs are slower than FP32. The quantization
@@ -31,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.models import build_model, count_macs, count_params, unknown_layer_errors
 from pipeline.results import QatResult
 from pipeline.stage import GraphView, Stage, StageContext
-from pipeline.training import FitConfig, evaluate, fit, interrupt_message
+from pipeline.training import FitConfig, adapt_batch_norm, evaluate, fit, interrupt_message
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Config(FitConfig):
     # training batches (unaugmented) that calibrate the observers
     calib_batches: int = setting(ge=1, msg="{value}; calibration needs at least one batch")
     calib_batch_size: int = setting(ge=1)
+    # > 0: batch-norm statistics re-estimated on this many unaugmented training batches before calibration
+    bn_adapt_batches: int = key_neutral(0, ge=0)
     observer_ema: float = setting(gt=0, le=1)  # moving-average constant of the activation ranges during QAT
     freeze_bn_epoch: int  # from this epoch on, BN statistics are frozen (folded with running stats)
     freeze_observer_epoch: int  # from this epoch on, activation ranges are frozen
@@ -83,6 +86,9 @@ def check(view: GraphView) -> list[str]:
         if ptq is not None and ptq.source != cfg.source:
             return [f"qat.init=ptq starts from the ptq stage's model of ptq.source={ptq.source}, but qat.source="
                     f"{cfg.source}; set both to the same stage"]
+        if cfg.bn_adapt_batches:
+            return [f"qat.bn_adapt_batches={cfg.bn_adapt_batches} adapts the float model before calibration; with "
+                    "qat.init=ptq QAT starts from the ptq model: set qat.bn_adapt_batches=0"]
         if placement.MEASURE in cfg.float_layers:
             return ["qat.init=ptq takes the ptq stage's FP32 layers; qat.float_layers=[measure] needs qat.init="
                     "calibration"]
@@ -157,6 +163,18 @@ def _ptq_start(ctx: StageContext) -> tuple[nn.Module, quant.QuantSpec]:
     return gm.to(ctx.rt.device), qspec
 
 
+def _adapt_bn(model: nn.Module, cfg: Config, calib, splits, ctx: StageContext, rt) -> float:
+    """``qat.bn_adapt_batches``: the float model's batch-norm statistics re-estimated on the calibration stream's
+    first batches; returns its test accuracy after."""
+    model.to(rt.device)
+    n = adapt_batch_norm(model, (b for _, b in zip(range(cfg.bn_adapt_batches), calib, strict=False)))
+    if n == 0:
+        raise PipelineError("qat.bn_adapt_batches: the training split gave no batch; check the data or set 0")
+    acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+    log.info("qat: batch-norm statistics re-estimated on %d batches: FP32 %.2f%%", n, acc)
+    return acc
+
+
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     rt = dataclasses.replace(ctx.rt, amp="off")  # fake-quant runs in FP32
@@ -182,17 +200,22 @@ def run(ctx: StageContext) -> dict:
     log.info("qat: %d-bit weights (%s)%s", qspec.weight_bits, bits_reason,
              f"; FP32 layers: {', '.join(qspec.float_layers)}" if qspec.float_layers else "")
     fp32_acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
+    extra: dict = {}
     if cfg.init == "ptq":
         gm, qspec = _ptq_start(ctx)
         ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
         log.info("qat: FP32 input %.2f%%, start: the ptq model (%s) %.2f%%", fp32_acc, ctx.inputs["init"].path,
                  ptq_acc)
     else:
+        def calib():  # the same shuffled unaugmented batches each time
+            return batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
+                           seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
+
+        if cfg.bn_adapt_batches:
+            extra["test_acc_bn_adapted"] = _adapt_bn(model, cfg, calib(), splits, ctx, rt)
         gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
-        calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
-                        seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
         gm.to(rt.device)
-        n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
+        n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib(), strict=False)))
         ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
         log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
     n_quantized = len(quant.quantized_layers(gm))
@@ -225,7 +248,7 @@ def run(ctx: StageContext) -> dict:
             "weight_bits": qspec.weight_bits, "weight_bits_reason": bits_reason,
             **({"placement": placed.as_dict()} if placed else {}),
             "params": count_params(model), "macs": count_macs(model, ctx.data_cfg.image_size),
-            "history": res.history, **res.resume_info()}
+            "history": res.history, **extra, **res.resume_info()}
 
 
 STAGE = Stage(name="qat", config=Config, run=run, outputs=("model.pt",), inputs=inputs, produces_model=True,

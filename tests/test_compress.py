@@ -940,6 +940,30 @@ def test_qat_with_auto_settings_runs_and_records_why(cfg_factory, tmp_path, monk
     assert done["export/qat"].metrics["parity"]["top1_agreement"] >= 99.0
 
 
+@pytest.mark.slow
+def test_qat_re_estimates_batch_norm_statistics_before_calibration_when_asked(cfg_factory, tmp_path):
+    """qat.bn_adapt_batches: the float model's running statistics are re-estimated (and its accuracy recorded)
+    before calibration; at 0 the artifact key is the one built before the setting existed; with qat.init=ptq it
+    is a one-line error."""
+    qat = ("stage=qat", "qat.source=train", "qat.epochs=0")
+    assert Runner(cfg_factory(*qat), tmp_path).key("qat") == Runner(cfg_factory(
+        *qat, "qat.bn_adapt_batches=0"), tmp_path).key("qat") != Runner(cfg_factory(
+            *qat, "qat.bn_adapt_batches=2"), tmp_path).key("qat")
+    with pytest.raises(PipelineError, match=r"qat.bn_adapt_batches=2 adapts the float model before calibration; "
+                                            r"with qat.init=ptq .* set qat.bn_adapt_batches=0"):
+        Runner(cfg_factory(*qat, "qat.bn_adapt_batches=2", "qat.init=ptq"), tmp_path)
+
+    def running_means(stage: str) -> set:
+        path = next((tmp_path / "outputs" / "artifacts" / stage).glob("*/model.pt"))
+        sd = torch.load(path, weights_only=True)["state_dict"]
+        return {tuple(v.tolist()) for k, v in sd.items() if k.endswith("running_mean")}
+
+    done = run_pipeline(cfg_factory(*qat, "qat.bn_adapt_batches=2"), tmp_path / "run")
+    assert 0 <= done["qat"].metrics["test_acc_bn_adapted"] <= 100
+    trained, adapted = running_means("train"), running_means("qat")
+    assert len(adapted) == len(trained) > 0 and not adapted & trained  # every statistic re-estimated
+
+
 def test_qat_that_ends_far_below_its_calibrated_start_is_called_diverged():
     from stages.qat import divergence_note
 

@@ -136,6 +136,27 @@ def test_clip_grad_norm_off_leaves_artifact_keys_unchanged():
     assert key_settings(_fit_cfg(clip_grad_norm=1.0))["clip_grad_norm"] == 1.0
 
 
+def test_batch_norm_adaptation_averages_the_batches_statistics_with_dropout_off():
+    """Running statistics become the plain average of the batches' (dropout and the rest in eval mode); weights,
+    momentum and the training flag stay; with no batch nothing changes."""
+    from pipeline.training import adapt_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(4)).train()
+    bn = model[2]
+    bn.running_mean.fill_(5.0)  # statistics that lag the weights
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    xs = [torch.randn(8, 3, 6, 6) * (i + 1) + i for i in range(3)]
+    assert adapt_batch_norm(model, ((x, None) for x in [])) == 0 and bn.running_mean.eq(5.0).all()
+    assert adapt_batch_norm(model, ((x, None) for x in xs)) == 3
+    with torch.no_grad():
+        outs = [model[0](x) for x in xs]  # what batch norm saw: dropout was off
+    torch.testing.assert_close(bn.running_mean, torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([o.var((0, 2, 3)) for o in outs]).mean(0))
+    assert bn.momentum == 0.1 and model.training and bn.training and model[1].training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
 def test_batch_larger_than_data(tmp_path):
     splits, dc, rt = _setup(n=16)
     model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
