@@ -237,8 +237,8 @@ def fit(model: nn.Module, splits: Splits, data_cfg: DataConfig, cfg: FitConfig, 
             model.train()
             t0 = time.perf_counter()
             loss_sum, correct, n = _train_epoch(ddp_model, train_it, loss_fn, _Step(opt, sched, scaler, params,
-                                                extra_params, cfg.clip_grad_norm), rt, epoch, cfg.epochs, desc,
-                                                section, last_path)
+                                                extra_params, cfg.clip_grad_norm, _nan_hint(cfg, section)), rt,
+                                                epoch, cfg.epochs, desc, section, last_path)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             busy += time.perf_counter() - t0
@@ -325,6 +325,14 @@ class _Step:
     params: list
     extra_params: list
     clip_grad_norm: float | None
+    nan_hint: str  # what the error on a non-finite loss tells the user to try
+
+
+def _nan_hint(cfg: FitConfig, section: str) -> str:
+    ways = [f"lower {section}.lr"] + ([f"set {section}.clip_grad_norm=1.0"] if cfg.clip_grad_norm is None else [])
+    if getattr(cfg, "bn_adapt_batches", None) == 0:  # a stage that can re-estimate batch-norm statistics first
+        ways.append(f"set {section}.bn_adapt_batches=16 to re-estimate batch-norm statistics that lag the weights")
+    return ", ".join(ways[:-1]) + f" or {ways[-1]}" if len(ways) > 1 else ways[0]
 
 
 def _train_epoch(ddp_model: nn.Module, train_it, loss_fn: LossFn, step_: _Step, rt: Runtime, epoch: int,
@@ -357,7 +365,7 @@ def _train_epoch(ddp_model: nn.Module, train_it, loss_fn: LossFn, step_: _Step, 
                 kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last_path}" if epoch > 0
                         else "no epoch had finished, so no checkpoint was kept")
                 raise PipelineError(f"{desc}: loss became {avg} in epoch {epoch + 1}; stopped ({kept}); "
-                                    f"lower {section}.lr, set {section}.clip_grad_norm=1.0 or check the data")
+                                    f"{step_.nan_hint}, or check the data")
             bar.set_postfix(loss=f"{avg:.3f}", acc=f"{100.0 * correct.item() / n:.1f}")
     return loss_sum, correct, n
 

@@ -7,9 +7,9 @@ architecture, pruned shapes and quantization spec that rebuild it) and ``metrics
 the FP32 input, with ``qat.bn_adapt_batches`` after its batch-norm statistics were re-estimated, after
 calibration only (PTQ) and after QAT).
 
-Steps: (re-estimate batch-norm statistics) -> fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8 activations -> calibrate the
-observers on real training batches -> fake-quant fine-tuning -> freeze BN statistics and observers
-after the configured epochs. ``qat.float_layers`` keeps named layers in FP32 (mixed precision),
+Steps: (re-estimate batch-norm statistics) -> fuse conv-bn(-relu) -> per-channel symmetric weights, UINT8
+activations -> calibrate the observers on real training batches -> fake-quant fine-tuning -> freeze BN
+statistics and observers after the configured epochs. ``qat.float_layers`` keeps named layers in FP32 (mixed precision),
 e.g. narrow full-resolution layers where ORT's INT8 convs are slower than FP32. The quantization
 itself lives in ``pipeline.quant``.
 """

@@ -129,6 +129,23 @@ def test_clip_grad_norm_bounds_the_steps_of_an_exploding_loss(tmp_path):
     assert 0 < moved <= 0.05 * 1.9 * steps * 1.01
 
 
+def test_nan_error_names_the_settings_left_to_try():
+    import dataclasses
+
+    from pipeline.training import _nan_hint
+
+    @dataclasses.dataclass
+    class WithAdaptation(FitConfig):
+        bn_adapt_batches: int = 0
+
+    assert _nan_hint(_fit_cfg(), "train") == "lower train.lr or set train.clip_grad_norm=1.0"
+    assert _nan_hint(_fit_cfg(clip_grad_norm=1.0), "train") == "lower train.lr"
+    qat = WithAdaptation(**_fit_cfg(clip_grad_norm=1.0).__dict__)
+    assert _nan_hint(qat, "qat") == ("lower qat.lr or set qat.bn_adapt_batches=16 to re-estimate batch-norm "
+                                     "statistics that lag the weights")
+    assert _nan_hint(dataclasses.replace(qat, bn_adapt_batches=4), "qat") == "lower qat.lr"
+
+
 def test_clip_grad_norm_off_leaves_artifact_keys_unchanged():
     from pipeline.config import key_settings
 
