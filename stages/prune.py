@@ -2,7 +2,8 @@
 
 Reads: ``train`` (the FP32 baseline). Writes: ``model.pt`` (pruned weights + the pruned layer
 shapes, so ``weights_only`` loading can rebuild it), ``metrics.json`` (MACs/params before and
-after, per-layer channels or sparsity, accuracy before and after fine-tuning).
+after, per-layer channels or sparsity, accuracy before and after fine-tuning and, with
+``prune.bn_adapt_batches``, after batch-norm adaptation).
 
 ``prune.ratio`` is always the fraction *removed*: of each layer's channels (``method=channel``,
 Torch-Pruning's dependency graph keeps residual adds, depthwise convs, BN and the classifier
@@ -25,11 +26,11 @@ from torch import nn
 
 from pipeline import pruning
 from pipeline.artifacts import save_checkpoint
-from pipeline.config import setting
+from pipeline.config import key_neutral, setting
 from pipeline.data import batches
 from pipeline.models import build_model, count_macs, count_params, module_shapes, unknown_layer_errors
 from pipeline.stage import GraphView, Stage, StageContext
-from pipeline.training import FitConfig, evaluate, fit, interrupt_message
+from pipeline.training import FitConfig, adapt_batch_norm, evaluate, fit, interrupt_message
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Config(FitConfig):
     round_to: int | None = setting(ge=1, msg="{value} must be {range} (or null)")
     whole_heads: bool  # attention: remove whole heads instead of narrowing every head
     taylor_batches: int = setting(ge=1)  # batches of gradients for taylor importance
+    # > 0: batch-norm statistics re-estimated on this many unaugmented training batches after pruning
+    bn_adapt_batches: int = key_neutral(0, ge=0)
 
     def check(self) -> list[str]:
         errs = []
@@ -109,6 +112,18 @@ def _taylor_grads(ctx: StageContext, n_batches: int):
     return grads
 
 
+def _adapt_bn(model: nn.Module, cfg: Config, ctx: StageContext) -> dict:
+    """``prune.bn_adapt_batches``: the pruned model's batch-norm statistics re-estimated before fine-tuning;
+    returns its test accuracy after, for metrics.json."""
+    splits = ctx.splits()
+    it = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.batch_size, shuffle=True, seed=ctx.rt.seed,
+                 device=ctx.rt.device, channels_last=ctx.rt.channels_last)
+    n = adapt_batch_norm(model.to(ctx.rt.device), (b for _, b in zip(range(cfg.bn_adapt_batches), it, strict=False)))
+    acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
+    log.info("prune: batch-norm statistics re-estimated on %d batches: test acc %.2f%%", n, acc)
+    return {"test_acc_bn_adapted": acc}
+
+
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     splits = ctx.splits()
@@ -130,6 +145,7 @@ def run(ctx: StageContext) -> dict:
         grads = _taylor_grads(ctx, cfg.taylor_batches) if taylor else None
         model = pruning.prune_architecture(model, cfg, size, finetune, grads, unprunable)
         acc_pruned = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
+        adapted = _adapt_bn(model, cfg, ctx) if cfg.bn_adapt_batches else {}
         result = fit(model, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "final", desc="prune-finetune",
                      section="prune")
     model = model.cpu()
@@ -150,7 +166,8 @@ def run(ctx: StageContext) -> dict:
         "test_acc": test_acc, "test_acc_before_finetune": acc_pruned, "val_acc": result.best_val_acc,
         "baseline": before, "params": after["params"], "macs": after["macs"],
         "macs_reduction": before["macs"] / after["macs"], "weight_sparsity": nz / tot,
-        "layers": layers, "kept_unprunable": unprunable, "history": result.history, **result.resume_info(),
+        "layers": layers, "kept_unprunable": unprunable, "history": result.history, **adapted,
+        **result.resume_info(),
     }
 
 

@@ -953,15 +953,30 @@ def test_qat_re_estimates_batch_norm_statistics_before_calibration_when_asked(cf
                                             r"with qat.init=ptq .* set qat.bn_adapt_batches=0"):
         Runner(cfg_factory(*qat, "qat.bn_adapt_batches=2", "qat.init=ptq"), tmp_path)
 
-    def running_means(stage: str) -> set:
-        path = next((tmp_path / "outputs" / "artifacts" / stage).glob("*/model.pt"))
-        sd = torch.load(path, weights_only=True)["state_dict"]
-        return {tuple(v.tolist()) for k, v in sd.items() if k.endswith("running_mean")}
-
     done = run_pipeline(cfg_factory(*qat, "qat.bn_adapt_batches=2"), tmp_path / "run")
     assert 0 <= done["qat"].metrics["test_acc_bn_adapted"] <= 100
-    trained, adapted = running_means("train"), running_means("qat")
+    trained, adapted = _running_means(tmp_path, "train"), _running_means(tmp_path, "qat")
     assert len(adapted) == len(trained) > 0 and not adapted & trained  # every statistic re-estimated
+
+
+def _running_means(tmp_path: Path, stage: str) -> set:
+    path = next((tmp_path / "outputs" / "artifacts" / stage).glob("*/model.pt"))
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    return {tuple(v.tolist()) for k, v in sd.items() if k.endswith("running_mean")}
+
+
+@pytest.mark.slow
+def test_prune_re_estimates_batch_norm_statistics_before_fine_tuning_when_asked(cfg_factory, tmp_path):
+    """prune.bn_adapt_batches with prune.epochs=0: the pruned model keeps the re-estimated statistics, the
+    accuracy after adaptation is recorded; at 0 the artifact key is the one built before the setting existed."""
+    prune = ("stage=prune", "prune.epochs=0", "prune.ratio=0.5")
+    assert Runner(cfg_factory(*prune), tmp_path).key("prune") == Runner(cfg_factory(
+        *prune, "prune.bn_adapt_batches=0"), tmp_path).key("prune")
+    done = run_pipeline(cfg_factory(*prune, "prune.bn_adapt_batches=2"), tmp_path / "run")
+    m = done["prune"].metrics
+    assert m["test_acc"] == m["test_acc_bn_adapted"] and 0 <= m["test_acc_before_finetune"] <= 100
+    trained, adapted = _running_means(tmp_path, "train"), _running_means(tmp_path, "prune")
+    assert adapted and not adapted & trained
 
 
 def test_qat_that_ends_far_below_its_calibrated_start_is_called_diverged():
