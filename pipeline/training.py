@@ -157,6 +157,20 @@ def adapt_batch_norm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any
     return n
 
 
+def adapt_batch_norm_for(model: nn.Module, splits: Splits, data_cfg: DataConfig, rt: Runtime, n_batches: int,
+                         batch_size: int, section: str) -> float:
+    """A stage's ``<section>.bn_adapt_batches``: :func:`adapt_batch_norm` on the first ``n_batches`` shuffled,
+    unaugmented training batches (the ones calibration takes first), logged; returns the test accuracy after."""
+    it = batches(splits.train_x, splits.train_y, data_cfg, batch_size, shuffle=True, seed=rt.seed, device=rt.device,
+                 channels_last=rt.channels_last)
+    n = adapt_batch_norm(model.to(rt.device), (b for _, b in zip(range(n_batches), it, strict=False)))
+    if n == 0:
+        raise PipelineError(f"{section}.bn_adapt_batches: the training split gave no batch; check the data or set 0")
+    acc = evaluate(model, splits.test_x, splits.test_y, data_cfg, rt)
+    log.info("%s: batch-norm statistics re-estimated on %d batches: FP32 test accuracy %.2f%%", section, n, acc)
+    return acc
+
+
 @dataclass
 class FitResult:
     history: list[dict]

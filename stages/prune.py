@@ -30,7 +30,7 @@ from pipeline.config import key_neutral, setting
 from pipeline.data import batches
 from pipeline.models import build_model, count_macs, count_params, module_shapes, unknown_layer_errors
 from pipeline.stage import GraphView, Stage, StageContext
-from pipeline.training import FitConfig, adapt_batch_norm, evaluate, fit, interrupt_message
+from pipeline.training import FitConfig, adapt_batch_norm_for, evaluate, fit, interrupt_message
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,6 @@ def _taylor_grads(ctx: StageContext, n_batches: int):
     return grads
 
 
-def _adapt_bn(model: nn.Module, cfg: Config, ctx: StageContext) -> dict:
-    """``prune.bn_adapt_batches``: the pruned model's batch-norm statistics re-estimated before fine-tuning;
-    returns its test accuracy after, for metrics.json."""
-    splits = ctx.splits()
-    it = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.batch_size, shuffle=True, seed=ctx.rt.seed,
-                 device=ctx.rt.device, channels_last=ctx.rt.channels_last)
-    n = adapt_batch_norm(model.to(ctx.rt.device), (b for _, b in zip(range(cfg.bn_adapt_batches), it, strict=False)))
-    acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
-    log.info("prune: batch-norm statistics re-estimated on %d batches: test acc %.2f%%", n, acc)
-    return {"test_acc_bn_adapted": acc}
-
-
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     splits = ctx.splits()
@@ -145,7 +133,10 @@ def run(ctx: StageContext) -> dict:
         grads = _taylor_grads(ctx, cfg.taylor_batches) if taylor else None
         model = pruning.prune_architecture(model, cfg, size, finetune, grads, unprunable)
         acc_pruned = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, ctx.rt)
-        adapted = _adapt_bn(model, cfg, ctx) if cfg.bn_adapt_batches else {}
+        adapted = {}
+        if cfg.bn_adapt_batches:
+            adapted["test_acc_bn_adapted"] = adapt_batch_norm_for(model, splits, ctx.data_cfg, ctx.rt,
+                                                                  cfg.bn_adapt_batches, cfg.batch_size, "prune")
         result = fit(model, splits, ctx.data_cfg, cfg, ctx.rt, ctx.work_dir / "final", desc="prune-finetune",
                      section="prune")
     model = model.cpu()

@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.models import build_model, count_macs, count_params, unknown_layer_errors
 from pipeline.results import QatResult
 from pipeline.stage import GraphView, Stage, StageContext
-from pipeline.training import FitConfig, adapt_batch_norm, evaluate, fit, interrupt_message
+from pipeline.training import FitConfig, adapt_batch_norm_for, evaluate, fit, interrupt_message
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +163,6 @@ def _ptq_start(ctx: StageContext) -> tuple[nn.Module, quant.QuantSpec]:
     return gm.to(ctx.rt.device), qspec
 
 
-def _adapt_bn(model: nn.Module, cfg: Config, calib, splits, ctx: StageContext, rt) -> float:
-    """``qat.bn_adapt_batches``: the float model's batch-norm statistics re-estimated on the calibration stream's
-    first batches; returns its test accuracy after."""
-    model.to(rt.device)
-    n = adapt_batch_norm(model, (b for _, b in zip(range(cfg.bn_adapt_batches), calib, strict=False)))
-    if n == 0:
-        raise PipelineError("qat.bn_adapt_batches: the training split gave no batch; check the data or set 0")
-    acc = evaluate(model, splits.test_x, splits.test_y, ctx.data_cfg, rt)
-    log.info("qat: batch-norm statistics re-estimated on %d batches: FP32 %.2f%%", n, acc)
-    return acc
-
-
 def run(ctx: StageContext) -> dict:
     cfg: Config = ctx.settings
     rt = dataclasses.replace(ctx.rt, amp="off")  # fake-quant runs in FP32
@@ -207,15 +195,14 @@ def run(ctx: StageContext) -> dict:
         log.info("qat: FP32 input %.2f%%, start: the ptq model (%s) %.2f%%", fp32_acc, ctx.inputs["init"].path,
                  ptq_acc)
     else:
-        def calib():  # the same shuffled unaugmented batches each time
-            return batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
-                           seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
-
         if cfg.bn_adapt_batches:
-            extra["test_acc_bn_adapted"] = _adapt_bn(model, cfg, calib(), splits, ctx, rt)
+            extra["test_acc_bn_adapted"] = adapt_batch_norm_for(model, splits, ctx.data_cfg, rt, cfg.bn_adapt_batches,
+                                                                cfg.calib_batch_size, "qat")
         gm = quant.prepare_qat(model, qspec, ctx.data_cfg.image_size)
+        calib = batches(splits.train_x, splits.train_y, ctx.data_cfg, cfg.calib_batch_size, shuffle=True,
+                        seed=rt.seed, device=rt.device, channels_last=rt.channels_last)
         gm.to(rt.device)
-        n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib(), strict=False)))
+        n = quant.calibrate(gm, (b for i, b in zip(range(cfg.calib_batches), calib, strict=False)))
         ptq_acc = evaluate(gm, splits.test_x, splits.test_y, ctx.data_cfg, rt)
         log.info("qat: FP32 input %.2f%%, after calibration on %d batches (PTQ) %.2f%%", fp32_acc, n, ptq_acc)
     n_quantized = len(quant.quantized_layers(gm))
