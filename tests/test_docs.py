@@ -191,3 +191,13 @@ def test_no_diary_wording():
     for page in [README, ROOT / "CHANGELOG.md", ROOT / "CONTRIBUTING.md", *DOCS.rglob("*.md")]:
         for n, line in enumerate(page.read_text().splitlines(), 1):
             assert not DIARY.search(line), f"{page.relative_to(ROOT)}:{n}: {line.strip()[:100]}"
+
+
+def test_tables_end_before_the_next_block():
+    """A Markdown table takes every following line up to a blank one as a row: a list item right after a table
+    renders as a row of it."""
+    for page in [README, *DOCS.rglob("*.md")]:
+        lines = page.read_text().splitlines()
+        for n, (line, after) in enumerate(zip(lines, lines[1:], strict=False), 1):
+            if line.lstrip().startswith("|") and after.strip() and not after.lstrip().startswith("|"):
+                raise AssertionError(f"{page.relative_to(ROOT)}:{n + 1}: a blank line must end the table above")
