@@ -161,6 +161,9 @@ def adapt_batch_norm_for(model: nn.Module, splits: Splits, data_cfg: DataConfig,
                          batch_size: int, section: str) -> float:
     """A stage's ``<section>.bn_adapt_batches``: :func:`adapt_batch_norm` on the first ``n_batches`` shuffled,
     unaugmented training batches (the ones calibration takes first), logged; returns the test accuracy after."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        log.warning("%s.bn_adapt_batches: the model has no batch norm; nothing to re-estimate", section)
+        return evaluate(model, splits.test_x, splits.test_y, data_cfg, rt)
     it = batches(splits.train_x, splits.train_y, data_cfg, batch_size, shuffle=True, seed=rt.seed, device=rt.device,
                  channels_last=rt.channels_last)
     n = adapt_batch_norm(model.to(rt.device), (b for _, b in zip(range(n_batches), it, strict=False)))

@@ -174,6 +174,15 @@ def test_batch_norm_adaptation_averages_the_batches_statistics_with_dropout_off(
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
 
 
+def test_batch_norm_adaptation_of_a_model_without_batch_norm_says_so(caplog):
+    from pipeline.training import adapt_batch_norm_for
+
+    splits, dc, rt = _setup(n=64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    acc = adapt_batch_norm_for(model, splits, dc, rt, 4, 16, "qat")
+    assert 0 <= acc <= 100 and "qat.bn_adapt_batches: the model has no batch norm" in caplog.text
+
+
 def test_batch_larger_than_data(tmp_path):
     splits, dc, rt = _setup(n=16)
     model = build_model({"name": "resnet8", "num_classes": 2, "width": 0.25})
