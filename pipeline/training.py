@@ -129,6 +129,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data_cfg: DataC
     return 100.0 * correct.item() / max(1, count.item())
 
 
+def _running_stat_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch norms of ``model`` that keep running statistics (what batch-norm adaptation re-estimates)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def adapt_batch_norm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]]) -> int:
     """Re-estimate every batch norm's running statistics as the plain average over ``batches`` (NNCF's batch-norm
@@ -137,7 +142,7 @@ def adapt_batch_norm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any
     For models whose running statistics lag their weights (a few training steps, channels pruned without
     fine-tuning): their eval-mode activations then match what training mode computes, which calibration and QAT
     rely on. Weights are untouched; with no batch the statistics stay as they were."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _running_stat_norms(model)
     was_training, momenta = model.training, [m.momentum for m in bns]
     model.eval()
     n = 0
@@ -161,8 +166,9 @@ def adapt_batch_norm_for(model: nn.Module, splits: Splits, data_cfg: DataConfig,
                          batch_size: int, section: str) -> float:
     """A stage's ``<section>.bn_adapt_batches``: :func:`adapt_batch_norm` on the first ``n_batches`` shuffled,
     unaugmented training batches (the ones calibration takes first), logged; returns the test accuracy after."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        log.warning("%s.bn_adapt_batches: the model has no batch norm; nothing to re-estimate", section)
+    if not _running_stat_norms(model):
+        log.warning("%s.bn_adapt_batches: the model has no batch norm with running statistics; nothing to "
+                    "re-estimate", section)
         return evaluate(model, splits.test_x, splits.test_y, data_cfg, rt)
     it = batches(splits.train_x, splits.train_y, data_cfg, batch_size, shuffle=True, seed=rt.seed, device=rt.device,
                  channels_last=rt.channels_last)
